@@ -1,0 +1,73 @@
+"""Attention over the paged KV cache: per-step metadata and the backends that use it.
+
+The model's attention layers read the current step's ``AttentionMetadata`` through a
+guarded context (``with forward_context(meta): model(...)``), never a bare global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's queries and KV blocks are in this step's packed batch."""
+
+    query_start_loc: torch.Tensor  # int32 [B+1]: sequence b's queries are rows qsl[b]:qsl[b+1]
+    seq_lens: torch.Tensor  # int32 [B]: KV length after this step (context + queries)
+    block_tables: torch.Tensor  # int32 [B, max_blocks]: padded with block 0 (the null block)
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot of each query token's K/V (-1: skip)
+    max_query_len: int
+    max_seq_len: int
+    use_triton: bool = False  # GPU: Triton kernels; CPU: plain-torch reference
+
+
+_CURRENT: ContextVar[AttentionMetadata | None] = ContextVar("mmengine_attn_meta", default=None)
+
+
+@contextlib.contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[None]:
+    token = _CURRENT.set(meta)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_metadata() -> AttentionMetadata:
+    meta = _CURRENT.get()
+    if meta is None:
+        raise RuntimeError("attention called outside forward_context(...)")
+    return meta
+
+
+def paged_attention_forward(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hk, D]
+    v: torch.Tensor,  # [T, Hk, D]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+    scale: float,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Write this step's K/V into the cache, then attend over each sequence's pages."""
+    from kernels.kv_cache import write_kv_cache
+    from kernels.paged_attention import paged_attention
+
+    meta = current_metadata()
+    write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+    return paged_attention(
+        q,
+        key_cache,
+        value_cache,
+        meta.block_tables,
+        meta.query_start_loc,
+        meta.seq_lens,
+        scale=scale,
+        max_query_len=meta.max_query_len,
+        max_seq_len=meta.max_seq_len,
+    )

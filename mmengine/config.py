@@ -1,0 +1,81 @@
+"""Engine configuration: what the user chooses, and what is derived from the checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    """Every engine option; ``LLM(...)`` keyword arguments and CLI flags map onto these."""
+
+    model: str  # local checkpoint folder or HF hub id (resolved in the local HF cache)
+    tokenizer: str | None = None  # defaults to ``model``
+    dtype: str = "auto"  # "auto" (from the config), "float32", "bfloat16", "float16"
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # KV pool size; default: sized from memory
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use
+    cpu_kv_cache_gib: float = 1.0  # KV pool budget on CPU when num_kv_blocks is unset
+    max_num_seqs: int = 256  # running requests per step
+    max_num_batched_tokens: int | None = None  # LLM tokens per step (default by device)
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seed of unseeded sampling
+    enforce_eager: bool = False  # GPU: no CUDA graphs, no torch.compile
+    multiprocess: bool = True  # engine core in its own process (False: in-process, to debug)
+    revision: str | None = None
+    log_stats_interval_s: float = 10.0  # how often the engine core logs its state
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if os.environ.get("MMENGINE_MULTIPROCESS", "").lower() in ("0", "false", "no"):
+            self.multiprocess = False
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError("num_kv_blocks must be at least 2")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ValueError("gpu_memory_utilization must be in [0.05, 0.99]")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelSpec:
+    """The LLM decoder's shape, normalized from either config.json layout."""
+
+    architecture: str  # e.g. "Qwen2ForCausalLM", "Qwen2VLForConditionalGeneration"
+    model_type: str  # e.g. "qwen2", "qwen2_vl", "llava"
+    text_model_type: str  # "llama", "qwen2", "qwen3", ...
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 family
+    qk_norm: bool  # Qwen3: RMSNorm over each head of q and k
+    mrope_section: list[int] | None  # Qwen2-VL family: [t, h, w] frequency sections
+    rope_scaling: dict[str, Any] | None
+    eos_token_ids: list[int]
+    dtype: str  # the checkpoint's dtype ("float32", "bfloat16", ...)
+    hf_config: dict[str, Any]  # the raw config.json (the vision stage reads its own part)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return "vision_config" in self.hf_config

@@ -1,0 +1,190 @@
+"""The engine core: owns the model and the scheduler; ``step()`` = schedule -> run -> update."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from mmengine.config import EngineConfig
+from mmengine.messages import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    EngineInfo,
+    EngineStats,
+    MMPositionMsg,
+)
+from mmengine.model_loader import load_model_spec, resolve_dtype, resolve_model_path
+from mmengine.model_runner import ModelRunner, kv_bytes_per_block
+from mmengine.request import MMPosition, Request
+from mmengine.sampling_params import SamplingParams
+from mmengine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but no CUDA GPU is available")
+    return dev
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        path = resolve_model_path(config.model, config.revision)
+        self.spec = load_model_spec(path)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.spec, self.device)
+        max_len = config.max_model_len or self.spec.max_position_embeddings
+        if max_len > self.spec.max_position_embeddings:
+            logger.warning(
+                "max_model_len=%d exceeds the model's max_position_embeddings=%d",
+                max_len,
+                self.spec.max_position_embeddings,
+            )
+        self.max_model_len = max_len
+        self.runner = ModelRunner(config, self.spec, path, self.device, self.dtype, max_len)
+        num_blocks = config.num_kv_blocks or self.runner.default_num_kv_blocks(config.max_num_seqs)
+        self.runner.allocate_kv_cache(num_blocks)
+        per_block = kv_bytes_per_block(self.spec, config.block_size, self.dtype)
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len=%d",
+            num_blocks,
+            config.block_size,
+            num_blocks * per_block / 2**20,
+            max_len,
+        )
+        default_tokens = 2048 if self.device.type == "cpu" else 8192
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens or default_tokens,
+                max_model_len=max_len,
+                block_size=config.block_size,
+                num_kv_blocks=num_blocks,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
+        self._last_log = time.monotonic()
+        self._last_gen_tokens = 0
+        self._last_prompt_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, msg: EngineCoreRequest) -> EngineCoreOutput | None:
+        """Queue a request; a bad one is answered with an error output, nothing else."""
+        try:
+            p = msg.params
+            params = SamplingParams(
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                min_p=p.min_p,
+                seed=p.seed,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                repetition_penalty=p.repetition_penalty,
+                max_tokens=p.max_tokens,
+                min_tokens=p.min_tokens,
+                stop_token_ids=list(p.stop_token_ids),
+                ignore_eos=p.ignore_eos,
+                logprobs=p.logprobs,
+                prompt_logprobs=p.prompt_logprobs,
+            )
+            vocab = self.spec.vocab_size
+            if not msg.prompt_token_ids:
+                raise ValueError("the prompt is empty")
+            if any(t < 0 or t >= vocab for t in msg.prompt_token_ids):
+                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            req = Request(
+                request_id=msg.request_id,
+                prompt_token_ids=list(msg.prompt_token_ids),
+                sampling_params=params,
+                eos_token_ids=self.spec.eos_token_ids,
+                share_prompt_with=msg.share_prompt_with,
+                mm_positions=[_mm(m) for m in msg.mm_positions],
+            )
+            self.scheduler.add_request(req)
+        except ValueError as e:
+            return EngineCoreOutput(msg.request_id, [], finish_reason="error", error=str(e))
+        return None
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        done = self.scheduler.abort_requests(request_ids)
+        return [EngineCoreOutput(rid, [], finish_reason="abort") for rid in done]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        outputs = self.scheduler.update_from_output(sched, result)
+        self._maybe_log()
+        return outputs
+
+    # ---- introspection ---------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s, kv = self.scheduler.stats, self.scheduler.kv
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=kv.pool.num_usable_blocks,
+            kv_blocks_used=kv.num_used_blocks(),
+            prefix_cache_queried_tokens=kv.stats.queried_tokens,
+            prefix_cache_hit_tokens=kv.stats.hit_tokens,
+            mm_prefix_cache_hit_tokens=kv.stats.mm_hit_tokens,
+            num_preemptions=s.num_preemptions,
+            prompt_tokens_computed=s.prompt_tokens_computed,
+            generation_tokens=s.generation_tokens,
+            num_steps=s.num_steps,
+            requests_finished=s.requests_finished,
+        )
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            max_model_len=self.max_model_len,
+            vocab_size=self.spec.vocab_size,
+            num_kv_blocks=self.runner.num_kv_blocks,
+            block_size=self.config.block_size,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv.reset_prefix_cache()
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        dt = now - self._last_log
+        if dt < self.config.log_stats_interval_s:
+            return
+        st = self.stats()
+        hit = st.prefix_cache_hit_tokens / max(st.prefix_cache_queried_tokens, 1)
+        logger.info(
+            "running %d, waiting %d | KV blocks %d/%d (%.0f%%) | prefix-cache hit %.1f%% | "
+            "prompt %.1f tok/s, generation %.1f tok/s | preemptions %d",
+            st.num_running,
+            st.num_waiting,
+            st.kv_blocks_used,
+            st.kv_blocks_total,
+            100 * st.kv_blocks_used / max(st.kv_blocks_total, 1),
+            100 * hit,
+            (st.prompt_tokens_computed - self._last_prompt_tokens) / dt,
+            (st.generation_tokens - self._last_gen_tokens) / dt,
+            st.num_preemptions,
+        )
+        self._last_log = now
+        self._last_gen_tokens = st.generation_tokens
+        self._last_prompt_tokens = st.prompt_tokens_computed
+
+
+def _mm(m: MMPositionMsg) -> MMPosition:
+    return MMPosition(m.content_hash, m.offset, m.length)

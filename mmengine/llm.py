@@ -1,0 +1,269 @@
+"""The offline Python API, in vLLM's conventions: ``LLM(...).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from tqdm.auto import tqdm
+
+from mmengine.config import EngineConfig
+from mmengine.core_client import EngineDeadError, make_client
+from mmengine.messages import EngineCoreRequest, SamplingParamsMsg
+from mmengine.model_loader import resolve_model_path
+from mmengine.output_processor import OutputProcessor
+from mmengine.outputs import RequestOutput
+from mmengine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any]
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name, revision)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def params_to_msg(p: SamplingParams) -> SamplingParamsMsg:
+    return SamplingParamsMsg(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        seed=p.seed,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        max_tokens=p.max_tokens,
+        min_tokens=p.min_tokens,
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs,
+        prompt_logprobs=p.prompt_logprobs,
+    )
+
+
+class LLM:
+    """Generate text for batches of prompts with a continuously batched engine.
+
+    Args:
+        model: checkpoint folder or HF hub id (found in the local HF cache).
+        tokenizer: tokenizer folder or id; defaults to ``model``.
+        dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+        device: "auto", "cpu" or "cuda".
+        max_model_len: context length (prompt + output); defaults to the model's.
+        max_num_seqs: requests processed together in one step.
+        max_num_batched_tokens: tokens processed in one step (prefill is chunked to fit).
+        enable_prefix_caching: reuse the KV of identical prompt prefixes.
+        multiprocess: run the engine core in its own process (default); False runs it
+            in this process, which is easier to debug.
+        **kwargs: any other ``EngineConfig`` field (block_size, num_kv_blocks, seed, ...).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        multiprocess: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.config = EngineConfig(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            multiprocess=multiprocess,
+            **kwargs,
+        )
+        self.tokenizer = load_tokenizer(tokenizer or model, self.config.revision)
+        self._client = make_client(self.config)
+        # Shut the engine down even if the user forgets to: at garbage collection or exit.
+        self._finalizer = weakref.finalize(self, self._client.shutdown)
+        self._ids = itertools.count()
+        self.max_model_len = self._client.max_model_len
+        self.vocab_size = self._client.vocab_size
+
+    # ---- public API --------------------------------------------------------------------------
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate completions for each prompt; returns outputs in prompt order.
+
+        A prompt is a string, ``{"prompt": str}`` or ``{"prompt_token_ids": [...]}``.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_list(sampling_params, len(prompts))
+        encoded = [self._encode(p) for p in prompts]
+        return self._run(encoded, params, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them (OpenAI message dicts)."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in convs:
+            text = self.tokenizer.apply_chat_template(
+                conv,
+                chat_template=chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompts.append((text, ids))
+        params = self._params_list(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters: KV blocks, prefix-cache tokens, preemptions, tokens generated..."""
+        return msgspec.structs.asdict(self._client.stats())
+
+    def reset_prefix_cache(self) -> bool:
+        return self._client.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop the engine core (also done automatically at exit)."""
+        self._finalizer()
+
+    close = shutdown
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- internals ---------------------------------------------------------------------------
+    @staticmethod
+    def _params_list(
+        sp: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
+        if sp is None:
+            return [SamplingParams()] * n
+        if isinstance(sp, SamplingParams):
+            return [sp] * n
+        sp = list(sp)
+        if len(sp) != n:
+            raise ValueError(f"got {len(sp)} sampling params for {n} prompts")
+        return sp
+
+    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer(prompt["prompt"])["input_ids"]
+        raise ValueError("a prompt is a string, {'prompt': str} or {'prompt_token_ids': [...]}")
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len} "
+                "(room for at least one output token is needed)"
+            )
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        for t in params.stop_token_ids:
+            if t >= self.vocab_size:
+                raise ValueError(f"stop token id {t} is outside the vocabulary")
+
+    def _run(
+        self,
+        prompts: list[tuple[str | None, list[int]]],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        for (_, ids), p in zip(prompts, params):
+            self._validate(ids, p)
+        processor = OutputProcessor(self.tokenizer)
+        order: list[str] = []
+        core_reqs: list[EngineCoreRequest] = []
+        for (text, ids), p in zip(prompts, params):
+            rid = str(next(self._ids))
+            core_ids = [rid] if p.n == 1 else [f"{rid}-{i}" for i in range(p.n)]
+            processor.add_request(rid, text, ids, p, core_ids)
+            for i, cid in enumerate(core_ids):
+                child = p if p.n == 1 else p.for_child(i)
+                core_reqs.append(
+                    EngineCoreRequest(
+                        request_id=cid,
+                        prompt_token_ids=ids,
+                        params=params_to_msg(child),
+                        share_prompt_with=core_ids[0] if i > 0 else None,
+                    )
+                )
+            order.append(rid)
+        self._client.add_requests(core_reqs)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm, unit="req")
+        start, out_tokens = time.perf_counter(), 0
+        try:
+            while processor.has_unfinished():
+                outs = self._client.get_outputs(1.0)
+                if not outs:
+                    continue
+                res = processor.process(outs)
+                if res.abort_core_ids:
+                    self._client.abort(res.abort_core_ids)
+                for ro in res.updated:
+                    if not ro.finished:
+                        continue
+                    errors = [c for c in ro.outputs if c.finish_reason == "error"]
+                    if errors:
+                        raise ValueError(f"request {ro.request_id} failed in the engine")
+                    results[ro.request_id] = ro
+                    out_tokens += sum(len(c.token_ids) for c in ro.outputs)
+                    bar.update(1)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"output {out_tokens / elapsed:.1f} tok/s", refresh=False)
+        except BaseException:
+            # Interrupted or failed: leave nothing running in the engine for this batch.
+            pending = [c for rid in order if rid not in results for c in processor.abort_request(rid)]
+            try:
+                self._client.abort(pending)
+            except EngineDeadError:
+                pass
+            raise
+        finally:
+            bar.close()
+        return [results[rid] for rid in order]

@@ -1,0 +1,107 @@
+"""Messages between the frontend and the engine core (msgpack via msgspec, never pickle)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Logprobs at one position: the chosen token first, then the top-k by rank."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]  # rank of each token under the raw distribution (1 = best)
+
+
+class SamplingParamsMsg(msgspec.Struct, array_like=True):
+    """Wire form of ``SamplingParams`` (the fields the engine core needs)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    max_tokens: int | None
+    min_tokens: int
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    logprobs: int | None
+    prompt_logprobs: int | None
+
+
+class MMPositionMsg(msgspec.Struct, array_like=True):
+    content_hash: str
+    offset: int
+    length: int
+
+
+class EngineCoreRequest(msgspec.Struct):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParamsMsg
+    share_prompt_with: str | None = None
+    mm_positions: list[MMPositionMsg] = []
+    # Multimodal embeddings travel separately (shared memory); this names them.
+    mm_embeds_key: str | None = None
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True):
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # a chunk of prompt positions
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class EngineStats(msgspec.Struct):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    mm_prefix_cache_hit_tokens: int = 0
+    num_preemptions: int = 0
+    prompt_tokens_computed: int = 0
+    generation_tokens: int = 0
+    num_steps: int = 0
+    requests_finished: int = 0
+    encoder_runs: int = 0
+    encoder_items: int = 0
+    embedding_cache_hits: int = 0
+    embedding_cache_misses: int = 0
+
+
+class EngineInfo(msgspec.Struct):
+    """Sent once by the engine core when it is ready."""
+
+    max_model_len: int
+    vocab_size: int
+    num_kv_blocks: int
+    block_size: int
+    device: str
+    dtype: str
+
+
+class EngineCoreOutputs(msgspec.Struct):
+    outputs: list[EngineCoreOutput] = []
+    stats: EngineStats | None = None  # answer to a stats call
+    info: EngineInfo | None = None  # the ready message
+    ok: bool = True  # answer to a yes/no call (reset_prefix_cache)
+    call_id: int | None = None
+    dead: str | None = None  # the engine core failed and is exiting: why
+
+
+class ControlMsg(msgspec.Struct):
+    """Frontend -> core: one of add / abort / stats / reset_prefix_cache / shutdown."""
+
+    kind: str
+    requests: list[EngineCoreRequest] = []
+    abort_ids: list[str] = []
+    call_id: int | None = None

@@ -1,0 +1,154 @@
+"""Llama-style decoder shared by Llama, Mistral, Qwen2, Qwen3 and the Qwen2-VL family's LLM.
+
+Tokens of all requests in a step are packed into one ``[T, hidden]`` batch (no padding);
+the paged-attention layer finds each sequence's rows through the step's metadata.
+Weights are fused at load time: q/k/v into one matmul, gate/up into another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from mmengine.config import ModelSpec
+from mmengine.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        d, hq, hk = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        self.q_size, self.kv_size = hq * d, hk * d
+        self.num_heads, self.num_kv_heads, self.head_dim = hq, hk, d
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, spec.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.rotary = rotary
+        self.attn = PagedAttention(hq, hk, d)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.act = SiluAndMul()
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [T] or [3, T]
+        hidden: torch.Tensor,  # [T, H]
+        residual: torch.Tensor | None,  # [T, H]
+        kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        t = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        hidden = self.o_proj(self.attn(q, k, v, kv_cache))
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden = self.down_proj(self.act(self.gate_up_proj(hidden)))
+        return hidden, residual
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head."""
+
+    def __init__(self, spec: ModelSpec, max_position: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        rotary = RotaryEmbedding(
+            spec.head_dim,
+            max_position,
+            spec.rope_theta,
+            spec.rope_scaling,
+            spec.mrope_section,
+        )
+        self.layers = nn.ModuleList(DecoderLayer(spec, rotary) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [T] or [3, T]
+        inputs_embeds: torch.Tensor,  # [T, H]
+        kv_caches: list[KVCache],
+    ) -> torch.Tensor:  # [T, H]: final hidden states
+        hidden, residual = inputs_embeds, None
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, cache)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] fp32
+        return self.lm_head(hidden).float()
+
+    # ---- weights -------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy decoder-named tensors (``layers.0.self_attn.q_proj.weight`` ...) in,
+        fusing q/k/v and gate/up. Raises if a parameter was never written."""
+        params = dict(self.named_parameters())
+        rows_written: dict[str, int] = {}  # parameter name -> rows copied in
+        q, kv = self.layers[0].q_size, self.layers[0].kv_size
+        inter = self.spec.intermediate_size
+        fused = {
+            "self_attn.q_proj": ("qkv_proj", 0, q),
+            "self_attn.k_proj": ("qkv_proj", q, kv),
+            "self_attn.v_proj": ("qkv_proj", q + kv, kv),
+            "mlp.gate_proj": ("gate_up_proj", 0, inter),
+            "mlp.up_proj": ("gate_up_proj", inter, inter),
+        }
+        renamed = {
+            "self_attn.o_proj": "o_proj",
+            "mlp.down_proj": "down_proj",
+            "self_attn.q_norm": "q_norm",
+            "self_attn.k_norm": "k_norm",
+        }
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+                continue
+            target, start, size = name, 0, None
+            for src, (dst, s0, n) in fused.items():
+                if f".{src}." in name:
+                    target, start, size = name.replace(src, dst), s0, n
+                    break
+            else:
+                for src, dst in renamed.items():
+                    if f".{src}." in name:
+                        target = name.replace(src, dst)
+                        break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            dest = param if size is None else param.narrow(0, start, size)
+            if dest.shape != tensor.shape:
+                raise ValueError(
+                    f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(dest.shape)}"
+                )
+            with torch.no_grad():
+                dest.copy_(tensor)
+            rows_written[target] = rows_written.get(target, 0) + dest.shape[0]
+        missing = [n for n, p in params.items() if rows_written.get(n, 0) != p.shape[0]]
+        if missing:
+            raise ValueError(
+                f"checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}"
+            )

@@ -1,0 +1,108 @@
+"""Building blocks shared by the decoder models.
+
+Each layer calls the matching function in ``kernels/``, which runs a Triton kernel on
+CUDA tensors and the plain-torch reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels.activation import silu_and_mul
+from kernels.rms_norm import rms_norm
+from kernels.rotary import apply_rotary
+from mmengine.attention import paged_attention_forward
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
+        return rms_norm(x, self.weight, self.eps, residual)
+
+
+class SiluAndMul(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, 2I] -> [T, I]
+        return silu_and_mul(x)
+
+
+def _inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    # Computed exactly as transformers does, so float32 cos/sin agree bit for bit.
+    inv = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind in ("default", "mrope", None):
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])  # type: ignore[index]
+    if kind == "llama3":
+        assert scaling is not None
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding; 3-D M-RoPE when ``mrope_section`` is given."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        base: float,
+        scaling: dict[str, Any] | None = None,
+        mrope_section: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.rotary_dim = head_dim
+        self.mrope_section = mrope_section
+        inv = _inv_freq(head_dim, base, scaling)
+        # [max_position, D]: cos of every frequency, then sin (HF: position * inv_freq).
+        freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv[None, :]
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] or [3, T] (M-RoPE); q: [T, Hq, D]; k: [T, Hk, D]
+        return apply_rotary(
+            q, k, positions, self.cos_sin_cache, mrope_section=self.mrope_section
+        )
+
+
+class PagedAttention(nn.Module):
+    """Attention of this step's queries over the paged KV cache of one layer."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hk, D]
+        v: torch.Tensor,  # [T, Hk, D]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:  # [T, Hq * D]
+        out = paged_attention_forward(q, k, v, kv_cache[0], kv_cache[1], self.scale)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,191 @@
+"""Turn the logits of one step into tokens (and logprobs), on the model's device.
+
+Order, as in vLLM: raw logprobs (for the user) -> min_tokens mask -> penalties ->
+greedy argmax, or temperature -> min-p -> top-k -> top-p -> an exponential race
+(``argmax(p / q)``, q ~ Exp(1)), which needs no host sync and, with a per-request
+generator, gives the same draw whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmengine.messages import TokenLogprobs
+
+
+@dataclass
+class SamplingRow:
+    """One request that samples a token this step."""
+
+    temperature: float
+    top_k: int  # 0: off
+    top_p: float
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    generator: torch.Generator | None  # per-request seeded generator, or None
+    num_logprobs: int | None
+    blocked_token_ids: list[int]  # stop tokens masked until min_tokens is reached
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprobs | None]  # one per row
+
+
+def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float counts of each token id in each row's list."""
+    width = max((len(x) for x in lists), default=0)
+    counts = torch.zeros(len(lists), vocab + 1, device=device)
+    if width:
+        ids = torch.full((len(lists), width), vocab, dtype=torch.long)  # pad -> dummy column
+        for i, x in enumerate(lists):
+            if x:
+                ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        ids = ids.to(device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Presence/frequency penalties on output tokens; HF-style repetition penalty on
+    prompt and output tokens (divide positive logits, multiply negative ones)."""
+    b, vocab = logits.shape
+    dev = logits.device
+    out_counts = _token_counts([r.output_token_ids for r in rows], vocab, dev)
+    seen = out_counts > 0
+    rep = torch.tensor([r.repetition_penalty for r in rows], device=dev)[:, None]
+    if (rep != 1.0).any():
+        prompt_seen = _token_counts([r.prompt_token_ids for r in rows], vocab, dev) > 0
+        mask = seen | prompt_seen
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(mask, penalized, logits)
+    freq = torch.tensor([r.frequency_penalty for r in rows], device=dev)[:, None]
+    pres = torch.tensor([r.presence_penalty for r in rows], device=dev)[:, None]
+    return logits - freq * out_counts - pres * seen.float()
+
+
+def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, min-p, top-k, top-p; masked entries become -inf."""
+    dev = logits.device
+    temp = torch.tensor([max(r.temperature, 1e-5) for r in rows], device=dev)[:, None]
+    logits = logits / temp
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+    if any(r.min_p > 0 for r in rows):
+        probs = logits.softmax(-1)
+        min_p = torch.tensor([r.min_p for r in rows], device=dev)[:, None]
+        logits = torch.where(probs < min_p * probs.max(-1, keepdim=True).values, neg_inf, logits)
+    if any(r.top_k > 0 for r in rows):
+        vocab = logits.shape[-1]
+        k = torch.tensor([r.top_k if r.top_k > 0 else vocab for r in rows], device=dev)
+        k = k.clamp(max=vocab)
+        sorted_desc = logits.sort(-1, descending=True).values
+        kth = sorted_desc.gather(1, (k - 1)[:, None])
+        logits = torch.where(logits < kth, neg_inf, logits)
+    if any(r.top_p < 1.0 for r in rows):
+        top_p = torch.tensor([r.top_p for r in rows], device=dev)[:, None]
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the first stays).
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)
+        logits = torch.where(drop, neg_inf, logits)
+    return logits
+
+
+def _exponential(rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
+    q = torch.empty(len(rows), vocab, device=device)
+    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+    if unseeded:
+        q[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            q[i].exponential_(generator=r.generator)
+    return q
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    """Sample one token per row of ``logits`` ([B, V], float32)."""
+    logits = logits.float()
+    want_lp = [r.num_logprobs is not None for r in rows]
+    raw_logprobs = logits.log_softmax(-1) if any(want_lp) else None
+
+    blocked = [(i, r.blocked_token_ids) for i, r in enumerate(rows) if r.blocked_token_ids]
+    if blocked:
+        logits = logits.clone()
+        for i, ids in blocked:
+            logits[i, [t for t in ids if t < logits.shape[1]]] = float("-inf")
+    if any(r.needs_penalties for r in rows):
+        logits = apply_penalties(logits, rows)
+
+    greedy = torch.tensor([r.greedy for r in rows], device=logits.device)
+    tokens = logits.argmax(-1)
+    if not bool(greedy.all()):
+        probs = _filter(logits, rows).softmax(-1)
+        q = _exponential(rows, logits.shape[-1], logits.device)
+        sampled = (probs / q).argmax(-1)
+        tokens = torch.where(greedy, tokens, sampled)
+
+    logprob_out: list[TokenLogprobs | None] = [None] * len(rows)
+    if raw_logprobs is not None:
+        k = max(r.num_logprobs or 0 for r in rows)
+        chosen_lp = raw_logprobs.gather(1, tokens[:, None])
+        ranks = (raw_logprobs > chosen_lp).sum(-1) + 1
+        top_lp, top_ids = raw_logprobs.topk(k, -1) if k else (None, None)
+        host = {
+            "tok": tokens.tolist(),
+            "lp": chosen_lp[:, 0].tolist(),
+            "rank": ranks.tolist(),
+            "top_lp": top_lp.tolist() if top_lp is not None else None,
+            "top_ids": top_ids.tolist() if top_ids is not None else None,
+        }
+        for i, r in enumerate(rows):
+            if r.num_logprobs is None:
+                continue
+            n = r.num_logprobs
+            ids = [host["tok"][i]] + (host["top_ids"][i][:n] if n else [])
+            lps = [host["lp"][i]] + (host["top_lp"][i][:n] if n else [])
+            logprob_out[i] = TokenLogprobs(ids, lps, [host["rank"][i]] + list(range(1, n + 1)))
+        return SamplerOutput(host["tok"], logprob_out)
+    return SamplerOutput(tokens.tolist(), logprob_out)
+
+
+def prompt_logprobs(
+    logits: torch.Tensor,  # [N, V]: logits at N consecutive prompt positions
+    next_token_ids: list[int],  # [N]: the prompt token that follows each position
+    k: int,
+) -> list[TokenLogprobs]:
+    """Logprob (and rank) of each actual next prompt token, plus the top-k."""
+    lp = logits.float().log_softmax(-1)
+    ids = torch.tensor(next_token_ids, device=lp.device)
+    chosen = lp.gather(1, ids[:, None])
+    ranks = ((lp > chosen).sum(-1) + 1).tolist()
+    chosen_l = chosen[:, 0].tolist()
+    if k:
+        top_lp, top_ids = lp.topk(k, -1)
+        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+    out = []
+    for i, t in enumerate(next_token_ids):
+        ids_i = [t] + (top_ids_l[i] if k else [])
+        lps_i = [chosen_l[i]] + (top_lp_l[i] if k else [])
+        out.append(TokenLogprobs(ids_i, lps_i, [ranks[i]] + list(range(1, k + 1))))
+    return out

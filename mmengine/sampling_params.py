@@ -1,0 +1,102 @@
+"""Sampling parameters of one request, in vLLM's conventions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+# Bounds that keep one request from taking the whole engine (SECURITY.md item 10).
+MAX_N = 64
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_LEN = 512
+
+
+@dataclass
+class SamplingParams:
+    """How to sample the continuation of one prompt.
+
+    Defaults follow vLLM: greedy when ``temperature == 0``, ``max_tokens=16``.
+    """
+
+    n: int = 1  # number of completions for the prompt (they share its KV blocks)
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus sampling mass, in (0, 1]
+    top_k: int = 0  # 0 (or -1) disables top-k
+    min_p: float = 0.0  # drop tokens whose prob is below min_p * max prob
+    seed: int | None = None  # per-request seed: same seed, same output, in any batch
+    presence_penalty: float = 0.0  # subtract once per token present in the output
+    frequency_penalty: float = 0.0  # subtract per occurrence in the output
+    repetition_penalty: float = 1.0  # HF-style, over prompt and output tokens
+    max_tokens: int | None = 16  # None: until the context is full
+    min_tokens: int = 0  # stop tokens and EOS are masked until this many are generated
+    stop: list[str] = field(default_factory=list)  # stop strings, cut from the text
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens (kept in ids)
+    ignore_eos: bool = False  # keep generating past EOS
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # top-k logprobs per generated token (sampled token added)
+    prompt_logprobs: int | None = None  # top-k logprobs per prompt token
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first out-of-range parameter."""
+
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"invalid sampling parameter {name!r}: {why}")
+
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", f"must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", f"must be 0/-1 (disabled) or a positive integer, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", f"must be >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", "must not exceed max_tokens")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
+                raise bad("stop", f"stop strings must be non-empty and <= {MAX_STOP_STRING_LEN} chars")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or t < 0:
+                raise bad("stop_token_ids", f"must be non-negative integers, got {t!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def for_child(self, index: int) -> SamplingParams:
+        """Params of the ``index``-th of ``n`` completions: n=1, seed offset by index."""
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)
