@@ -53,7 +53,9 @@ def main() -> None:
             f"KV blocks used now {stats['kv_blocks_used']}/{stats['kv_blocks_total']}, "
             f"prefix-cache hits {stats['prefix_cache_hit_tokens']}/{stats['prefix_cache_queried_tokens']} tokens"
         )
-        print("(random weights: the text is gibberish by design; the embedded captioning model comes next)")
+        print(
+            "(random weights: the text is gibberish by design; the embedded captioning model comes next)"
+        )
 
 
 if __name__ == "__main__":

@@ -110,9 +110,7 @@ class BlockPool:
             block.block_hash = None
             block.hash_key = None
 
-    def lookup(
-        self, block_hash: BlockHash, hash_key: HashKey
-    ) -> KVCacheBlock | None:
+    def lookup(self, block_hash: BlockHash, hash_key: HashKey) -> KVCacheBlock | None:
         """The cached block for this hash, if its recorded key confirms the hit."""
         block = self.cached.get(block_hash)
         if block is None or block.hash_key != hash_key:

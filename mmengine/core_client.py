@@ -26,7 +26,6 @@ from mmengine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
-    EngineInfo,
     EngineStats,
 )
 

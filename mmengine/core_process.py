@@ -62,7 +62,9 @@ def serve(core, in_sock: zmq.Socket, out_sock: zmq.Socket) -> None:  # noqa: ANN
             elif msg.kind == "abort":
                 pending.extend(core.abort_requests(msg.abort_ids))
             elif msg.kind == "stats":
-                out_sock.send(enc.encode(EngineCoreOutputs(stats=core.stats(), call_id=msg.call_id)))
+                out_sock.send(
+                    enc.encode(EngineCoreOutputs(stats=core.stats(), call_id=msg.call_id))
+                )
             elif msg.kind == "reset_prefix_cache":
                 ok = core.reset_prefix_cache()
                 out_sock.send(enc.encode(EngineCoreOutputs(ok=ok, call_id=msg.call_id)))

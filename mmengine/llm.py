@@ -258,7 +258,9 @@ class LLM:
                     bar.set_postfix_str(f"output {out_tokens / elapsed:.1f} tok/s", refresh=False)
         except BaseException:
             # Interrupted or failed: leave nothing running in the engine for this batch.
-            pending = [c for rid in order if rid not in results for c in processor.abort_request(rid)]
+            pending = [
+                c for rid in order if rid not in results for c in processor.abort_request(rid)
+            ]
             try:
                 self._client.abort(pending)
             except EngineDeadError:

@@ -48,7 +48,9 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     try:
         return Path(
-            snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True)
+            snapshot_download(
+                model, revision=revision, allow_patterns=patterns, local_files_only=True
+            )
         )
     except Exception:
         if offline:

@@ -190,7 +190,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         for req, first, start, n in inputs.prompt_lp_reqs:
             nxt = req.prompt_token_ids[start + 1 : start + 1 + n]
-            lps = prompt_logprobs(logits[first : first + n], nxt, req.sampling_params.prompt_logprobs or 0)
+            lps = prompt_logprobs(
+                logits[first : first + n], nxt, req.sampling_params.prompt_logprobs or 0
+            )
             chunk: list = [None] if start == 0 else []
             result.prompt_logprobs[req.request_id] = chunk + lps
         if inputs.sample_reqs:

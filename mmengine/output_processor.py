@@ -184,7 +184,9 @@ class OutputProcessor:
         if best is None:
             return False
         idx, s = best
-        comp.text = comp.text[: idx + len(s)] if params.include_stop_str_in_output else comp.text[:idx]
+        comp.text = (
+            comp.text[: idx + len(s)] if params.include_stop_str_in_output else comp.text[:idx]
+        )
         comp.finish_reason = "stop"
         comp.stop_reason = s
         return True

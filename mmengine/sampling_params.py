@@ -87,7 +87,9 @@ class SamplingParams:
             raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         for s in self.stop:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
-                raise bad("stop", f"stop strings must be non-empty and <= {MAX_STOP_STRING_LEN} chars")
+                raise bad(
+                    "stop", f"stop strings must be non-empty and <= {MAX_STOP_STRING_LEN} chars"
+                )
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0:
                 raise bad("stop_token_ids", f"must be non-negative integers, got {t!r}")

@@ -82,9 +82,7 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] or [3, T] (M-RoPE); q: [T, Hq, D]; k: [T, Hk, D]
-        return apply_rotary(
-            q, k, positions, self.cos_sin_cache, mrope_section=self.mrope_section
-        )
+        return apply_rotary(q, k, positions, self.cos_sin_cache, mrope_section=self.mrope_section)
 
 
 class PagedAttention(nn.Module):

@@ -1,0 +1,253 @@
+"""The Python API end to end: prompts, chat, sampling controls, errors, lifecycle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmengine import LLM, SamplingParams
+from mmengine.core_client import EngineDeadError
+
+torch.set_num_threads(1)
+
+PROMPTS = [
+    "the red circle",
+    "a blue square on the right",
+    "green triangle moves left while the star waits",
+    "café",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(qwen2_ckpt: Path):
+    with LLM(
+        str(qwen2_ckpt), dtype="float32", device="cpu", max_model_len=256, multiprocess=False
+    ) as engine:
+        yield engine
+
+
+def test_prompt_forms_string_dict_and_token_ids_agree(llm: LLM) -> None:
+    p = SamplingParams(temperature=0, max_tokens=8)
+    ids = llm.get_tokenizer()(PROMPTS[1])["input_ids"]
+    a, b, c = llm.generate(
+        [PROMPTS[1], {"prompt": PROMPTS[1]}, {"prompt_token_ids": ids}], p, use_tqdm=False
+    )
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids == c.outputs[0].token_ids
+    assert a.prompt_token_ids == ids and a.prompt == PROMPTS[1]
+    assert a.outputs[0].text == llm.get_tokenizer().decode(
+        a.outputs[0].token_ids, skip_special_tokens=True
+    )
+
+
+def test_chat_uses_the_models_template(llm: LLM) -> None:
+    tok = llm.get_tokenizer()
+    msgs = [{"role": "user", "content": "what color is the circle?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    p = SamplingParams(temperature=0, max_tokens=8)
+    chat = llm.chat(msgs, p, use_tqdm=False)[0]
+    ref = llm.generate(
+        {"prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]}, p, use_tqdm=False
+    )[0]
+    assert "<|im_start|>user" in chat.prompt
+    assert chat.outputs[0].token_ids == ref.outputs[0].token_ids
+    two = llm.chat([msgs, msgs], p, use_tqdm=False)
+    assert len(two) == 2
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(llm: LLM) -> None:
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(PROMPTS[2], p, use_tqdm=False)[0].outputs[0].token_ids
+    mixed = (
+        llm.generate(
+            [PROMPTS[0], PROMPTS[2], PROMPTS[3]],
+            [
+                SamplingParams(temperature=0.7, max_tokens=5),
+                p,
+                SamplingParams(temperature=1.0, max_tokens=20),
+            ],
+            use_tqdm=False,
+        )[1]
+        .outputs[0]
+        .token_ids
+    )
+    assert alone == mixed
+    other = llm.generate(
+        PROMPTS[2],
+        SamplingParams(temperature=1.0, top_p=0.95, seed=99, max_tokens=12, ignore_eos=True),
+        use_tqdm=False,
+    )
+    assert other[0].outputs[0].token_ids != alone
+
+
+def test_n_completions_share_the_prompt(llm: LLM) -> None:
+    before = llm.stats()
+    prompt = " ".join(["long shared prompt"] * 20)
+    out = llm.generate(
+        prompt,
+        SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 10 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # seeds offset per completion
+    after = llm.stats()
+    # The followers computed only the tail of the prompt: far fewer than 4 full prompts.
+    computed = after["prompt_tokens_computed"] - before["prompt_tokens_computed"]
+    assert computed < 2 * len(out.prompt_token_ids)
+
+
+def test_stop_string_cuts_text_exactly(llm: LLM) -> None:
+    free = llm.generate(
+        PROMPTS[2], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
+    text = free.text
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = llm.generate(
+        PROMPTS[2],
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert cut.text == text[: text.index(stop)]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    kept = llm.generate(
+        PROMPTS[2],
+        SamplingParams(
+            temperature=0,
+            max_tokens=24,
+            ignore_eos=True,
+            stop=[stop],
+            include_stop_str_in_output=True,
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_stop_token_id_ends_output_on_that_token(llm: LLM) -> None:
+    free = llm.generate(
+        PROMPTS[1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
+    target = free.token_ids[5]
+    first = free.token_ids.index(target)
+    out = llm.generate(
+        PROMPTS[1],
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[target]),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.token_ids == free.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == target
+
+
+def test_min_tokens_and_ignore_eos_hold(llm: LLM) -> None:
+    eos = llm._client.core.spec.eos_token_ids  # in-process engine
+    free = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
+    t = free.token_ids[2]
+    out = llm.generate(
+        PROMPTS[0],
+        SamplingParams(
+            temperature=0, max_tokens=30, ignore_eos=True, stop_token_ids=[t], min_tokens=10
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert len(out.token_ids) >= 10 and t not in out.token_ids[:9]
+    long = llm.generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False
+    )
+    assert all(
+        len(o.outputs[0].token_ids) == 40 and o.outputs[0].finish_reason == "length" for o in long
+    )
+    assert eos  # the fixture declares EOS ids
+
+
+def test_bad_inputs_raise_clear_errors_and_engine_keeps_working(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": [5] * 300}, use_tqdm=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate({"prompt_token_ids": [5, 10**6]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate({"prompt_token_ids": []}, use_tqdm=False)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="sampling params"):
+        llm.generate(PROMPTS, [SamplingParams()], use_tqdm=False)
+    ok = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) >= 1
+    assert llm.stats()["kv_blocks_used"] == 0
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def test_forgotten_llm_leaves_no_process_behind(qwen2_ckpt: Path, tmp_path: Path) -> None:
+    script = tmp_path / "forget.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys
+        from mmengine import LLM, SamplingParams
+        llm = LLM({str(qwen2_ckpt)!r}, dtype="float32", device="cpu", max_model_len=64)
+        print("CORE_PID", llm._client.pid, flush=True)
+        llm.generate("hello", SamplingParams(max_tokens=2), use_tqdm=False)
+        # no shutdown(): exiting must still stop the engine core
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    core_pid = int(proc.stdout.split("CORE_PID")[1].split()[0])
+    deadline = time.time() + 10
+    while time.time() < deadline and _pid_alive(core_pid):
+        time.sleep(0.2)
+    assert not _pid_alive(core_pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0): look at its state
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_dead_engine_core_raises_instead_of_hanging(qwen2_ckpt: Path) -> None:
+    engine = LLM(
+        str(qwen2_ckpt), dtype="float32", device="cpu", max_model_len=64, multiprocess=True
+    )
+    try:
+        pid = engine._client.pid
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        t0 = time.time()
+        with pytest.raises(EngineDeadError):
+            engine.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)
+        assert time.time() - t0 < 10
+    finally:
+        engine.shutdown()
+    assert _children(os.getpid()) == [] or pid not in _children(os.getpid())
+
+
+def test_shutdown_stops_the_core_process(qwen2_ckpt: Path) -> None:
+    engine = LLM(str(qwen2_ckpt), dtype="float32", device="cpu", max_model_len=64)
+    pid = engine._client.pid
+    assert _pid_alive(pid)
+    engine.shutdown()
+    assert not _pid_alive(pid)
+    engine.shutdown()  # idempotent
