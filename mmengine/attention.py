@@ -71,3 +71,22 @@ def paged_attention_forward(
         max_query_len=meta.max_query_len,
         max_seq_len=meta.max_seq_len,
     )
+
+
+# torch.compile sees attention as one opaque op that writes the KV cache and returns
+# the output; the step's metadata reaches it through the forward context above.
+@torch.library.custom_op("mmengine::paged_attention", mutates_args=("key_cache", "value_cache"))
+def paged_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return paged_attention_forward(q, k, v, key_cache, value_cache, scale)
+
+
+@paged_attention_op.register_fake
+def _paged_attention_fake(q, k, v, key_cache, value_cache, scale):  # noqa: ANN001, ANN202
+    return torch.empty_like(q)

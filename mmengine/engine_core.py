@@ -50,8 +50,16 @@ class EngineCore:
             )
         self.max_model_len = max_len
         self.runner = ModelRunner(config, self.spec, path, self.device, self.dtype, max_len)
-        num_blocks = config.num_kv_blocks or self.runner.default_num_kv_blocks(config.max_num_seqs)
+        default_tokens = 2048 if self.device.type == "cpu" else 8192
+        max_batched = config.max_num_batched_tokens or default_tokens
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self.runner.profile_num_kv_blocks(max_batched, config.max_num_seqs)
+        else:
+            num_blocks = self.runner.default_num_kv_blocks(config.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs(config.max_num_seqs)
         per_block = kv_bytes_per_block(self.spec, config.block_size, self.dtype)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len=%d",
@@ -60,11 +68,10 @@ class EngineCore:
             num_blocks * per_block / 2**20,
             max_len,
         )
-        default_tokens = 2048 if self.device.type == "cpu" else 8192
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens or default_tokens,
+                max_num_batched_tokens=max_batched,
                 max_model_len=max_len,
                 block_size=config.block_size,
                 num_kv_blocks=num_blocks,

@@ -1,7 +1,9 @@
 """Executes one scheduled step: builds the packed batch, runs the decoder, samples.
 
-The same code runs on CPU (plain-torch attention) and CUDA (Triton kernels); the GPU
-additions (CUDA graphs, torch.compile, memory profiling) live in ``gpu_runner.py``.
+The same code runs on CPU (plain-torch paths) and CUDA (Triton kernels). On CUDA, unless
+``enforce_eager``: the forward is ``torch.compile``d (attention as one opaque op) and
+decode-only steps replay CUDA graphs captured at start-up (``cuda_graphs.py``); the KV
+pool is sized by profiling a worst-case step against ``gpu_memory_utilization``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch
 
 from mmengine.attention import AttentionMetadata, forward_context
 from mmengine.config import EngineConfig, ModelSpec
+from mmengine.cuda_graphs import CudaGraphRunner
 from mmengine.model_loader import iter_weights, llm_weight_name
 from mmengine.models.decoder import DecoderModel, KVCache
+from mmengine.models.layers import set_kernel_mode
 from mmengine.request import Request
 from mmengine.sampler import SamplingRow, prompt_logprobs, sample
 from mmengine.scheduler import RunnerOutput, SchedulerOutput
@@ -31,6 +35,8 @@ class StepInputs:
     input_ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T], or [3, T] for M-RoPE
     meta: AttentionMetadata
+    num_tokens: int  # real tokens (T may include CUDA-graph padding rows after them)
+    graph_batch: int | None  # replay the CUDA graph of this batch size
     logits_rows: list[int]  # rows of the hidden states whose logits we need
     sample_reqs: list[tuple[Request, int]]  # (request, index into logits_rows) that sample
     prompt_lp_reqs: list[tuple[Request, int, int, int]]  # (req, first logits idx, first pos, n)
@@ -70,12 +76,31 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = []
         self.num_kv_blocks = 0
         self.generators: dict[str, torch.Generator] = {}
+        self.graphs: CudaGraphRunner | None = None
+        on_gpu = device.type == "cuda" and not config.enforce_eager
+        self.compiled = on_gpu and bool(config.extra.get("torch_compile", True))
+        self.use_cuda_graphs = on_gpu and bool(config.extra.get("cuda_graphs", True))
+        set_kernel_mode(self.model, compiled=self.compiled)
+        self.forward_fn = (
+            torch.compile(self._forward, dynamic=True, fullgraph=True)
+            if self.compiled
+            else self._forward
+        )
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The pure step function that is compiled and captured: ids -> hidden [T, H]."""
+        return self.model(positions, self.model.embed(input_ids), self.kv_caches)
+
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     def _load_model(self, path: Path, max_model_len: int) -> DecoderModel:
         with torch.device("meta"):
             model = DecoderModel(self.spec, max_position=max(max_model_len, 1))
-        model = model.to_empty(device=self.device)
-        model = model.to(self.dtype)
+        model = model.to(self.dtype).to_empty(device=self.device)
         # Buffers (the rotary cache) were lost by to_empty: rebuild them for real.
         with torch.device(self.device):
             fresh_rotary = type(model.layers[0].rotary)(
@@ -89,6 +114,17 @@ class ModelRunner:
             layer.rotary = fresh_rotary
         if self.spec.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
+        if self.config.extra.get("load_format") == "dummy":
+            # Benchmarks: random weights of the right shapes, no checkpoint tensors read.
+            gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "norm" in name:
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0.0, 0.02, generator=gen)
+            model.eval()
+            return model
         weights = (
             (mapped, tensor)
             for name, tensor in iter_weights(path)
@@ -109,6 +145,89 @@ class ModelRunner:
             for _ in range(self.spec.num_layers)
         ]
         self.num_kv_blocks = num_blocks
+
+    def capture_cuda_graphs(self, max_num_seqs: int) -> None:
+        if not self.use_cuda_graphs:
+            return
+        self.graphs = CudaGraphRunner(
+            self.forward_fn,
+            max_num_seqs=max_num_seqs,
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+            max_model_len=self.max_model_len,
+            mrope=self.spec.mrope_section is not None,
+            device=self.device,
+        )
+        self.graphs.capture()
+
+    @torch.inference_mode()
+    def profile_num_kv_blocks(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+        """GPU: run a worst-case step on a scratch KV cache, then give the KV pool what
+        ``gpu_memory_utilization`` leaves after weights, activations and other processes."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        bs = self.block_size
+        seq_len = min(self.max_model_len, max_num_batched_tokens)
+        num_seqs = -(-max_num_batched_tokens // seq_len)
+        tokens = [seq_len] * (num_seqs - 1) + [max_num_batched_tokens - seq_len * (num_seqs - 1)]
+        blocks_per_seq = -(-seq_len // bs)
+        scratch_blocks = num_seqs * blocks_per_seq + 1
+        self.allocate_kv_cache(scratch_blocks)
+        tables = [[1 + i * blocks_per_seq + j for j in range(blocks_per_seq)] for i in range(num_seqs)]
+        slots, qsl = [], [0]
+        for i, n in enumerate(tokens):
+            slots.extend(tables[i][p // bs] * bs + p % bs for p in range(n))
+            qsl.append(qsl[-1] + n)
+        meta = AttentionMetadata(
+            query_start_loc=self._to_device(qsl, torch.int32),
+            seq_lens=self._to_device(tokens, torch.int32),
+            block_tables=self._to_device(tables, torch.int32),
+            slot_mapping=self._to_device(slots, torch.int64),
+            max_query_len=max(tokens),
+            max_seq_len=max(tokens),
+        )
+        total = sum(tokens)
+        ids = torch.randint(0, self.spec.vocab_size, (total,), device=self.device)
+        pos = torch.cat([torch.arange(n, device=self.device) for n in tokens])
+        if self.spec.mrope_section is not None:
+            pos = pos.expand(3, -1).contiguous()
+        with forward_context(meta):
+            hidden = self.forward_fn(ids, pos)
+        rows = min(max_num_seqs, total)
+        logits = self.model.compute_logits(hidden[:rows])
+        logits.log_softmax(-1).sort(-1)  # the sampler's biggest temporaries
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        scratch_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+        self.kv_caches = []
+        del hidden, logits
+        torch.cuda.empty_cache()
+        free, total_mem = torch.cuda.mem_get_info()
+        others = total_mem - free - torch.cuda.memory_reserved()  # CUDA context, other processes
+        graph_reserve = 512 << 20 if self.use_cuda_graphs else 0
+        budget = (
+            total_mem * self.config.gpu_memory_utilization
+            - others
+            - (peak - scratch_bytes)
+            - graph_reserve
+        )
+        per_block = kv_bytes_per_block(self.spec, bs, self.dtype)
+        num_blocks = int(budget // per_block)
+        logger.info(
+            "GPU memory: %.1f GiB total, weights+activations peak %.1f GiB, other %.1f GiB; "
+            "KV budget %.1f GiB -> %d blocks",
+            total_mem / 2**30,
+            (peak - scratch_bytes) / 2**30,
+            others / 2**30,
+            max(budget, 0) / 2**30,
+            num_blocks,
+        )
+        if num_blocks < 2:
+            raise RuntimeError(
+                "no GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
+                "max_num_batched_tokens / max_model_len"
+            )
+        return num_blocks
 
     def default_num_kv_blocks(self, max_num_seqs: int) -> int:
         """CPU: the configured GiB budget, capped by what max_num_seqs full requests need."""
@@ -153,40 +272,63 @@ class ModelRunner:
             if start + n == req.num_tokens:
                 sample_reqs.append((req, len(logits_rows)))
                 logits_rows.append(row0 + n - 1)
+        num_tokens = len(ids)
+        max_query_len = max(b - a for a, b in zip(qsl, qsl[1:]))
+        graph_batch = None
+        if self.graphs is not None and max_query_len == 1:
+            graph_batch = self.graphs.bucket(len(tables))
+        if graph_batch is not None:
+            # Pad to the graph's batch with 1-token sequences that write no K/V.
+            pad = graph_batch - len(tables)
+            ids.extend([0] * pad)
+            pos.extend([0] * pad)
+            slots.extend([-1] * pad)
+            qsl.extend(range(qsl[-1] + 1, qsl[-1] + pad + 1))
+            seq_lens.extend([1] * pad)
+            tables.extend([[0]] * pad)
         width = max(len(t) for t in tables)
-        table_tensor = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table_tensor[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        dev = self.device
+        padded_tables = [t + [0] * (width - len(t)) for t in tables]
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=table_tensor.to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            query_start_loc=self._to_device(qsl, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            block_tables=self._to_device(padded_tables, torch.int32),
+            slot_mapping=self._to_device(slots, torch.int64),
+            max_query_len=max_query_len,
             max_seq_len=max(seq_lens),
         )
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            input_ids=self._to_device(ids, torch.long),
+            positions=self._positions_tensor(pos),
             meta=meta,
+            num_tokens=num_tokens,
+            graph_batch=graph_batch,
             logits_rows=logits_rows,
             sample_reqs=sample_reqs,
             prompt_lp_reqs=plp_reqs,
         )
+
+    def _positions_tensor(self, pos: list[int]) -> torch.Tensor:
+        t = self._to_device(pos, torch.long)
+        if self.spec.mrope_section is not None:
+            t = t.expand(3, -1).contiguous()  # text tokens: equal t/h/w positions
+        return t
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_req_ids:
             self.generators.pop(rid, None)
         inputs = self.prepare(sched)
-        with forward_context(inputs.meta):
-            embeds = self.model.embed(inputs.input_ids)
-            hidden = self.model(inputs.positions, embeds, self.kv_caches)
+        if inputs.graph_batch is not None and self.graphs is not None:
+            hidden = self.graphs.run(
+                inputs.graph_batch, inputs.input_ids, inputs.positions, inputs.meta
+            )
+        else:
+            with forward_context(inputs.meta):
+                hidden = self.forward_fn(inputs.input_ids, inputs.positions)
         result = RunnerOutput()
         if not inputs.logits_rows:
             return result
-        rows = torch.tensor(inputs.logits_rows, device=self.device)
+        rows = self._to_device(inputs.logits_rows, torch.long)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         for req, first, start, n in inputs.prompt_lp_reqs:
             nxt = req.prompt_token_ids[start + 1 : start + 1 + n]
@@ -196,7 +338,7 @@ class ModelRunner:
             chunk: list = [None] if start == 0 else []
             result.prompt_logprobs[req.request_id] = chunk + lps
         if inputs.sample_reqs:
-            idx = torch.tensor([i for _, i in inputs.sample_reqs], device=self.device)
+            idx = self._to_device([i for _, i in inputs.sample_reqs], torch.long)
             out = sample(logits.index_select(0, idx), [self._row(r) for r, _ in inputs.sample_reqs])
             for (req, _), tok, lp in zip(inputs.sample_reqs, out.token_ids, out.logprobs):
                 result.sampled_token_ids[req.request_id] = tok

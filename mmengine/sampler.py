@@ -51,6 +51,14 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # one per row
 
 
+def _dev(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host list -> device tensor without a blocking copy (pinned staging on CUDA)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[B, V] float counts of each token id in each row's list."""
     width = max((len(x) for x in lists), default=0)
@@ -60,7 +68,7 @@ def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> t
         for i, x in enumerate(lists):
             if x:
                 ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        ids = ids.to(device)
+        ids = ids.to(device, non_blocking=True)
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab]
 
@@ -72,43 +80,42 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     dev = logits.device
     out_counts = _token_counts([r.output_token_ids for r in rows], vocab, dev)
     seen = out_counts > 0
-    rep = torch.tensor([r.repetition_penalty for r in rows], device=dev)[:, None]
-    if (rep != 1.0).any():
+    rep = _dev([r.repetition_penalty for r in rows], dev)[:, None]
+    if any(r.repetition_penalty != 1.0 for r in rows):  # decided on the host: no sync
         prompt_seen = _token_counts([r.prompt_token_ids for r in rows], vocab, dev) > 0
         mask = seen | prompt_seen
         penalized = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(mask, penalized, logits)
-    freq = torch.tensor([r.frequency_penalty for r in rows], device=dev)[:, None]
-    pres = torch.tensor([r.presence_penalty for r in rows], device=dev)[:, None]
+    freq = _dev([r.frequency_penalty for r in rows], dev)[:, None]
+    pres = _dev([r.presence_penalty for r in rows], dev)[:, None]
     return logits - freq * out_counts - pres * seen.float()
 
 
 def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Temperature, min-p, top-k, top-p; masked entries become -inf."""
     dev = logits.device
-    temp = torch.tensor([max(r.temperature, 1e-5) for r in rows], device=dev)[:, None]
+    temp = _dev([max(r.temperature, 1e-5) for r in rows], dev)[:, None]
     logits = logits / temp
-    neg_inf = torch.tensor(float("-inf"), device=dev)
     if any(r.min_p > 0 for r in rows):
         probs = logits.softmax(-1)
-        min_p = torch.tensor([r.min_p for r in rows], device=dev)[:, None]
-        logits = torch.where(probs < min_p * probs.max(-1, keepdim=True).values, neg_inf, logits)
+        min_p = _dev([r.min_p for r in rows], dev)[:, None]
+        logits = torch.where(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"), logits)
     if any(r.top_k > 0 for r in rows):
         vocab = logits.shape[-1]
-        k = torch.tensor([r.top_k if r.top_k > 0 else vocab for r in rows], device=dev)
+        k = _dev([r.top_k if r.top_k > 0 else vocab for r in rows], dev)
         k = k.clamp(max=vocab)
         sorted_desc = logits.sort(-1, descending=True).values
         kth = sorted_desc.gather(1, (k - 1)[:, None])
-        logits = torch.where(logits < kth, neg_inf, logits)
+        logits = torch.where(logits < kth, float("-inf"), logits)
     if any(r.top_p < 1.0 for r in rows):
-        top_p = torch.tensor([r.top_p for r in rows], device=dev)[:, None]
+        top_p = _dev([r.top_p for r in rows], dev)[:, None]
         sorted_logits, idx = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # Drop a token when the mass before it already reaches top_p (the first stays).
         mass_before = probs.cumsum(-1) - probs
         drop_sorted = mass_before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)
-        logits = torch.where(drop, neg_inf, logits)
+        logits = torch.where(drop, float("-inf"), logits)
     return logits
 
 
@@ -137,9 +144,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     if any(r.needs_penalties for r in rows):
         logits = apply_penalties(logits, rows)
 
-    greedy = torch.tensor([r.greedy for r in rows], device=logits.device)
     tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
+    if not all(r.greedy for r in rows):
+        greedy = _dev([r.greedy for r in rows], logits.device)
         probs = _filter(logits, rows).softmax(-1)
         q = _exponential(rows, logits.shape[-1], logits.device)
         sampled = (probs / q).argmax(-1)
@@ -176,7 +183,7 @@ def prompt_logprobs(
 ) -> list[TokenLogprobs]:
     """Logprob (and rank) of each actual next prompt token, plus the top-k."""
     lp = logits.float().log_softmax(-1)
-    ids = torch.tensor(next_token_ids, device=lp.device)
+    ids = _dev(next_token_ids, lp.device, torch.long)
     chosen = lp.gather(1, ids[:, None])
     ranks = ((lp > chosen).sum(-1) + 1).tolist()
     chosen_l = chosen[:, 0].tolist()

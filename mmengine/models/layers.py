@@ -1,7 +1,9 @@
 """Building blocks shared by the decoder models.
 
 Each layer calls the matching function in ``kernels/``, which runs a Triton kernel on
-CUDA tensors and the plain-torch reference elsewhere.
+CUDA tensors and the plain-torch reference elsewhere. Under ``torch.compile`` the runner
+switches the element-wise layers to their torch form (``use_triton = False``) so the
+compiler can fuse them, and attention becomes one opaque custom op.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from mmengine.attention import paged_attention_forward
 
 
 class RMSNorm(nn.Module):
+    use_triton: bool | None = None  # None: Triton on CUDA tensors
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
@@ -28,12 +32,14 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
-        return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual, use_triton_kernel=self.use_triton)
 
 
 class SiluAndMul(nn.Module):
+    use_triton: bool | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, 2I] -> [T, I]
-        return silu_and_mul(x)
+        return silu_and_mul(x, use_triton_kernel=self.use_triton)
 
 
 def _inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -60,6 +66,8 @@ def _inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None) -> t
 
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding; 3-D M-RoPE when ``mrope_section`` is given."""
+
+    use_triton: bool | None = None
 
     def __init__(
         self,
@@ -88,6 +96,8 @@ class RotaryEmbedding(nn.Module):
 class PagedAttention(nn.Module):
     """Attention of this step's queries over the paged KV cache of one layer."""
 
+    as_custom_op = False  # True under torch.compile: the compiler sees one opaque op
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -102,5 +112,18 @@ class PagedAttention(nn.Module):
         v: torch.Tensor,  # [T, Hk, D]
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:  # [T, Hq * D]
-        out = paged_attention_forward(q, k, v, kv_cache[0], kv_cache[1], self.scale)
+        if self.as_custom_op:
+            out = torch.ops.mmengine.paged_attention(q, k, v, kv_cache[0], kv_cache[1], self.scale)
+        else:
+            out = paged_attention_forward(q, k, v, kv_cache[0], kv_cache[1], self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+def set_kernel_mode(model: nn.Module, compiled: bool) -> None:
+    """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses,
+    attention as a custom op."""
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, SiluAndMul, RotaryEmbedding)):
+            m.use_triton = False if compiled else None
+        elif isinstance(m, PagedAttention):
+            m.as_custom_op = compiled
