@@ -32,6 +32,8 @@ class IncrementalDetokenizer:
         self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
         return self.tokenizer.decode(
             ids,
             skip_special_tokens=self.skip_special_tokens,
@@ -63,6 +65,8 @@ class IncrementalDetokenizer:
         return delta
 
 
-def decode_token(tokenizer: Any, token_id: int) -> str:
+def decode_token(tokenizer: Any, token_id: int) -> str | None:
     """Text of one token on its own (for logprob entries)."""
+    if tokenizer is None:
+        return None
     return tokenizer.decode([token_id], skip_special_tokens=False)

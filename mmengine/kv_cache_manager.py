@@ -35,12 +35,14 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # kept in step with req_blocks
         self._num_cached_blocks: dict[str, int] = {}  # leading blocks already in the hash map
         self.stats = PrefixCacheStats()
 
     # ---- queries -----------------------------------------------------------------------
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+        """The request's block table (a live list: do not modify)."""
+        return self.req_block_ids.get(request_id, [])
 
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks()
@@ -102,10 +104,13 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool cannot supply the blocks.
         """
-        hit = hit or PrefixHit()
         blocks = self.req_blocks.get(request.request_id, [])
-        total = request.num_computed_tokens + hit.num_tokens + num_new_tokens
+        hit_tokens = hit.num_tokens if hit is not None else 0
+        total = request.num_computed_tokens + hit_tokens + num_new_tokens
         num_required = -(-total // self.block_size)
+        if hit is None and num_required <= len(blocks):
+            return True  # the common decode step: the last block still has room
+        hit = hit or PrefixHit()
         num_new_blocks = max(0, num_required - len(blocks) - len(hit.blocks))
         # Hit blocks sitting in the free queue stop being available once we take them.
         free_hits = sum(1 for b in hit.blocks if b.ref_cnt == 0)
@@ -113,8 +118,11 @@ class KVCacheManager:
             return False
         self.pool.touch(hit.blocks)
         blocks = self.req_blocks.setdefault(request.request_id, [])
-        blocks.extend(hit.blocks)
-        blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+        ids = self.req_block_ids.setdefault(request.request_id, [])
+        new = self.pool.get_new_blocks(num_new_blocks)
+        for b in (*hit.blocks, *new):
+            blocks.append(b)
+            ids.append(b.block_id)
         if hit.blocks:
             # Shared blocks are already in the hash map (or owned by the leader).
             self._num_cached_blocks[request.request_id] = len(hit.blocks)
@@ -137,6 +145,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first (so prefixes are evicted last)."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_block_ids.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 

@@ -65,6 +65,7 @@ class LLM:
         enable_prefix_caching: reuse the KV of identical prompt prefixes.
         multiprocess: run the engine core in its own process (default); False runs it
             in this process, which is easier to debug.
+        skip_tokenizer_init: no tokenizer: prompts must be token ids, outputs have no text.
         **kwargs: any other ``EngineConfig`` field (block_size, num_kv_blocks, seed, ...).
     """
 
@@ -80,6 +81,7 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         enable_prefix_caching: bool = True,
         multiprocess: bool = True,
+        skip_tokenizer_init: bool = False,
         **kwargs: Any,
     ) -> None:
         self.config = EngineConfig(
@@ -94,7 +96,9 @@ class LLM:
             multiprocess=multiprocess,
             **kwargs,
         )
-        self.tokenizer = load_tokenizer(tokenizer or model, self.config.revision)
+        self.tokenizer = (
+            None if skip_tokenizer_init else load_tokenizer(tokenizer or model, self.config.revision)
+        )
         self._client = make_client(self.config)
         # Shut the engine down even if the user forgets to: at garbage collection or exit.
         self._finalizer = weakref.finalize(self, self._client.shutdown)
@@ -180,6 +184,8 @@ class LLM:
         return sp
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if self.tokenizer is None and not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
+            raise ValueError("without a tokenizer (skip_tokenizer_init) prompts must be token ids")
         if isinstance(prompt, str):
             return prompt, self.tokenizer(prompt)["input_ids"]
         if isinstance(prompt, dict):

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mmengine.attention import AttentionMetadata, forward_context
@@ -287,11 +288,16 @@ class ModelRunner:
             seq_lens.extend([1] * pad)
             tables.extend([[0]] * pad)
         width = max(len(t) for t in tables)
-        padded_tables = [t + [0] * (width - len(t)) for t in tables]
+        table_arr = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table_arr[i, : len(t)] = t
+        table_t = torch.from_numpy(table_arr)
+        if self.device.type == "cuda":
+            table_t = table_t.pin_memory().to(self.device, non_blocking=True)
         meta = AttentionMetadata(
             query_start_loc=self._to_device(qsl, torch.int32),
             seq_lens=self._to_device(seq_lens, torch.int32),
-            block_tables=self._to_device(padded_tables, torch.int32),
+            block_tables=table_t,
             slot_mapping=self._to_device(slots, torch.int64),
             max_query_len=max_query_len,
             max_seq_len=max(seq_lens),

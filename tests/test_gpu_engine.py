@@ -1,0 +1,83 @@
+"""GPU checks of the whole engine (``pytest -m gpu`` on a CUDA machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmengine import LLM, SamplingParams
+from tests.test_hf_parity import hf_greedy, make_prompts
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # fp32 parity needs true fp32 matmuls on both sides (no TF32).
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _gen(ckpt: Path, prompts, params, **kw):
+    with LLM(str(ckpt), device="cuda", max_model_len=256, **kw) as llm:
+        return llm.generate(prompts, params, use_tqdm=False)
+
+
+def _hf_greedy_cuda(ckpt: Path, prompts: list[str], dtype: torch.dtype, n: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).cuda().eval()
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids.cuda()
+        g = model.generate(ids, max_new_tokens=n, do_sample=False)
+        out.append(g[0, ids.shape[1] :].tolist())
+    return out
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs_compile"])
+def test_fp32_greedy_identical_to_hf_on_gpu(text_ckpt: Path, eager: bool) -> None:
+    prompts = make_prompts()
+    refs = hf_greedy(text_ckpt, prompts)  # CPU fp32 oracle
+    outs = _gen(
+        text_ckpt, prompts, SamplingParams(temperature=0, max_tokens=12), dtype="float32",
+        enforce_eager=eager,
+    )
+    assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def test_cuda_graphs_and_eager_give_the_same_tokens(qwen2_ckpt: Path) -> None:
+    prompts = make_prompts()
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    eager = _gen(qwen2_ckpt, prompts, p, dtype="bfloat16", enforce_eager=True)
+    graphs = _gen(qwen2_ckpt, prompts, p, dtype="bfloat16", extra={"torch_compile": False})
+    assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in graphs]
+
+
+def test_bf16_logprobs_close_to_hf_bf16(text_ckpt: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = make_prompts(6, seed=5)
+    tok = AutoTokenizer.from_pretrained(text_ckpt)
+    model = AutoModelForCausalLM.from_pretrained(text_ckpt, dtype=torch.bfloat16).cuda().eval()
+    outs = _gen(
+        text_ckpt, prompts, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
+        dtype="bfloat16",
+    )
+    worst = 0.0
+    for p, o in zip(prompts, outs):
+        ids = tok(p, return_tensors="pt").input_ids.cuda()
+        with torch.no_grad():
+            ref = model(ids).logits[0].float().log_softmax(-1)
+        for i in range(1, ids.shape[1]):
+            t = ids[0, i].item()
+            worst = max(worst, abs(o.prompt_logprobs[i][t].logprob - ref[i - 1, t].item()))
+    assert worst < 0.1, f"max |logprob diff| {worst}"
