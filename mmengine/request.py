@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from mmengine.sampling_params import SamplingParams
 
@@ -31,7 +32,7 @@ class MMPosition:
 
     content_hash: str  # identifies the pixels (or the user's uuid)
     offset: int  # first placeholder token in the prompt
-    length: int  # number of placeholder tokens
+    length: int  # number of placeholder tokens (== embedding rows)
 
 
 @dataclass
@@ -50,7 +51,12 @@ class Request:
     # n > 1: the other completions of a prompt name the first one here; they wait until
     # it has computed the prompt, then share its full prompt blocks.
     share_prompt_with: str | None = None
-    mm_positions: list[MMPosition] = field(default_factory=list)
+    mm_positions: list[MMPosition] = field(default_factory=list)  # sorted by offset
+    # The preprocessed items (``processors.types.MultiModalItem``, pixels included),
+    # aligned with mm_positions; the scheduler never looks inside.
+    mm_inputs: list[Any] = field(default_factory=list)
+    mrope_positions: Any = None  # Qwen2-VL family: int64 tensor [3, num_prompt_tokens]
+    mrope_delta: int = 0  # generated token at index i has M-RoPE position i + delta
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

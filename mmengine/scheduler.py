@@ -14,6 +14,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from mmengine.encoder_store import EncoderStore
 from mmengine.kv_cache_manager import KVCacheManager, PrefixHit
 from mmengine.messages import EngineCoreOutput, TokenLogprobs
 from mmengine.request import Request, RequestStatus
@@ -29,6 +30,8 @@ class SchedulerConfig:
     block_size: int
     num_kv_blocks: int  # including the reserved null block
     enable_prefix_caching: bool
+    max_num_encoder_tokens: int = 16384  # vision-encoder output rows computed per step
+    encoder_store_tokens: int = 32768  # embedding rows held awaiting prefill
 
 
 @dataclass
@@ -44,6 +47,9 @@ class SchedulerOutput:
     num_batched_tokens: int
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # since the previous step
+    # Multimodal items to encode this step, before the LLM forward: (request, item index).
+    encoder_inputs: list[tuple[Request, int]] = field(default_factory=list)
+    freed_encoder_hashes: list[str] = field(default_factory=list)  # drop from the store
 
     @property
     def is_empty(self) -> bool:
@@ -82,6 +88,7 @@ class Scheduler:
         self.kv = KVCacheManager(
             config.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
+        self.encoder_store = EncoderStore(config.encoder_store_tokens)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -97,6 +104,13 @@ class Scheduler:
                 f"prompt has {request.num_prompt_tokens} tokens; max_model_len is "
                 f"{self.config.max_model_len} (prompt plus at least one output token)"
             )
+        limit = min(self.config.max_num_encoder_tokens, self.config.encoder_store_tokens)
+        for p in request.mm_positions:
+            if p.length > limit:
+                raise ValueError(
+                    f"a multimodal item needs {p.length} embedding rows; the engine encodes at "
+                    f"most {limit} per step (raise max_num_encoder_tokens or use smaller media)"
+                )
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -124,6 +138,7 @@ class Scheduler:
             except ValueError:
                 pass
         self.kv.free(req)
+        self._release_encoder(req)
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
         self.stats.requests_finished += 1
@@ -131,6 +146,8 @@ class Scheduler:
     # ---- planning ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        self._enc_budget = self.config.max_num_encoder_tokens
+        self._encode_now: list[tuple[Request, int]] = []
         scheduled: list[ScheduledRequest] = []
         scheduled_ids: set[str] = set()
         preempted: list[str] = []
@@ -144,6 +161,9 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._fit_encoder(req, req.num_computed_tokens, n)
+            if n == 0:
+                continue  # its next item's embeddings cannot be made this step
             while not self.kv.allocate_slots(req, n):
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim)
@@ -152,6 +172,7 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 continue
+            self._commit_encoder(req, req.num_computed_tokens, n)
             scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
             scheduled_ids.add(req.request_id)
             budget -= n
@@ -172,10 +193,16 @@ class Scheduler:
                 shared = self.kv.share_prefix(req, leader)
                 if shared.num_tokens > hit.num_tokens:
                     hit = shared
-            n = min(req.num_tokens - req.num_computed_tokens - hit.num_tokens, budget)
+            start = req.num_computed_tokens + hit.num_tokens
+            n = min(req.num_tokens - start, budget)
+            n = self._fit_encoder(req, start, n)
+            if n == 0:
+                skipped.append(req)  # waits for encoder room; others may go ahead
+                continue
             if not self.kv.allocate_slots(req, n, hit):
                 self.waiting.appendleft(req)
                 break
+            self._commit_encoder(req, start, n)
             req.num_computed_tokens += hit.num_tokens
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = hit.num_tokens
@@ -192,7 +219,50 @@ class Scheduler:
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             preempted_req_ids=preempted,
             finished_req_ids=finished,
+            encoder_inputs=self._encode_now,
+            freed_encoder_hashes=self.encoder_store.take_freed(),
         )
+
+    # ---- encoder budget ---------------------------------------------------------------
+    def _fit_encoder(self, req: Request, start: int, n: int) -> int:
+        """Shorten a prefill chunk [start, start+n) so it stops just before the first item
+        whose embeddings are neither stored nor affordable this step."""
+        if not req.mm_positions or start >= req.num_prompt_tokens:
+            return n
+        end, tokens = start + n, 0
+        store = self.encoder_store
+        for p in req.mm_positions:
+            if p.offset >= end:
+                break
+            if p.offset + p.length <= start or store.has(p.content_hash):
+                continue
+            if tokens + p.length <= self._enc_budget and store.fits(tokens + p.length):
+                tokens += p.length
+                continue
+            return p.offset - start
+        return n
+
+    def _commit_encoder(self, req: Request, start: int, n: int) -> None:
+        """Reserve store room (and encoder budget) for the items this chunk covers."""
+        end = start + n
+        for i, p in enumerate(req.mm_positions):
+            if p.offset >= end:
+                break
+            if p.offset + p.length <= start:
+                continue
+            if self.encoder_store.has(p.content_hash):
+                self.encoder_store.hold(p.content_hash, req.request_id)
+                continue
+            self.encoder_store.add(p.content_hash, p.length, req.request_id)
+            self._enc_budget -= p.length
+            self._encode_now.append((req, i))
+
+    def _release_encoder(self, req: Request, upto: int | None = None) -> None:
+        """Let go of stored embeddings the request no longer needs (all, or those whose
+        items end at or before ``upto``)."""
+        for p in req.mm_positions:
+            if upto is None or p.offset + p.length <= upto:
+                self.encoder_store.release(p.content_hash, req.request_id)
 
     def _prompt_leader(self, req: Request) -> Request | None:
         if req.share_prompt_with is None:
@@ -211,6 +281,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._release_encoder(req)
         self.running.remove(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
@@ -236,6 +307,8 @@ class Scheduler:
                 )
             req.num_computed_tokens += item.num_tokens
             self.kv.cache_computed_blocks(req)
+            if req.mm_positions and was_prefill:
+                self._release_encoder(req, upto=req.num_computed_tokens)
             rid = req.request_id
             prompt_lp = result.prompt_logprobs.get(rid)
             token = result.sampled_token_ids.get(rid)

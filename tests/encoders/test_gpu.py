@@ -1,0 +1,60 @@
+"""The encoders in bfloat16 on a GPU against HF's float32 towers (run with -m gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+)
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+from encoders import build_vision_encoder
+from tests.encoders.reference import qwen_hf_reference, qwen_hub_weights, qwen_item, randomize_
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+QWEN2_VL = {"depth": 2, "embed_dim": 64, "num_heads": 4, "hidden_size": 48, "mlp_ratio": 2}
+QWEN2_5_VL = {
+    "depth": 4,
+    "hidden_size": 64,
+    "num_heads": 4,
+    "intermediate_size": 96,
+    "out_hidden_size": 48,
+    "window_size": 16,
+    "fullatt_block_indexes": [1, 3],
+}
+GEOMETRY = {"patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2}
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_bf16_packed_encode_on_gpu_is_close_to_hf_float32(model_type) -> None:
+    if model_type == "qwen2_vl":
+        vision = {**QWEN2_VL, **GEOMETRY}
+        tower = Qwen2VisionTransformerPretrainedModel(
+            Qwen2VLConfig(vision_config=vision).vision_config
+        )
+    else:
+        vision = {**QWEN2_5_VL, **GEOMETRY}
+        config = Qwen2_5_VLConfig(vision_config=vision).vision_config
+        tower = Qwen2_5_VisionTransformerPretrainedModel(config)
+    tower.eval()
+    randomize_(tower, seed=4)
+    encoder = build_vision_encoder(
+        {"model_type": model_type, "vision_config": vision},
+        qwen_hub_weights(tower),
+        torch.bfloat16,
+        torch.device("cuda"),
+    )
+    grids = [(1, 10, 6), (2, 8, 8), (1, 2, 2), (1, 16, 12)]
+    items = [qwen_item(f"i{n}", g, seed=n) for n, g in enumerate(grids)]
+    outs = encoder.encode(items)
+    refs = qwen_hf_reference(tower, items, one_by_one=True)
+    for out, ref in zip(outs, refs):
+        assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
+        err = (out.float().cpu() - ref).norm() / ref.norm()
+        assert err < 2e-2, err
