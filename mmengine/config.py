@@ -23,6 +23,11 @@ class EngineConfig:
     max_num_seqs: int = 256  # running requests per step
     max_num_batched_tokens: int | None = None  # LLM tokens per step (default by device)
     enable_prefix_caching: bool = True
+    max_num_encoder_tokens: int = 16384  # vision-encoder output rows per step
+    encoder_store_mib: int = 1024  # embeddings awaiting prefill, held in the engine
+    mm_embedding_cache_gib: float = 2.0  # LRU cache of encoder outputs by content hash
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 16, "video": 2})
+    num_input_workers: int = 1  # input-processing processes (0: in a frontend thread)
     seed: int = 0  # seed of unseeded sampling
     enforce_eager: bool = False  # GPU: no CUDA graphs, no torch.compile
     multiprocess: bool = True  # engine core in its own process (False: in-process, to debug)

@@ -13,7 +13,8 @@ from mmengine.messages import (
     EngineCoreRequest,
     EngineInfo,
     EngineStats,
-    MMPositionMsg,
+    MMItemMsg,
+    msg_to_tensor,
 )
 from mmengine.model_loader import load_model_spec, resolve_dtype, resolve_model_path
 from mmengine.model_runner import ModelRunner, kv_bytes_per_block
@@ -76,11 +77,17 @@ class EngineCore:
                 block_size=config.block_size,
                 num_kv_blocks=num_blocks,
                 enable_prefix_caching=config.enable_prefix_caching,
+                max_num_encoder_tokens=config.max_num_encoder_tokens,
+                encoder_store_tokens=self._store_tokens(),
             )
         )
         self._last_log = time.monotonic()
         self._last_gen_tokens = 0
         self._last_prompt_tokens = 0
+
+    def _store_tokens(self) -> int:
+        row_bytes = self.spec.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        return max(1, self.config.encoder_store_mib * (1 << 20) // row_bytes)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, msg: EngineCoreRequest) -> EngineCoreOutput | None:
@@ -108,13 +115,24 @@ class EngineCore:
                 raise ValueError("the prompt is empty")
             if any(t < 0 or t >= vocab for t in msg.prompt_token_ids):
                 raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            if msg.mm_items and self.runner.encoder_runner is None:
+                raise ValueError("this model takes no images or videos")
+            items = sorted(msg.mm_items, key=lambda m: m.offset)
+            for m in items:
+                if m.offset < 0 or m.offset + m.length > len(msg.prompt_token_ids):
+                    raise ValueError("a multimodal item lies outside the prompt")
             req = Request(
                 request_id=msg.request_id,
                 prompt_token_ids=list(msg.prompt_token_ids),
                 sampling_params=params,
                 eos_token_ids=self.spec.eos_token_ids,
                 share_prompt_with=msg.share_prompt_with,
-                mm_positions=[_mm(m) for m in msg.mm_positions],
+                mm_positions=[MMPosition(m.content_hash, m.offset, m.length) for m in items],
+                mm_inputs=[_mm_item(m) for m in items],
+                mrope_positions=(
+                    msg_to_tensor(msg.mrope_positions) if msg.mrope_positions is not None else None
+                ),
+                mrope_delta=msg.mrope_delta,
             )
             self.scheduler.add_request(req)
         except ValueError as e:
@@ -148,12 +166,25 @@ class EngineCore:
             prefix_cache_queried_tokens=kv.stats.queried_tokens,
             prefix_cache_hit_tokens=kv.stats.hit_tokens,
             mm_prefix_cache_hit_tokens=kv.stats.mm_hit_tokens,
+            **self._encoder_stats(),
             num_preemptions=s.num_preemptions,
             prompt_tokens_computed=s.prompt_tokens_computed,
             generation_tokens=s.generation_tokens,
             num_steps=s.num_steps,
             requests_finished=s.requests_finished,
         )
+
+    def _encoder_stats(self) -> dict[str, int]:
+        er = self.runner.encoder_runner
+        if er is None:
+            return {}
+        st = er.stats
+        return {
+            "encoder_runs": st.encoder_runs,
+            "encoder_items": st.items_encoded,
+            "embedding_cache_hits": st.cache_hits,
+            "embedding_cache_misses": st.cache_misses,
+        }
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -193,5 +224,15 @@ class EngineCore:
         self._last_prompt_tokens = st.prompt_tokens_computed
 
 
-def _mm(m: MMPositionMsg) -> MMPosition:
-    return MMPosition(m.content_hash, m.offset, m.length)
+def _mm_item(m: MMItemMsg):  # noqa: ANN202 - processors.types.MultiModalItem
+    from processors.types import MultiModalItem, PlaceholderRange
+
+    return MultiModalItem(
+        modality=m.modality,
+        content_hash=m.content_hash,
+        pixel_values=msg_to_tensor(m.pixel_values),
+        num_tokens=m.length,
+        grid_thw=tuple(m.grid_thw) if m.grid_thw else None,  # type: ignore[arg-type]
+        second_per_grid_t=m.second_per_grid_t,
+        placeholder=PlaceholderRange(m.offset, m.length),
+    )

@@ -105,6 +105,28 @@ class LLM:
         self._ids = itertools.count()
         self.max_model_len = self._client.max_model_len
         self.vocab_size = self._client.vocab_size
+        self._inputs = self._start_input_workers()
+        if self._inputs is not None:
+            weakref.finalize(self, self._inputs.shutdown)
+
+    def _start_input_workers(self) -> Any:
+        import torch
+
+        from mmengine.input_processor import InputWorkers
+        from mmengine.model_loader import read_config
+
+        path = resolve_model_path(self.config.model, self.config.revision)
+        cfg = read_config(path)
+        if "vision_config" not in cfg:
+            return None
+        return InputWorkers(
+            path,
+            cfg,
+            None,
+            self.config.limit_mm_per_prompt,
+            getattr(torch, self._client.info.dtype),
+            self.config.num_input_workers,
+        )
 
     # ---- public API --------------------------------------------------------------------------
     def get_tokenizer(self) -> Any:
@@ -124,8 +146,14 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
-        encoded = [self._encode(p) for p in prompts]
-        return self._run(encoded, params, use_tqdm)
+        encoded = []
+        for p in prompts:
+            text, ids = self._encode(p)
+            mm = None
+            if isinstance(p, dict) and p.get("multi_modal_data"):
+                mm = (p["multi_modal_data"], p.get("multi_modal_uuids"))
+            encoded.append((text, ids, mm))
+        return self._run(self._process_media(encoded), params, use_tqdm)
 
     def chat(
         self,
@@ -136,9 +164,12 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them (OpenAI message dicts)."""
+        from mmengine.chat_utils import split_media
+
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in convs:
+            conv, media, uuids = split_media(conv)
             text = self.tokenizer.apply_chat_template(
                 conv,
                 chat_template=chat_template,
@@ -146,9 +177,9 @@ class LLM:
                 add_generation_prompt=add_generation_prompt,
             )
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            prompts.append((text, ids))
+            prompts.append((text, ids, (media, uuids) if media else None))
         params = self._params_list(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm)
+        return self._run(self._process_media(prompts), params, use_tqdm)
 
     def stats(self) -> dict[str, Any]:
         """Engine counters: KV blocks, prefix-cache tokens, preemptions, tokens generated..."""
@@ -198,6 +229,27 @@ class LLM:
                 return prompt["prompt"], self.tokenizer(prompt["prompt"])["input_ids"]
         raise ValueError("a prompt is a string, {'prompt': str} or {'prompt_token_ids': [...]}")
 
+    def _process_media(self, prompts: list[tuple[str | None, list[int], Any]]) -> list[tuple]:
+        """Run every prompt's images/videos through the input workers, in parallel."""
+        futures = []
+        for _, ids, mm in prompts:
+            if mm is None:
+                futures.append(None)
+                continue
+            if self._inputs is None:
+                raise ValueError("this model takes no images or videos")
+            futures.append(self._inputs.submit(ids, mm[0], mm[1], trusted=True))
+        out = []
+        for i, ((text, ids, _), fut) in enumerate(zip(prompts, futures)):
+            if fut is None:
+                out.append((text, ids, None))
+                continue
+            msg = self._inputs.decode(fut.result())
+            if msg.error is not None:
+                raise ValueError(f"prompt {i}: {msg.error}")
+            out.append((text, list(msg.prompt_token_ids), msg))
+        return out
+
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise ValueError("the prompt is empty")
@@ -215,16 +267,16 @@ class LLM:
 
     def _run(
         self,
-        prompts: list[tuple[str | None, list[int]]],
+        prompts: list[tuple[str | None, list[int], Any]],
         params: list[SamplingParams],
         use_tqdm: bool,
     ) -> list[RequestOutput]:
-        for (_, ids), p in zip(prompts, params):
+        for (_, ids, _), p in zip(prompts, params):
             self._validate(ids, p)
         processor = OutputProcessor(self.tokenizer)
         order: list[str] = []
         core_reqs: list[EngineCoreRequest] = []
-        for (text, ids), p in zip(prompts, params):
+        for (text, ids, mm), p in zip(prompts, params):
             rid = str(next(self._ids))
             core_ids = [rid] if p.n == 1 else [f"{rid}-{i}" for i in range(p.n)]
             processor.add_request(rid, text, ids, p, core_ids)
@@ -236,6 +288,9 @@ class LLM:
                         prompt_token_ids=ids,
                         params=params_to_msg(child),
                         share_prompt_with=core_ids[0] if i > 0 else None,
+                        mm_items=mm.mm_items if mm is not None else [],
+                        mrope_positions=mm.mrope_positions if mm is not None else None,
+                        mrope_delta=mm.mrope_delta if mm is not None else 0,
                     )
                 )
             order.append(rid)

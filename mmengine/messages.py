@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import torch
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
@@ -32,10 +33,24 @@ class SamplingParamsMsg(msgspec.Struct, array_like=True):
     prompt_logprobs: int | None
 
 
-class MMPositionMsg(msgspec.Struct, array_like=True):
+class TensorMsg(msgspec.Struct, array_like=True):
+    """A tensor as raw bytes (no pickle): dtype name, shape, contiguous data."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class MMItemMsg(msgspec.Struct, array_like=True):
+    """One preprocessed multimodal item and where its placeholders sit in the prompt."""
+
+    modality: str  # "image" or "video"
     content_hash: str
-    offset: int
-    length: int
+    offset: int  # first placeholder token in the (expanded) prompt
+    length: int  # placeholder tokens == embedding rows
+    pixel_values: TensorMsg
+    grid_thw: list[int] | None = None
+    second_per_grid_t: float | None = None
 
 
 class EngineCoreRequest(msgspec.Struct):
@@ -43,9 +58,9 @@ class EngineCoreRequest(msgspec.Struct):
     prompt_token_ids: list[int]
     params: SamplingParamsMsg
     share_prompt_with: str | None = None
-    mm_positions: list[MMPositionMsg] = []
-    # Multimodal embeddings travel separately (shared memory); this names them.
-    mm_embeds_key: str | None = None
+    mm_items: list[MMItemMsg] = []
+    mrope_positions: TensorMsg | None = None  # int64 [3, num_prompt_tokens]
+    mrope_delta: int = 0
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True):
@@ -105,3 +120,17 @@ class ControlMsg(msgspec.Struct):
     requests: list[EngineCoreRequest] = []
     abort_ids: list[str] = []
     call_id: int | None = None
+
+
+def tensor_to_msg(t: torch.Tensor) -> TensorMsg:
+    t = t.detach().to("cpu").contiguous()
+    raw = t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+    return TensorMsg(str(t.dtype).replace("torch.", ""), list(t.shape), raw.numpy().tobytes())
+
+
+def msg_to_tensor(m: TensorMsg) -> torch.Tensor:
+    dtype = getattr(torch, m.dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"bad tensor dtype {m.dtype!r}")
+    flat = torch.frombuffer(bytearray(m.data), dtype=torch.uint8)
+    return flat.view(dtype).reshape(m.shape)

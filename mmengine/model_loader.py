@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,27 @@ def safetensors_files(path: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {path}")
     return files
+
+
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """Checkpoint tensors by name, read from their safetensors file on access."""
+
+    def __init__(self, path: Path) -> None:
+        self._where: dict[str, Path] = {}
+        for file in safetensors_files(path):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118
+                    self._where[name] = file
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

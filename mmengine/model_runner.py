@@ -35,6 +35,8 @@ class StepInputs:
 
     input_ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T], or [3, T] for M-RoPE
+    # Multimodal rows of this step: inputs_embeds[mm_rows] = cat(mm_slices) (None: none)
+    mm_rows: torch.Tensor | None
     meta: AttentionMetadata
     num_tokens: int  # real tokens (T may include CUDA-graph padding rows after them)
     graph_batch: int | None  # replay the CUDA graph of this batch size
@@ -82,15 +84,33 @@ class ModelRunner:
         self.compiled = on_gpu and bool(config.extra.get("torch_compile", True))
         self.use_cuda_graphs = on_gpu and bool(config.extra.get("cuda_graphs", True))
         set_kernel_mode(self.model, compiled=self.compiled)
-        self.forward_fn = (
-            torch.compile(self._forward, dynamic=True, fullgraph=True)
+        self.forward_embeds = (
+            torch.compile(self._forward_embeds, dynamic=True, fullgraph=True)
             if self.compiled
-            else self._forward
+            else self._forward_embeds
         )
+        self.forward_fn = self._forward
+        self.encoder_runner = self._load_encoder(model_path) if spec.is_multimodal else None
+        self.encoder_outputs: dict[str, torch.Tensor] = {}  # content hash -> [L, H]
+
+    def _load_encoder(self, path: Path):  # noqa: ANN202
+        from encoders import EmbeddingCache, EncoderRunner, build_vision_encoder
+
+        from mmengine.model_loader import LazyWeights
+
+        t0 = time.perf_counter()
+        encoder = build_vision_encoder(self.spec.hf_config, LazyWeights(path), self.dtype, self.device)
+        cache = EmbeddingCache(int(self.config.mm_embedding_cache_gib * (1 << 30)))
+        logger.info("loaded the vision encoder in %.1fs", time.perf_counter() - t0)
+        return EncoderRunner(encoder, cache)
+
+    def _forward_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The pure step function that is compiled: embeddings -> hidden [T, H]."""
+        return self.model(positions, inputs_embeds, self.kv_caches)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The pure step function that is compiled and captured: ids -> hidden [T, H]."""
-        return self.model(positions, self.model.embed(input_ids), self.kv_caches)
+        """ids -> hidden [T, H] (what decode CUDA graphs capture)."""
+        return self.forward_embeds(self.model.embed(input_ids), positions)
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
@@ -238,12 +258,27 @@ class ModelRunner:
         return max(2, min(budget, need))
 
     # ---- one step -----------------------------------------------------------------------------
-    def _positions(self, req: Request, start: int, n: int) -> list[int]:
-        return list(range(start, start + n))
+    def _positions(self, req: Request, start: int, n: int) -> list[int] | list[list[int]]:
+        """1-D positions, or for M-RoPE models three rows (t, h, w)."""
+        if self.spec.mrope_section is None:
+            return list(range(start, start + n))
+        mp = req.mrope_positions
+        if mp is None:
+            row = list(range(start, start + n))
+            return [row, row, row]
+        p_end = min(start + n, req.num_prompt_tokens)
+        rows = mp[:, start:p_end].tolist() if start < p_end else [[], [], []]
+        if start + n > p_end:  # generated tokens: position + delta on every row
+            tail = list(range(max(start, p_end) + req.mrope_delta, start + n + req.mrope_delta))
+            rows = [r + tail for r in rows]
+        return rows
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         ids: list[int] = []
         pos: list[int] = []
+        pos3: list[list[int]] = [[], [], []]  # M-RoPE rows
+        mm_rows: list[int] = []
+        mm_slices: list[torch.Tensor] = []
         slots: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
@@ -257,10 +292,16 @@ class ModelRunner:
             start = req.num_computed_tokens
             ids.extend(req.all_token_ids[start : start + n])
             p = self._positions(req, start, n)
-            pos.extend(p)
+            if self.spec.mrope_section is None:
+                pos.extend(p)  # type: ignore[arg-type]
+            else:
+                for r in range(3):
+                    pos3[r].extend(p[r])  # type: ignore[index]
             table = item.block_ids
             slots.extend(table[i // bs] * bs + i % bs for i in range(start, start + n))
             row0 = qsl[-1]
+            if req.mm_positions and start < req.num_prompt_tokens:
+                self._gather_mm(req, start, n, row0, mm_rows, mm_slices)
             qsl.append(row0 + n)
             seq_lens.append(start + n)
             tables.append(table)
@@ -276,13 +317,15 @@ class ModelRunner:
         num_tokens = len(ids)
         max_query_len = max(b - a for a, b in zip(qsl, qsl[1:]))
         graph_batch = None
-        if self.graphs is not None and max_query_len == 1:
+        if self.graphs is not None and max_query_len == 1 and not mm_rows:
             graph_batch = self.graphs.bucket(len(tables))
         if graph_batch is not None:
             # Pad to the graph's batch with 1-token sequences that write no K/V.
             pad = graph_batch - len(tables)
             ids.extend([0] * pad)
             pos.extend([0] * pad)
+            for r in range(3):
+                pos3[r].extend([0] * pad)
             slots.extend([-1] * pad)
             qsl.extend(range(qsl[-1] + 1, qsl[-1] + pad + 1))
             seq_lens.extend([1] * pad)
@@ -302,9 +345,15 @@ class ModelRunner:
             max_query_len=max_query_len,
             max_seq_len=max(seq_lens),
         )
+        if self.spec.mrope_section is not None:
+            positions = self._to_device(pos3, torch.long)
+        else:
+            positions = self._to_device(pos, torch.long)
+        self._mm_slices = mm_slices
         return StepInputs(
             input_ids=self._to_device(ids, torch.long),
-            positions=self._positions_tensor(pos),
+            positions=positions,
+            mm_rows=self._to_device(mm_rows, torch.long) if mm_rows else None,
             meta=meta,
             num_tokens=num_tokens,
             graph_batch=graph_batch,
@@ -313,24 +362,54 @@ class ModelRunner:
             prompt_lp_reqs=plp_reqs,
         )
 
-    def _positions_tensor(self, pos: list[int]) -> torch.Tensor:
-        t = self._to_device(pos, torch.long)
-        if self.spec.mrope_section is not None:
-            t = t.expand(3, -1).contiguous()  # text tokens: equal t/h/w positions
-        return t
+    def _gather_mm(
+        self,
+        req: Request,
+        start: int,
+        n: int,
+        row0: int,
+        mm_rows: list[int],
+        mm_slices: list[torch.Tensor],
+    ) -> None:
+        """Rows of this chunk that take vision embeddings, and the slices that fill them."""
+        end = start + n
+        for p in req.mm_positions:
+            lo, hi = max(start, p.offset), min(end, p.offset + p.length)
+            if lo >= hi:
+                continue
+            emb = self.encoder_outputs.get(p.content_hash)
+            if emb is None:
+                raise RuntimeError(f"embeddings of item {p.content_hash[:12]} are not ready")
+            mm_rows.extend(range(row0 + lo - start, row0 + hi - start))
+            mm_slices.append(emb[lo - p.offset : hi - p.offset])
+
+    def _encode(self, sched: SchedulerOutput) -> None:
+        for h in sched.freed_encoder_hashes:
+            self.encoder_outputs.pop(h, None)
+        if not sched.encoder_inputs:
+            return
+        assert self.encoder_runner is not None, "a text-only model got multimodal items"
+        items = [req.mm_inputs[i] for req, i in sched.encoder_inputs]
+        outs = self.encoder_runner.run(items)
+        for (req, i), emb in zip(sched.encoder_inputs, outs):
+            self.encoder_outputs[req.mm_positions[i].content_hash] = emb.to(self.dtype)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_req_ids:
             self.generators.pop(rid, None)
+        self._encode(sched)
         inputs = self.prepare(sched)
         if inputs.graph_batch is not None and self.graphs is not None:
             hidden = self.graphs.run(
                 inputs.graph_batch, inputs.input_ids, inputs.positions, inputs.meta
             )
         else:
+            embeds = self.model.embed(inputs.input_ids)
+            if inputs.mm_rows is not None:
+                embeds[inputs.mm_rows] = torch.cat(self._mm_slices).to(embeds.dtype)
             with forward_context(inputs.meta):
-                hidden = self.forward_fn(inputs.input_ids, inputs.positions)
+                hidden = self.forward_embeds(embeds, inputs.positions)
         result = RunnerOutput()
         if not inputs.logits_rows:
             return result
