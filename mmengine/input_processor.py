@@ -93,7 +93,9 @@ class InputProcessor:
                 hf_config.get("vision_feature_select_strategy", "default"),
             )
             self.token_ids = {
-                "image": int(hf_config.get("image_token_index", hf_config.get("image_token_id", 32000)))
+                "image": int(
+                    hf_config.get("image_token_index", hf_config.get("image_token_id", 32000))
+                )
             }
         else:
             raise ValueError(f"model_type {self.model_type!r} takes no images or videos")
@@ -138,8 +140,13 @@ class InputProcessor:
             raw = got if isinstance(got, bytes) else None
             video = decode_video(got, self.media, sampling, deadline_s=self.media_deadline())
         else:
-            # Frames given directly are taken as they are, at the configured rate.
-            video = video_from_frames(src, float(self.media.video_fps or 2.0), self.media)
+            # Frames given directly are taken as they are. Their rate matters to
+            # Qwen2.5-VL's temporal positions: {"frames": ..., "fps": x} gives it; else 24
+            # frames per second is assumed, as HF processors do without metadata.
+            fps = 24.0
+            if isinstance(src, dict):
+                fps, src = float(src.get("fps", fps)), src["frames"]
+            video = video_from_frames(src, fps, self.media)
         return self.qwen.preprocess_video(video.frames, video.fps, source_bytes=raw, uuid=uuid)
 
     def media_deadline(self) -> float:
@@ -178,9 +185,7 @@ class InputProcessor:
             if kind is None:
                 continue
             if counters[kind] >= len(loaded[kind]):
-                raise MediaError(
-                    f"the prompt has more {kind} placeholders than {kind}s were given"
-                )
+                raise MediaError(f"the prompt has more {kind} placeholders than {kind}s were given")
             order.append(loaded[kind][counters[kind]])
             counters[kind] += 1
         for kind, items in loaded.items():
@@ -224,7 +229,9 @@ class InputProcessor:
         return ProcessedMsg(
             prompt_token_ids=p.prompt_token_ids,
             mm_items=items,
-            mrope_positions=tensor_to_msg(p.mrope_positions) if p.mrope_positions is not None else None,
+            mrope_positions=tensor_to_msg(p.mrope_positions)
+            if p.mrope_positions is not None
+            else None,
             mrope_delta=p.mrope_delta,
         )
 
@@ -255,7 +262,10 @@ def _init_worker(args: dict[str, Any]) -> None:
 
 
 def _run_in_worker(
-    prompt_token_ids: list[int], mm_data: dict[str, Any], mm_uuids: dict[str, Any] | None, trusted: bool
+    prompt_token_ids: list[int],
+    mm_data: dict[str, Any],
+    mm_uuids: dict[str, Any] | None,
+    trusted: bool,
 ) -> bytes:
     assert _WORKER is not None
     try:

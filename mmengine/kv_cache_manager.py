@@ -91,6 +91,7 @@ class KVCacheManager:
         blocks = self.req_blocks.get(leader.request_id, [])
         n = min(
             (request.num_tokens - 1) // self.block_size,
+            request.num_prompt_tokens // self.block_size,  # never the leader's outputs
             leader.num_computed_tokens // self.block_size,
             len(blocks),
         )

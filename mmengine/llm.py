@@ -97,7 +97,9 @@ class LLM:
             **kwargs,
         )
         self.tokenizer = (
-            None if skip_tokenizer_init else load_tokenizer(tokenizer or model, self.config.revision)
+            None
+            if skip_tokenizer_init
+            else load_tokenizer(tokenizer or model, self.config.revision)
         )
         self._client = make_client(self.config)
         # Shut the engine down even if the user forgets to: at garbage collection or exit.
@@ -215,7 +217,9 @@ class LLM:
         return sp
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if self.tokenizer is None and not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
+        if self.tokenizer is None and not (
+            isinstance(prompt, dict) and "prompt_token_ids" in prompt
+        ):
             raise ValueError("without a tokenizer (skip_tokenizer_init) prompts must be token ids")
         if isinstance(prompt, str):
             return prompt, self.tokenizer(prompt)["input_ids"]

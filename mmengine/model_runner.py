@@ -95,11 +95,12 @@ class ModelRunner:
 
     def _load_encoder(self, path: Path):  # noqa: ANN202
         from encoders import EmbeddingCache, EncoderRunner, build_vision_encoder
-
         from mmengine.model_loader import LazyWeights
 
         t0 = time.perf_counter()
-        encoder = build_vision_encoder(self.spec.hf_config, LazyWeights(path), self.dtype, self.device)
+        encoder = build_vision_encoder(
+            self.spec.hf_config, LazyWeights(path), self.dtype, self.device
+        )
         cache = EmbeddingCache(int(self.config.mm_embedding_cache_gib * (1 << 30)))
         logger.info("loaded the vision encoder in %.1fs", time.perf_counter() - t0)
         return EncoderRunner(encoder, cache)
@@ -194,7 +195,9 @@ class ModelRunner:
         blocks_per_seq = -(-seq_len // bs)
         scratch_blocks = num_seqs * blocks_per_seq + 1
         self.allocate_kv_cache(scratch_blocks)
-        tables = [[1 + i * blocks_per_seq + j for j in range(blocks_per_seq)] for i in range(num_seqs)]
+        tables = [
+            [1 + i * blocks_per_seq + j for j in range(blocks_per_seq)] for i in range(num_seqs)
+        ]
         slots, qsl = [], [0]
         for i, n in enumerate(tokens):
             slots.extend(tables[i][p // bs] * bs + p % bs for p in range(n))

@@ -168,17 +168,16 @@ class OutputProcessor:
                 continue  # EOS / stop token id: not part of the text (as vLLM)
             before = len(comp.text)
             comp.text += comp.detok.add_tokens([tok])
-            if params.stop and len(comp.token_ids) >= params.min_tokens:
+            if params.stop and len(comp.token_ids) > params.min_tokens:
                 if self._check_stop_strings(comp, params, before):
                     return
 
     @staticmethod
     def _check_stop_strings(comp: _Completion, params: SamplingParams, before: int) -> bool:
-        longest = max(len(s) for s in params.stop)
-        search_from = max(0, before - longest + 1)
         best: tuple[int, str] | None = None
         for s in params.stop:
-            idx = comp.text.find(s, search_from)
+            # Only matches that end in the new text: earlier ones were already rejected.
+            idx = comp.text.find(s, max(0, before - len(s) + 1))
             if idx != -1 and (best is None or idx < best[0]):
                 best = (idx, s)
         if best is None:

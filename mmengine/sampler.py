@@ -99,7 +99,9 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     if any(r.min_p > 0 for r in rows):
         probs = logits.softmax(-1)
         min_p = _dev([r.min_p for r in rows], dev)[:, None]
-        logits = torch.where(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"), logits)
+        logits = torch.where(
+            probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"), logits
+        )
     if any(r.top_k > 0 for r in rows):
         vocab = logits.shape[-1]
         k = _dev([r.top_k if r.top_k > 0 else vocab for r in rows], dev)
