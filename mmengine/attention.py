@@ -24,7 +24,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]: cache slot of each query token's K/V (-1: skip)
     max_query_len: int
     max_seq_len: int
-    use_triton: bool = False  # GPU: Triton kernels; CPU: plain-torch reference
+    # Split-KV programs per sequence (None: the kernel chooses). Decode steps use powers
+    # of two so that few kernel variants get compiled (one per distinct split count).
+    num_kv_splits: int | None = None
 
 
 _CURRENT: ContextVar[AttentionMetadata | None] = ContextVar("mmengine_attn_meta", default=None)
@@ -70,7 +72,37 @@ def paged_attention_forward(
         scale=scale,
         max_query_len=meta.max_query_len,
         max_seq_len=meta.max_seq_len,
+        num_kv_splits=meta.num_kv_splits
+        if meta.num_kv_splits is not None
+        else decode_kv_splits(q, key_cache, meta),
     )
+
+
+def decode_kv_splits(q: torch.Tensor, key_cache: torch.Tensor, meta: AttentionMetadata) -> int | None:
+    """For pure decode batches on CUDA: the kernel's split choice rounded down to a power
+    of two; None (the kernel decides) otherwise."""
+    if not q.is_cuda or meta.max_query_len != 1:
+        return None
+    from kernels.paged_attention import choose_num_kv_splits
+
+    splits = choose_num_kv_splits(
+        num_q_blocks=meta.block_tables.shape[0],
+        num_kv_heads=key_cache.shape[2],
+        max_query_len=1,
+        max_seq_len=meta.max_seq_len,
+        sm_count=_sm_count(q.device),
+    )
+    return 1 << (max(splits, 1).bit_length() - 1)
+
+
+_SM: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index or 0
+    if idx not in _SM:
+        _SM[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM[idx]
 
 
 # torch.compile sees attention as one opaque op that writes the KV cache and returns

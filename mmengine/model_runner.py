@@ -84,11 +84,12 @@ class ModelRunner:
         self.compiled = on_gpu and bool(config.extra.get("torch_compile", True))
         self.use_cuda_graphs = on_gpu and bool(config.extra.get("cuda_graphs", True))
         set_kernel_mode(self.model, compiled=self.compiled)
-        self.forward_embeds = (
-            torch.compile(self._forward_embeds, dynamic=True, fullgraph=True)
-            if self.compiled
-            else self._forward_embeds
-        )
+        if self.compiled:
+            # Compile the decoder layer, not the whole model: all layers share one compiled
+            # graph (parameters are graph inputs), so start-up does not grow with depth.
+            for layer in self.model.layers:
+                layer.forward = torch.compile(layer.forward, dynamic=True, fullgraph=True)
+        self.forward_embeds = self._forward_embeds
         self.forward_fn = self._forward
         self.encoder_runner = self._load_encoder(model_path) if spec.is_multimodal else None
         self.encoder_outputs: dict[str, torch.Tensor] = {}  # content hash -> [L, H]

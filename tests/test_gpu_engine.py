@@ -26,7 +26,7 @@ def _exact_fp32():
 
 
 def _gen(ckpt: Path, prompts, params, **kw):
-    with LLM(str(ckpt), device="cuda", max_model_len=256, **kw) as llm:
+    with LLM(str(ckpt), device="cuda", max_model_len=256, max_num_seqs=32, **kw) as llm:
         return llm.generate(prompts, params, use_tqdm=False)
 
 
@@ -48,7 +48,10 @@ def test_fp32_greedy_identical_to_hf_on_gpu(text_ckpt: Path, eager: bool) -> Non
     prompts = make_prompts()
     refs = hf_greedy(text_ckpt, prompts)  # CPU fp32 oracle
     outs = _gen(
-        text_ckpt, prompts, SamplingParams(temperature=0, max_tokens=12), dtype="float32",
+        text_ckpt,
+        prompts,
+        SamplingParams(temperature=0, max_tokens=12),
+        dtype="float32",
         enforce_eager=eager,
     )
     assert [o.outputs[0].token_ids for o in outs] == refs
@@ -69,7 +72,9 @@ def test_bf16_logprobs_close_to_hf_bf16(text_ckpt: Path) -> None:
     tok = AutoTokenizer.from_pretrained(text_ckpt)
     model = AutoModelForCausalLM.from_pretrained(text_ckpt, dtype=torch.bfloat16).cuda().eval()
     outs = _gen(
-        text_ckpt, prompts, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
+        text_ckpt,
+        prompts,
+        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
         dtype="bfloat16",
     )
     worst = 0.0

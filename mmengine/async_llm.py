@@ -1,0 +1,326 @@
+"""The asyncio frontend of the engine, used by the API server.
+
+One background task reads engine-core outputs, detokenizes them with an
+``OutputProcessor`` and routes each cumulative ``RequestOutput`` to its request's queue.
+``generate`` is an async iterator over those outputs; leaving it early (a client that
+disconnects, a cancelled task) aborts the request in the engine so its KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from mmengine.async_client import AsyncCoreClient
+from mmengine.config import EngineConfig
+from mmengine.core_client import EngineDeadError
+from mmengine.llm import PromptType, load_tokenizer, params_to_msg
+from mmengine.messages import ControlMsg, EngineCoreOutput, EngineCoreRequest, EngineInfo
+from mmengine.output_processor import OutputProcessor
+from mmengine.outputs import RequestOutput
+from mmengine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncLLM", "EngineDeadError"]
+
+# Prompts longer than this many characters are tokenized on a worker thread: a fast
+# tokenizer needs ~1 ms per 10k characters, and the event loop must stay responsive.
+_INLINE_TOKENIZE_CHARS = 8192
+
+
+class _Aborted:
+    """Queue marker: the request was aborted by ``abort()``; the iterator just ends."""
+
+
+_ABORTED = _Aborted()
+_QueueItem = RequestOutput | BaseException | _Aborted
+
+
+class AsyncLLM:
+    """Asynchronous generation over an engine core running in a child process.
+
+    Args:
+        config: The engine options. ``multiprocess`` is ignored: the engine core always
+            runs in its own process, so the caller's event loop never runs the model.
+        startup_timeout_s: How long loading the model may take.
+
+    Call ``await start()`` before anything else and ``shutdown()`` at the end.
+    """
+
+    def __init__(self, config: EngineConfig, *, startup_timeout_s: float = 900.0) -> None:
+        self.config = config
+        self.startup_timeout_s = startup_timeout_s
+        self.tokenizer: Any = None
+        self.info: EngineInfo | None = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self.dead_event: asyncio.Event | None = None  # set once the engine is dead
+        self._client: AsyncCoreClient | None = None
+        self._processor: OutputProcessor | None = None
+        self._queues: dict[str, asyncio.Queue[_QueueItem]] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count(1)
+        self._output_task: asyncio.Task[None] | None = None
+        self._dead: EngineDeadError | None = None
+        self._shut_down = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Loads the tokenizer and starts the engine core; returns once it is ready."""
+        if not self.config.multiprocess:
+            logger.info("AsyncLLM always runs the engine core in its own process")
+        self.dead_event = asyncio.Event()
+        name = self.config.tokenizer or self.config.model
+        tokenizer_task = asyncio.create_task(
+            asyncio.to_thread(load_tokenizer, name, self.config.revision)
+        )
+        try:
+            self._client = AsyncCoreClient(self.config)  # spawned on this (the loop's) thread
+            self.info = await self._client.wait_ready(self.startup_timeout_s)
+            self.tokenizer = await tokenizer_task
+        except BaseException:
+            tokenizer_task.cancel()
+            self.shutdown()
+            raise
+        self.max_model_len = self.info.max_model_len
+        self.vocab_size = self.info.vocab_size
+        self._processor = OutputProcessor(self.tokenizer)
+        self._output_task = asyncio.create_task(self._output_loop(), name="engine-outputs")
+
+    def shutdown(self) -> None:
+        """Stops the output task and the engine-core process (idempotent, synchronous)."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        if self._output_task is not None and not self._output_task.done():
+            self._output_task.cancel()
+        if self._client is not None:
+            self._client.shutdown()
+        if self._dead is None:
+            self._fail_all(EngineDeadError("the engine has been shut down"))
+
+    @property
+    def closed(self) -> bool:
+        """True once ``shutdown()`` was called (a dead engine is ``errored``, not closed)."""
+        return self._shut_down
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._client is not None and self._client.alive()
+
+    @property
+    def core_pid(self) -> int | None:
+        return None if self._client is None else self._client.pid
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._queues)
+
+    # ---- requests --------------------------------------------------------------------------
+    async def generate(
+        self, prompt: PromptType, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Streams cumulative outputs of one prompt (all ``params.n`` completions).
+
+        A prompt is a string, ``{"prompt": str}`` or ``{"prompt_token_ids": [...]}``
+        (optionally with ``"prompt"`` as its text). Stopping iteration early aborts it.
+
+        Raises:
+            ValueError: invalid prompt (empty, too long, ids outside the vocabulary) or a
+                duplicate ``request_id``; raised before anything reaches the engine.
+            EngineDeadError: the engine core is dead or died during the request.
+        """
+        self._check_alive()
+        text, ids = await self.encode(prompt)
+        self.validate(ids, params)
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self._check_alive()  # it may have died while we were tokenizing
+        assert self._processor is not None and self._client is not None
+        core_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
+        queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
+        self._processor.add_request(request_id, text, ids, params, core_ids)
+        self._queues[request_id] = queue
+        finished = False
+        try:
+            self._client.send(
+                ControlMsg(kind="add", requests=_core_requests(ids, params, core_ids))
+            )
+            while not finished:
+                item = await queue.get()
+                while not queue.empty() and isinstance(item, RequestOutput):
+                    item = queue.get_nowait()  # outputs are cumulative: the newest suffices
+                if isinstance(item, _Aborted):
+                    finished = True  # already forgotten by abort()
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finished:
+                    finished = True
+                    if any(c.finish_reason == "error" for c in item.outputs):
+                        raise ValueError("the engine rejected the request")
+                yield item
+        finally:
+            # Normal end, error, cancellation or the consumer closing us: free the engine side.
+            if not finished:
+                self._abort_now(request_id)
+            self._queues.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        """Aborts a request; its ``generate`` iterator ends without further outputs."""
+        self._abort_now(request_id)
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(_ABORTED)
+
+    def abort_all(self) -> list[str]:
+        """Aborts every running request (used when the server stops); returns their ids."""
+        ids = list(self._queues)
+        for rid in ids:
+            self._abort_now(rid)
+            self._queues[rid].put_nowait(_ABORTED)
+        return ids
+
+    async def stats(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """The engine's counters (KV blocks, queues, prefix cache...), plus the frontend's."""
+        self._check_alive()
+        assert self._client is not None
+        call_id = next(self._call_ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = fut
+        try:
+            self._client.send(ControlMsg(kind="stats", call_id=call_id))
+            reply = await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._calls.pop(call_id, None)
+        stats = msgspec.structs.asdict(reply.stats)
+        stats["num_frontend_requests"] = len(self._queues)
+        return stats
+
+    # ---- prompts ---------------------------------------------------------------------------
+    async def encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt; long texts are tokenized off the event loop."""
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), list(ids)
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        if not isinstance(text, str):
+            raise ValueError("a prompt is a string, {'prompt': str} or {'prompt_token_ids': [...]}")
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return text, self.tokenizer(text)["input_ids"]
+        return text, (await asyncio.to_thread(self.tokenizer, text))["input_ids"]
+
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError for a prompt the engine would refuse (as ``LLM`` does)."""
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len} "
+                "(room for at least one output token is needed)"
+            )
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        for t in params.stop_token_ids:
+            if t >= self.vocab_size:
+                raise ValueError(f"stop token id {t} is outside the vocabulary")
+
+    # ---- internals -------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self._client is None or self._processor is None:
+            raise EngineDeadError("the engine is not started")
+
+    def _abort_now(self, request_id: str) -> None:
+        """Synchronous so it can run in a ``finally`` of a closing/cancelled generator."""
+        if self._processor is None:
+            return
+        core_ids = self._processor.abort_request(request_id)
+        if core_ids and self._dead is None and self._client is not None:
+            try:
+                self._client.send(ControlMsg(kind="abort", abort_ids=core_ids))
+            except EngineDeadError:
+                pass
+
+    async def _output_loop(self) -> None:
+        assert self._client is not None
+        try:
+            while True:
+                msg = await self._client.recv(0.25)
+                if msg is None:
+                    continue
+                if msg.call_id is not None:
+                    fut = self._calls.get(msg.call_id)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                if msg.outputs:
+                    self._route(msg.outputs)
+                # A ready socket does not suspend: yield so HTTP handlers run between steps.
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise
+        except EngineDeadError as e:
+            logger.error("engine core died: %s", e)
+            self._fail_all(e)
+        except Exception as e:  # a bug here must not leave requests hanging forever
+            logger.exception("the engine output loop failed")
+            self._fail_all(EngineDeadError(f"the engine output loop failed: {type(e).__name__}"))
+            if self._client is not None:
+                self._client.shutdown()
+
+    def _route(self, outputs: list[EngineCoreOutput]) -> None:
+        assert self._processor is not None and self._client is not None
+        res = self._processor.process(outputs)
+        if res.abort_core_ids:  # a stop string matched in the frontend: stop the core too
+            self._client.send(ControlMsg(kind="abort", abort_ids=res.abort_core_ids))
+        for out in res.updated:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail_all(self, err: EngineDeadError) -> None:
+        self._dead = err
+        for queue in self._queues.values():
+            queue.put_nowait(err)
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(err)
+        if self._processor is not None:
+            for rid in list(self._processor.states):
+                self._processor.abort_request(rid)
+        if self.dead_event is not None:
+            self.dead_event.set()
+
+
+def _core_requests(
+    ids: list[int], params: SamplingParams, core_ids: list[str]
+) -> list[EngineCoreRequest]:
+    """One engine-core request per completion; completions 2..n share the first's prompt."""
+    reqs = []
+    for i, cid in enumerate(core_ids):
+        child = params if params.n == 1 else params.for_child(i)
+        reqs.append(
+            EngineCoreRequest(
+                request_id=cid,
+                prompt_token_ids=ids,
+                params=params_to_msg(child),
+                share_prompt_with=core_ids[0] if i > 0 else None,
+            )
+        )
+    return reqs

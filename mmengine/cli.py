@@ -1,0 +1,60 @@
+"""The ``mmengine`` command: ``mmengine serve MODEL [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmengine import __version__
+
+# The model served when none is named. None until an embedded default model ships;
+# switching it on is changing this one line.
+DEFAULT_MODEL: str | None = None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from mmengine.server.args import add_engine_args, add_server_args
+
+    parser = argparse.ArgumentParser(
+        prog="mmengine", description="mmengine: a multimodal LLM inference engine."
+    )
+    parser.add_argument("--version", action="version", version=f"mmengine {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="Serve a model over an OpenAI-compatible HTTP API.",
+        description="Serve a model over an OpenAI-compatible HTTP API "
+        "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).",
+    )
+    serve.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        metavar="MODEL",
+        help="HuggingFace checkpoint folder, or a hub id found in the local HF cache.",
+    )
+    server = serve.add_argument_group("server")
+    add_server_args(server)  # type: ignore[arg-type]
+    engine = serve.add_argument_group("engine")
+    add_engine_args(engine)  # type: ignore[arg-type]
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        if args.model is None:
+            parser.error(
+                "a model is required: mmengine serve MODEL, where MODEL is a HuggingFace "
+                "checkpoint folder or a hub id in the local HF cache"
+            )
+        from mmengine.server.api_server import run_server
+
+        return run_server(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

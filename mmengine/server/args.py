@@ -1,0 +1,248 @@
+"""Command-line flags of ``mmengine serve``: the server's own and one per engine option.
+
+Engine flags are generated from ``EngineConfig``'s fields so that a new engine option
+becomes a flag without touching this file; its ``--help`` line comes from
+``ENGINE_FLAG_HELP`` (a test checks that every field has one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any
+
+from mmengine.config import EngineConfig
+from processors.config import MediaConfig
+
+# EngineConfig fields that are not flags: the model is the positional argument; the server
+# always runs the engine core in its own process; `extra` is for programmatic use.
+NOT_FLAGS = frozenset({"model", "multiprocess", "extra"})
+# EngineConfig fields set by a server flag of the same name (which also sets the media path).
+SERVER_OWNED = frozenset({"limit_mm_per_prompt"})
+
+ENGINE_FLAG_HELP: dict[str, str] = {
+    "tokenizer": "Tokenizer folder or hub id, if not the model's own.",
+    "dtype": "Weight and activation dtype: auto (the checkpoint's), float32, bfloat16, float16.",
+    "device": "auto (CUDA if available, else CPU), cpu, cuda or cuda:N.",
+    "max_model_len": "Context length (prompt + output tokens). Default: the model's.",
+    "block_size": "Tokens per KV-cache block (a power of two).",
+    "num_kv_blocks": "KV-cache size in blocks. Default: sized from free memory.",
+    "gpu_memory_utilization": "Fraction of GPU memory the engine may use (weights + KV cache).",
+    "cpu_kv_cache_gib": "KV-cache budget in GiB when running on CPU and num-kv-blocks is unset.",
+    "max_num_seqs": "Most requests processed together in one engine step.",
+    "max_num_batched_tokens": "Most tokens per step; longer prefills are chunked to fit.",
+    "enable_prefix_caching": "Reuse the KV cache of identical prompt prefixes across requests.",
+    "seed": "Seed for requests that do not set their own.",
+    "enforce_eager": "GPU: run eagerly, without CUDA graphs or torch.compile (slower, for debugging).",
+    "revision": "Model revision (branch, tag or commit) when the model is a hub id.",
+    "log_stats_interval_s": "Seconds between the engine's periodic status log lines.",
+    "max_num_encoder_tokens": "Most vision-encoder output rows computed in one step.",
+    "encoder_store_mib": "MiB of vision embeddings the engine holds until their prefill runs.",
+    "mm_embedding_cache_gib": "GiB of vision-encoder outputs cached by content hash (LRU).",
+    "num_input_workers": "Input-processing (media) processes; 0 runs it in a frontend thread.",
+}
+
+_MIB = 1024 * 1024
+
+
+def parse_limit_mm(text: str) -> dict[str, int]:
+    """``image=4,video=1`` or ``{"image": 4, "video": 1}`` -> {"image": 4, "video": 1}."""
+    try:
+        if text.strip().startswith("{"):
+            raw = json.loads(text)
+        else:
+            raw = dict(item.split("=", 1) for item in text.split(",") if item.strip())
+        limits = {str(k).strip(): int(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise argparse.ArgumentTypeError(
+            f"expected image=N,video=M or a JSON object, got {text!r}"
+        ) from None
+    unknown = set(limits) - {"image", "video"}
+    if unknown or any(v < 0 for v in limits.values()):
+        raise argparse.ArgumentTypeError("limits are non-negative counts for image and video")
+    return limits
+
+
+def _default_mm_limits() -> dict[str, int]:
+    """The engine's default per-prompt limits (the media path's if the engine has none)."""
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "limit_mm_per_prompt" and f.default_factory is not dataclasses.MISSING:
+            return dict(f.default_factory())
+    return dict(MediaConfig().limit_mm_per_prompt)
+
+
+def mm_limits_from_args(args: argparse.Namespace) -> dict[str, int]:
+    """--limit-mm-per-prompt over the defaults: a modality it does not name keeps its default."""
+    return {**_default_mm_limits(), **getattr(args, "limit_mm_per_prompt", {})}
+
+
+def _split_list(values: list[str] | None) -> tuple[str, ...]:
+    """Flags given several times, space- or comma-separated, as one tuple."""
+    return tuple(v.strip() for raw in values or [] for v in raw.split(",") if v.strip())
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on; 0.0.0.0 for all interfaces (default: %(default)s).",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="Port to listen on; 0 picks a free one (default: %(default)s).",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="Require 'Authorization: Bearer KEY' on every /v1 route. "
+        "Default: the MMENGINE_API_KEY environment variable, if set.",
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="Model name(s) clients use in requests. Default: the MODEL argument.",
+    )
+    p.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        default=None,
+        help="Only fetch image/video URLs from these hosts ('example.com', '.example.com' for "
+        "subdomains too). Listed hosts may be private or loopback addresses. Default: any "
+        "public host; private, loopback and link-local addresses are refused.",
+    )
+    p.add_argument(
+        "--allowed-local-media-path",
+        action="append",
+        default=None,
+        help="Directory whose files may be sent as file:// URLs (repeatable). Default: none, "
+        "file:// URLs are refused.",
+    )
+    p.add_argument(
+        "--limit-mm-per-prompt",
+        type=parse_limit_mm,
+        default=argparse.SUPPRESS,
+        help="Most images/videos per prompt, e.g. 'image=4,video=1' or '{\"image\": 4}'; "
+        f"more are refused with 400. Default: {_default_mm_limits()}.",
+    )
+    p.add_argument(
+        "--media-fetch-timeout",
+        type=float,
+        default=30.0,
+        help="Seconds allowed to download one image or video, redirects included "
+        "(default: %(default)s).",
+    )
+    p.add_argument(
+        "--media-workers",
+        type=int,
+        default=4,
+        help="Threads that fetch and decode media (default: %(default)s).",
+    )
+    p.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=32 * _MIB,
+        help="Larger request bodies are refused with 413 (default: %(default)s).",
+    )
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=1024,
+        help="Inference requests served at once; more are refused at once with 503 "
+        "(clients retry) instead of queueing without bound (default: %(default)s).",
+    )
+    p.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="Accept 'chat_template' in requests (refused by default).",
+    )
+    p.add_argument(
+        "--chat-template-timeout",
+        type=float,
+        default=5.0,
+        help="Seconds a chat template may take to render before the request is refused "
+        "(default: %(default)s).",
+    )
+    p.add_argument(
+        "--shutdown-grace-period",
+        type=float,
+        default=30.0,
+        help="On SIGTERM/SIGINT: seconds in-flight requests get to finish while new ones get 503 "
+        "(default: %(default)s).",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=900.0,
+        help="Seconds loading the model may take (default: %(default)s).",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="Log verbosity of the server and the engine (default: %(default)s).",
+    )
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field (``max_model_len`` -> ``--max-model-len``).
+
+    Flags left out are absent from the namespace, so EngineConfig's own defaults apply.
+    """
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in NOT_FLAGS or f.name in SERVER_OWNED:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = ENGINE_FLAG_HELP.get(f.name, "Engine option (see EngineConfig).")
+        help_text += f" (default: {default})".replace("%", "%%")
+        base = _base_type(hints[f.name])
+        if base is bool:
+            action: Any = argparse.BooleanOptionalAction
+            p.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = _json_value if base in (dict, list) else base
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int; ``dict[str, int]`` -> dict; ``str`` -> str."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) or tp
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected JSON, got {text!r}") from None
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - NOT_FLAGS
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if "limit_mm_per_prompt" in given:
+        given["limit_mm_per_prompt"] = mm_limits_from_args(args)
+    return EngineConfig(model=args.model, multiprocess=True, **given)
+
+
+def media_config_from_args(args: argparse.Namespace) -> MediaConfig:
+    kwargs: dict[str, Any] = {
+        "allowed_domains": _split_list(args.allowed_media_domains),
+        "allowed_local_paths": tuple(
+            os.path.abspath(p) for p in _split_list(args.allowed_local_media_path)
+        ),
+        "fetch_deadline_s": args.media_fetch_timeout,
+        "connect_timeout_s": min(MediaConfig.connect_timeout_s, args.media_fetch_timeout),
+        "read_timeout_s": min(MediaConfig.read_timeout_s, args.media_fetch_timeout),
+    }
+    kwargs["limit_mm_per_prompt"] = mm_limits_from_args(args)
+    return MediaConfig(**kwargs)

@@ -1,0 +1,185 @@
+"""ASGI middleware: accounting, API key, admission (overload / draining) and body size.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware, so streaming responses pass
+through untouched and the in-flight count drops only when a response has been fully
+sent (or the client has gone). Outermost first:
+
+    Accounting -> ApiKey -> Admission -> BodyLimit -> the app
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from mmengine.server.errors import APIError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+CLIENT_CLOSED = 499  # nginx's code for "the client went away before the response"
+
+
+async def _send_error(err: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+    await err.response()(scope, receive, send)
+
+
+class AccountingMiddleware:
+    """Counts every HTTP request by route and final status (2xx + 4xx + 5xx + 499 = sent)."""
+
+    def __init__(self, app: ASGIApp, record: Callable[[str, int], None]) -> None:
+        self.app = app
+        self.record = record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = CLIENT_CLOSED
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.record(scope["path"], status)
+
+
+class ApiKeyMiddleware:
+    """With a key configured, every ``/v1/*`` route needs ``Authorization: Bearer <key>``."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.expected is None
+            or scope["type"] != "http"
+            or not scope["path"].startswith("/v1/")
+            or scope["method"] == "OPTIONS"
+        ):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):  # constant time: no key oracle
+            err = APIError(401, "Invalid or missing API key.", code="invalid_api_key")
+            await _send_error(err, scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class Admission:
+    """Shared state of the admission gate: in-flight count, limit, draining, engine health."""
+
+    def __init__(self, max_in_flight: int, engine: Any) -> None:
+        self.max_in_flight = max_in_flight
+        self.engine = engine
+        self.in_flight = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def refusal(self) -> APIError | None:
+        if self.draining:
+            return APIError(503, "The server is shutting down.", code="shutting_down")
+        if not self.engine.is_healthy():
+            return APIError(503, "The engine is not running.", code="engine_unavailable")
+        if self.in_flight >= self.max_in_flight:
+            # Fast refusal instead of an unbounded queue: the client may retry elsewhere.
+            return APIError(
+                503,
+                "The server is overloaded; retry later.",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            )
+        return None
+
+
+class AdmissionMiddleware:
+    """Admits inference requests while healthy, not draining and under the in-flight cap."""
+
+    def __init__(
+        self, app: ASGIApp, admission: Admission, on_change: Callable[[int], None]
+    ) -> None:
+        self.app = app
+        self.admission = admission
+        self.on_change = on_change
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in INFERENCE_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        adm = self.admission
+        err = adm.refusal()
+        if err is not None:
+            await _send_error(err, scope, receive, send)
+            return
+        adm.in_flight += 1
+        adm.idle.clear()
+        self.on_change(adm.in_flight)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            adm.in_flight -= 1
+            self.on_change(adm.in_flight)
+            if adm.in_flight == 0:
+                adm.idle.set()
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_bytes``, before they are read whole (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(
+            413,
+            f"The request body is larger than {self.max_bytes} bytes.",
+            code="request_too_large",
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_error(too_large, scope, receive, send)
+            return
+        # Read the body here (bounded), then replay it; later receive() calls go to the
+        # server so the app still hears about a client disconnect.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _send_error(too_large, scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

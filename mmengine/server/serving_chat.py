@@ -1,0 +1,221 @@
+"""``POST /v1/chat/completions``: messages -> chat template -> engine -> OpenAI responses."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from mmengine.outputs import CompletionOutput, Logprob, RequestOutput
+from mmengine.sampling_params import SamplingParams
+from mmengine.server.errors import APIError
+from mmengine.server.media import DecodedMedia, check_media_limits, extract_media, media_counts
+from mmengine.server.protocol import ChatCompletionRequest
+from mmengine.server.serving_base import (
+    DONE_EVENT,
+    SSE_HEADERS,
+    aborted_error,
+    check_model,
+    collect_final,
+    new_id,
+    parse_body,
+    resolve_max_tokens,
+    sse,
+    stream_error,
+    stream_text_limit,
+    usage,
+    validate_prompt,
+)
+from mmengine.server.state import ServerState
+
+# JSON has no -inf; OpenAI-compatible servers report impossible tokens as -9999.
+_MIN_LOGPROB = -9999.0
+
+MM_NOT_SUPPORTED = "multimodal inputs are not supported by this model/engine yet"
+
+
+class ChatService:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def create(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        state = self.state
+        body = await parse_body(request, ChatCompletionRequest)
+        check_model(state, body.model)
+        body.refuse_unsupported()
+        messages = [m.template_dict() for m in body.messages]
+        refs = extract_media(messages)
+        check_media_limits(refs, state.media.config)  # before any fetch: cheap refusals first
+        text = await state.renderer.render_chat(
+            messages,
+            add_generation_prompt=body.add_generation_prompt,
+            chat_template=body.chat_template,
+        )
+        ids = await state.renderer.tokenize(text, add_special_tokens=False)
+        state.renderer.check_placeholders(ids, media_counts(refs), param="messages")
+        requested, name = body.requested_max_tokens
+        max_tokens = resolve_max_tokens(
+            requested, name, len(ids), state.engine.max_model_len, None, "messages"
+        )
+        params = body.sampling_params(
+            max_tokens, body.num_logprobs, max_tokens_name=name, logprobs_name="top_logprobs"
+        )
+        validate_prompt(state, ids, params, "messages")
+        if refs:
+            items = await state.media.load(refs)
+            self._submit_multimodal(text, ids, items, params)
+
+        rid = new_id("chatcmpl")
+        gen = state.engine.generate({"prompt": text, "prompt_token_ids": ids}, params, rid)
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = self._stream(gen, rid, created, params, len(ids), include_usage, arrival)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        (final,) = await collect_final(request, [gen])
+        state.metrics.record_finished([final], arrival, time.monotonic())
+        return JSONResponse(self._response(final, rid, created, params))
+
+    def _submit_multimodal(
+        self, text: str, ids: list[int], items: list[DecodedMedia], params: SamplingParams
+    ) -> None:
+        """Media passed every check and decoded; hand it to the engine.
+
+        The engine's multimodal pipeline (preprocess, hash, expand placeholders, encode)
+        is not wired in yet, so this refuses; it becomes the hand-off when it is.
+        """
+        raise APIError(400, MM_NOT_SUPPORTED, param="messages", code="multimodal_not_supported")
+
+    def _response(
+        self, out: RequestOutput, rid: str, created: int, params: SamplingParams
+    ) -> dict[str, Any]:
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": _logprobs(c, 0, params.logprobs)
+                if params.logprobs is not None
+                else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in out.outputs
+        ]
+        completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.state.model_name,
+            "choices": choices,
+            "usage": usage(len(out.prompt_token_ids), completion_tokens),
+        }
+
+    async def _stream(
+        self,
+        gen: AsyncIterator[RequestOutput],
+        rid: str,
+        created: int,
+        params: SamplingParams,
+        prompt_len: int,
+        include_usage: bool,
+        arrival: float,
+    ) -> AsyncIterator[str]:
+        base: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.state.model_name,
+        }
+        if include_usage:
+            base["usage"] = None  # as OpenAI: null on every chunk but the last
+
+        def chunk(choices: list[dict[str, Any]]) -> str:
+            return sse({**base, "choices": choices})
+
+        n = params.n
+        sent_chars, sent_tokens, done = [0] * n, [0] * n, [False] * n
+        final: RequestOutput | None = None
+        try:
+            yield chunk([_choice(i, {"role": "assistant", "content": ""}) for i in range(n)])
+            async for out in gen:
+                final = out
+                choices = []
+                for c in out.outputs:
+                    if done[c.index]:
+                        continue
+                    choice = _delta(c, sent_chars, sent_tokens, params)
+                    if choice is not None:
+                        choices.append(choice)
+                        done[c.index] = c.finish_reason is not None
+                if choices:
+                    yield chunk(choices)
+            if final is None or not final.finished:
+                yield aborted_error().sse_event()
+            else:
+                self.state.metrics.record_finished([final], arrival, time.monotonic())
+                if include_usage:
+                    tokens = sum(len(c.token_ids) for c in final.outputs)
+                    yield sse({**base, "choices": [], "usage": usage(prompt_len, tokens)})
+        except asyncio.CancelledError:
+            raise  # the client went away: generate() already aborted the request
+        except Exception as e:
+            yield stream_error(e).sse_event()
+        yield DONE_EVENT
+
+
+def _choice(index: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
+
+
+def _delta(
+    c: CompletionOutput, sent_chars: list[int], sent_tokens: list[int], params: SamplingParams
+) -> dict[str, Any] | None:
+    """The next chunk's choice for one completion, or None when there is nothing new."""
+    i = c.index
+    finished = c.finish_reason is not None
+    limit = stream_text_limit(c.text, sent_chars[i], params, finished)
+    text = c.text[sent_chars[i] : limit]
+    sent_chars[i] = max(sent_chars[i], limit)
+    logprobs = None
+    if params.logprobs is not None and len(c.token_ids) > sent_tokens[i]:
+        logprobs = _logprobs(c, sent_tokens[i], params.logprobs)
+    sent_tokens[i] = len(c.token_ids)
+    if not text and logprobs is None and not finished:
+        return None
+    choice = _choice(i, {"content": text} if text else {})
+    choice["logprobs"] = logprobs
+    if finished:
+        choice["finish_reason"] = c.finish_reason
+        choice["stop_reason"] = c.stop_reason
+    return choice
+
+
+def _logprobs(c: CompletionOutput, start: int, top_n: int) -> dict[str, Any]:
+    """OpenAI chat logprobs for tokens ``start:`` of a completion."""
+    content = []
+    positions = c.logprobs or []
+    for j in range(start, min(len(c.token_ids), len(positions))):
+        pos = positions[j]
+        chosen = pos.get(c.token_ids[j])
+        if chosen is None:
+            continue
+        top = sorted(pos.values(), key=lambda lp: lp.rank)[:top_n]
+        entry = _entry(chosen)
+        entry["top_logprobs"] = [_entry(lp) for lp in top]
+        content.append(entry)
+    return {"content": content}
+
+
+def _entry(lp: Logprob) -> dict[str, Any]:
+    token = lp.decoded_token or ""
+    return {
+        "token": token,
+        "logprob": max(lp.logprob, _MIN_LOGPROB),
+        "bytes": list(token.encode("utf-8")),
+    }
