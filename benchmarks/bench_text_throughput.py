@@ -78,9 +78,11 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
     startup = time.perf_counter() - t0
     p = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": r} for r in reqs[:4]], p, use_tqdm=False)  # warm-up
+    before = llm.stats()
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": r} for r in reqs], p, use_tqdm=False)
     wall = time.perf_counter() - t0
+    after = llm.stats()
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     # Batch-1 decode: (time for 1 + k tokens) - (time for 1 token), over k.
     one = {"prompt_token_ids": reqs[0][: args.prompt_len]}
@@ -93,6 +95,11 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
     t2 = time.perf_counter()
     stats = llm.stats()
     llm.shutdown()
+    profile = {
+        k: round(after[k] - before[k], 3)
+        for k in after
+        if k.startswith(("time_", "num_prefill", "num_decode"))
+    }
     return {
         "system": f"mmengine ({'eager' if args.enforce_eager else 'compile+graphs'})",
         "wall_s": wall,
@@ -101,6 +108,7 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
         "decode_step_b1_ms": ((t2 - t1) - (t1 - t0)) / k * 1e3,
         "kv_blocks": stats["kv_blocks_total"],
         "preemptions": stats["num_preemptions"],
+        "profile": profile,
     }
 
 
@@ -110,7 +118,9 @@ def _hf_model(cfg_dir: Path, attn: str):
     config = AutoConfig.from_pretrained(cfg_dir)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation=attn
+        )
     return model.eval()
 
 
@@ -121,7 +131,9 @@ def bench_hf_generate(cfg_dir: Path, reqs, out_len: int, batch_sizes) -> list[di
         torch.cuda.synchronize()
         with torch.no_grad():
             x = torch.tensor(reqs[:bs], device="cuda")
-            model.generate(x[:, :32], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            model.generate(
+                x[:, :32], max_new_tokens=4, min_new_tokens=4, do_sample=False
+            )  # warm-up
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             n_out = 0
@@ -137,7 +149,13 @@ def bench_hf_generate(cfg_dir: Path, reqs, out_len: int, batch_sizes) -> list[di
                 )
                 n_out += (g.shape[1] - x.shape[1]) * x.shape[0]
             torch.cuda.synchronize()
-        rows.append({"system": f"HF generate (batch {bs})", "wall_s": time.perf_counter() - t0, "output_tokens": n_out})
+        rows.append(
+            {
+                "system": f"HF generate (batch {bs})",
+                "wall_s": time.perf_counter() - t0,
+                "output_tokens": n_out,
+            }
+        )
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -164,7 +182,9 @@ def bench_hf_generate_batch(cfg_dir: Path, reqs, out_len: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", default="qwen2.5-3b", choices=sorted(CONFIGS))
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--prompt-len", type=int, default=1024)
@@ -180,7 +200,10 @@ def main() -> None:
     cfg = CONFIGS[args.config]
     card = torch.cuda.get_device_name()
     ceil = ceilings()
-    print(f"card {card}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    print(
+        f"card {card}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s",
+        flush=True,
+    )
     reqs = make_requests(args.num_requests, args.prompt_len, cfg["vocab_size"])
     rows: list[dict] = []
     systems = args.systems.split(",")
@@ -191,7 +214,14 @@ def main() -> None:
                 if system == "mmengine":
                     rows.append(bench_mmengine(cfg_dir, reqs, args.output_len, args))
                 elif system == "hf_generate":
-                    rows.extend(bench_hf_generate(cfg_dir, reqs, args.output_len, [int(x) for x in args.hf_batch_sizes.split(",")]))
+                    rows.extend(
+                        bench_hf_generate(
+                            cfg_dir,
+                            reqs,
+                            args.output_len,
+                            [int(x) for x in args.hf_batch_sizes.split(",")],
+                        )
+                    )
                 elif system == "hf_generate_batch":
                     rows.append(bench_hf_generate_batch(cfg_dir, reqs, args.output_len))
             except Exception as e:  # a peer that cannot run is reported, not skipped
@@ -200,7 +230,9 @@ def main() -> None:
 
     params = num_params(cfg)
     weight_bytes = 2 * params
-    floor_b1_ms = weight_bytes / (ceil["copy_GBps"] * 1e9 / 2) * 1e3  # a read is half a copy's traffic
+    floor_b1_ms = (
+        weight_bytes / (ceil["copy_GBps"] * 1e9 / 2) * 1e3
+    )  # a read is half a copy's traffic
     total_tokens = args.num_requests * (args.prompt_len + args.output_len)
     flops_floor_s = 2 * params * total_tokens / (ceil["matmul_TFLOPs"] * 1e12)
     lines = [
@@ -214,7 +246,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     ok = [r for r in rows if "error" not in r]
-    hf_best = min((r["wall_s"] for r in ok if r["system"].startswith("HF generate (")), default=None)
+    hf_best = min(
+        (r["wall_s"] for r in ok if r["system"].startswith("HF generate (")), default=None
+    )
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['system']} | failed: {r['error']} | | | | | |")
@@ -228,6 +262,13 @@ def main() -> None:
     mm = [r for r in ok if r["system"].startswith("mmengine")]
     if mm:
         r = mm[0]
+        pr = r.get("profile", {})
+        if pr:
+            lines += [
+                "",
+                "mmengine engine-core profile of the timed run (s): "
+                + ", ".join(f"{k.replace('time_', '')} {v}" for k, v in pr.items()),
+            ]
         lines += [
             "",
             f"Batch-1 decode step: {r['decode_step_b1_ms']:.2f} ms; weight-read floor {floor_b1_ms:.2f} ms "
@@ -237,7 +278,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     (out_dir / "text_throughput.md").write_text(text + "\n")
-    (out_dir / "text_throughput.json").write_text(json.dumps({"card": card, "ceilings": ceil, "rows": rows}, indent=1))
+    (out_dir / "text_throughput.json").write_text(
+        json.dumps({"card": card, "ceilings": ceil, "rows": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":

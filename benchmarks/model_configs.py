@@ -37,7 +37,9 @@ def write_config_dir(name: str, out: Path) -> Path:
 
 
 def num_params(cfg: dict) -> int:
-    h, i, l_, v = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    h, i, l_, v = (
+        cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    )
     d = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * d
     per_layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * i + 2 * h

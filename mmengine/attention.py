@@ -78,7 +78,9 @@ def paged_attention_forward(
     )
 
 
-def decode_kv_splits(q: torch.Tensor, key_cache: torch.Tensor, meta: AttentionMetadata) -> int | None:
+def decode_kv_splits(
+    q: torch.Tensor, key_cache: torch.Tensor, meta: AttentionMetadata
+) -> int | None:
     """For pure decode batches on CUDA: the kernel's split choice rounded down to a power
     of two; None (the kernel decides) otherwise."""
     if not q.is_cuda or meta.max_query_len != 1:

@@ -81,6 +81,9 @@ class EngineCore:
                 encoder_store_tokens=self._store_tokens(),
             )
         )
+        self._timing = dict.fromkeys(
+            ("schedule", "update", "prefill", "decode", "prefill_steps", "decode_steps"), 0.0
+        )
         self._last_log = time.monotonic()
         self._last_gen_tokens = 0
         self._last_prompt_tokens = 0
@@ -147,11 +150,24 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[EngineCoreOutput]:
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        result = self.runner.execute(sched)
+        t1 = time.perf_counter()
+        result = self.runner.execute(sched)  # returns after the step's one host sync
+        t2 = time.perf_counter()
         outputs = self.scheduler.update_from_output(sched, result)
+        t3 = time.perf_counter()
+        tm = self._timing
+        tm["schedule"] += t1 - t0
+        tm["update"] += t3 - t2
+        if all(s.num_tokens == 1 for s in sched.scheduled):
+            tm["decode"] += t2 - t1
+            tm["decode_steps"] += 1
+        else:
+            tm["prefill"] += t2 - t1
+            tm["prefill_steps"] += 1
         self._maybe_log()
         return outputs
 
@@ -167,6 +183,14 @@ class EngineCore:
             prefix_cache_hit_tokens=kv.stats.hit_tokens,
             mm_prefix_cache_hit_tokens=kv.stats.mm_hit_tokens,
             **self._encoder_stats(),
+            time_schedule_s=self._timing["schedule"],
+            time_update_s=self._timing["update"],
+            time_prefill_steps_s=self._timing["prefill"],
+            time_decode_steps_s=self._timing["decode"],
+            time_prepare_inputs_s=self.runner.time_prepare_s,
+            time_encoder_s=self.runner.time_encoder_s,
+            num_prefill_steps=int(self._timing["prefill_steps"]),
+            num_decode_steps=int(self._timing["decode_steps"]),
             num_preemptions=s.num_preemptions,
             prompt_tokens_computed=s.prompt_tokens_computed,
             generation_tokens=s.generation_tokens,

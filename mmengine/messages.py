@@ -87,6 +87,16 @@ class EngineStats(msgspec.Struct):
     generation_tokens: int = 0
     num_steps: int = 0
     requests_finished: int = 0
+    # Where the engine-core time went (seconds, since start): schedule / update are host
+    # bookkeeping; prefill / decode steps are runner.execute (input prep + GPU + sampling).
+    time_schedule_s: float = 0.0
+    time_update_s: float = 0.0
+    time_prefill_steps_s: float = 0.0
+    time_decode_steps_s: float = 0.0
+    time_prepare_inputs_s: float = 0.0
+    time_encoder_s: float = 0.0
+    num_prefill_steps: int = 0
+    num_decode_steps: int = 0
     encoder_runs: int = 0
     encoder_items: int = 0
     embedding_cache_hits: int = 0

@@ -93,6 +93,8 @@ class ModelRunner:
         self.forward_fn = self._forward
         self.encoder_runner = self._load_encoder(model_path) if spec.is_multimodal else None
         self.encoder_outputs: dict[str, torch.Tensor] = {}  # content hash -> [L, H]
+        self.time_prepare_s = 0.0  # host time building step inputs
+        self.time_encoder_s = 0.0  # vision encoder (synchronized on GPU)
 
     def _load_encoder(self, path: Path):  # noqa: ANN202
         from encoders import EmbeddingCache, EncoderRunner, build_vision_encoder
@@ -402,8 +404,14 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_req_ids:
             self.generators.pop(rid, None)
+        t0 = time.perf_counter()
         self._encode(sched)
+        if sched.encoder_inputs and self.device.type == "cuda":
+            torch.cuda.synchronize()  # only to attribute the time: encoder steps are rare
+        t1 = time.perf_counter()
+        self.time_encoder_s += t1 - t0
         inputs = self.prepare(sched)
+        self.time_prepare_s += time.perf_counter() - t1
         if inputs.graph_batch is not None and self.graphs is not None:
             hidden = self.graphs.run(
                 inputs.graph_batch, inputs.input_ids, inputs.positions, inputs.meta

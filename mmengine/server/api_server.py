@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mmengine import __version__
 from mmengine.async_llm import AsyncLLM
+from mmengine.core_client import EngineDeadError
 from mmengine.server.args import engine_config_from_args, media_config_from_args
 from mmengine.server.errors import APIError, install_error_handlers
 from mmengine.server.media import MediaLoader
@@ -235,7 +236,12 @@ async def _serve(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     logger.info("loading %s ...", args.model)
     engine = AsyncLLM(config, startup_timeout_s=args.startup_timeout)
-    await engine.start()
+    try:
+        await engine.start()
+    except (EngineDeadError, OSError, ValueError, TimeoutError) as e:
+        # The engine core has logged its own traceback; say plainly what failed.
+        logger.error("could not start the engine for %s: %s", args.model, e)
+        return 1
     try:
         info = engine.info
         assert info is not None
