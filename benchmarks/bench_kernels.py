@@ -253,7 +253,7 @@ def elementwise_rows(copy_tbps: float, rep_ms: int) -> list[Row]:
         (
             "rms_norm + residual",
             f"{tokens}×{hidden}",
-            5 * x.numel() * item,  # read x, residual; write out, new residual; (weight)
+            4 * x.numel() * item,  # read x and residual, write out and new residual
             lambda: rms_norm(x, weight, 1e-6, residual),
             lambda: rms_norm_torch(x, weight, 1e-6, residual),
         ),

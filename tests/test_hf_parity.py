@@ -13,7 +13,38 @@ from mmengine import LLM, SamplingParams
 torch.set_num_threads(1)
 
 MAX_NEW = 12
-WORDS = ["the", "red", "circle", "moves", "left", "while", "a", "blue", "square", "waits", "on", "the", "right", "side", "of", "the", "picture", "under", "a", "green", "sky", "and", "nobody", "knows", "why", "résumé", "café", "naïve", "東京", "日本語"]
+WORDS = [
+    "the",
+    "red",
+    "circle",
+    "moves",
+    "left",
+    "while",
+    "a",
+    "blue",
+    "square",
+    "waits",
+    "on",
+    "the",
+    "right",
+    "side",
+    "of",
+    "the",
+    "picture",
+    "under",
+    "a",
+    "green",
+    "sky",
+    "and",
+    "nobody",
+    "knows",
+    "why",
+    "résumé",
+    "café",
+    "naïve",
+    "東京",
+    "日本語",
+]
 
 
 def make_prompts(n: int = 22, seed: int = 0) -> list[str]:

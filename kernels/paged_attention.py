@@ -1,0 +1,607 @@
+"""Causal attention of packed, variable-length query chunks over a paged KV cache.
+
+One kernel family serves every batch the scheduler builds: single-token decodes, prefill
+chunks that continue a cached context, and whole prefills, mixed in one launch (the
+"unified attention" layout of vLLM V1). Each program takes a tile of query rows of one
+sequence (`BLOCK_Q` tokens × the `QUERIES_PER_KV` query heads that share one KV head) and
+streams that sequence's keys and values through its block table with an online softmax.
+
+For decode-heavy batches with few sequences and long contexts that grid leaves most of the
+GPU idle, so the KV range of each sequence can be split across `NUM_SPLITS` programs
+(flash-decoding); a second, small kernel merges the partial results.
+
+No host synchronization happens inside `paged_attention`: every length is read on the
+device; the host ints `max_query_len` and `max_seq_len` only size the grid and pick tiles,
+so calls can be captured in CUDA graphs.
+"""
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import check_launchable, next_power_of_2, use_triton
+
+# The split (flash-decoding) path is chosen only for batches whose query chunks are at most
+# this long: its fp32 partial buffers grow with the number of query tokens.
+_SPLIT_MAX_QUERY_LEN = 8
+# A split shorter than this many KV positions costs more in merging than it gains.
+_MIN_SPLIT_LEN = 128
+_MAX_SPLITS = 32
+# Aim for this many programs per SM when splitting (a few waves hide the tail).
+_PROGRAMS_PER_SM = 4
+# A plain grid with this many programs per SM already streams KV at ~95% of copy bandwidth
+# on an H100 (64 sequences × 8 KV heads); splitting it only adds the merge.
+_NO_SPLIT_PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _attend_tile(
+    acc,  # [BLOCK_M, HEAD_PAD] fp32, unnormalized output
+    m_i,  # [BLOCK_M] fp32, running row max (log2 units)
+    l_i,  # [BLOCK_M] fp32, running row sum
+    q,  # [BLOCK_M, HEAD_PAD]
+    q_abs_pos,  # [BLOCK_M] position of each row in its sequence
+    tile,  # index of the TILE_N KV positions to attend to
+    kv_end,  # KV positions >= this are past every row of the tile
+    k_ptr,  # key_cache_ptr offset to the KV head: [num_blocks, block_size, ·, head_size]
+    v_ptr,  # value_cache_ptr offset to the KV head: [num_blocks, block_size, ·, head_size]
+    block_table_row,  # [max_blocks_per_seq] int32, this sequence's block table
+    stride_cache_blk,
+    stride_cache_pos,
+    scale_log2,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,  # False for tiles every row sees whole: no mask, no guards
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over TILE_N KV positions; returns (acc, m_i, l_i)."""
+    offs_n = tile * TILE_N + tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD_PAD)
+    n_valid = offs_n < kv_end
+    d_valid = offs_d < HEAD_SIZE
+    # 64-bit: block id × block stride overflows int32 on large caches.
+    block_id = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
+    kv_offset = block_id.to(tl.int64) * stride_cache_blk + (offs_n % BLOCK_SIZE) * stride_cache_pos
+
+    k = tl.load(
+        k_ptr + kv_offset[None, :] + offs_d[:, None],
+        mask=n_valid[None, :] & d_valid[:, None],
+        other=0.0,
+    )  # [HEAD_PAD, TILE_N]
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, TILE_N]
+    if CAUSAL_MASK:
+        visible = (offs_n[None, :] <= q_abs_pos[:, None]) & n_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row may see no key in this tile (or in this whole split): keep exp2 away from
+        # (-inf) - (-inf), but keep m_new itself -inf so the merge weighs the split as empty.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = m_new
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    v = tl.load(
+        v_ptr + kv_offset[:, None] + offs_d[None, :],
+        mask=n_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )  # [TILE_N, HEAD_PAD]
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,  # [num_tokens, num_q_heads, head_size]
+    part_acc_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS, HEAD_PAD] fp32, split path only
+    part_max_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32 (log2 units), split path only
+    part_sum_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32, split path only
+    q_ptr,  # [num_tokens, num_q_heads, head_size]
+    key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    num_seqs,
+    scale_log2,  # softmax scale × log2(e): the kernel exponentiates with exp2
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_cache_blk,  # shared by key_cache and value_cache
+    stride_cache_pos,
+    stride_cache_head,
+    stride_bt_seq,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,  # HEAD_SIZE rounded up to a power of two; the tail is masked
+    BLOCK_SIZE: tl.constexpr,  # KV positions per cache block (page)
+    BLOCK_M: tl.constexpr,  # query rows per program, a power of two >= BLOCK_Q * QUERIES_PER_KV
+    BLOCK_Q: tl.constexpr,  # query tokens per program
+    ONE_BLOCK_PER_SEQ: tl.constexpr,  # max_query_len <= BLOCK_Q: grid axis 0 is the sequence
+    TILE_N: tl.constexpr,  # KV positions per inner-loop step
+    NUM_SPLITS: tl.constexpr,  # 1: write the output; > 1: write partials for the merge kernel
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so tests compare tightly
+):
+    q_block_global = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    if ONE_BLOCK_PER_SEQ:
+        # Every chunk fits one query block (decode batches): program i is sequence i.
+        seq = q_block_global
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        q_block = 0
+    else:
+        # Sequence b owns the query blocks starting at qsl[b] // BLOCK_Q + b: an upper bound
+        # on the blocks of all earlier sequences that needs no prefix sum. Binary-search the
+        # last b whose start is <= this program's block.
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], 0, tl.int32) + num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            mid_start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+            lo = tl.where(mid_start <= q_block_global, mid + 1, lo)
+            hi = tl.where(mid_start <= q_block_global, hi, mid)
+        seq = lo - 1
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        q_block = q_block_global - (q_start // BLOCK_Q + seq)
+    if q_block * BLOCK_Q >= q_len:
+        # A slack block of the upper bound, or a padding sequence with no query tokens.
+        return
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    # Row r of the tile is query token q_block * BLOCK_Q + r // QUERIES_PER_KV of this
+    # sequence, query head kv_head * QUERIES_PER_KV + r % QUERIES_PER_KV.
+    offs_m = tl.arange(0, BLOCK_M)
+    row_tok = offs_m // QUERIES_PER_KV
+    q_pos = q_block * BLOCK_Q + row_tok
+    row_valid = (row_tok < BLOCK_Q) & (q_pos < q_len)
+    head = kv_head * QUERIES_PER_KV + offs_m % QUERIES_PER_KV
+    token = (q_start + q_pos).to(tl.int64)
+    q_abs_pos = context_len + q_pos  # position in the sequence; keys at <= it are visible
+
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_valid = offs_d < HEAD_SIZE
+
+    q = tl.load(
+        q_ptr + token[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )  # [BLOCK_M, HEAD_PAD]
+
+    # Keys past the last row's position are invisible to the whole tile.
+    kv_end = context_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
+    num_tiles = tl.cdiv(kv_end, TILE_N)
+    if NUM_SPLITS == 1:
+        tile_lo = 0
+        tile_hi = num_tiles
+    else:
+        tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        tile_lo = split * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+
+    block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    k_ptr = key_cache_ptr + kv_head * stride_cache_head
+    v_ptr = value_cache_ptr + kv_head * stride_cache_head
+    # Tiles below this one are visible to every row of the tile (the first row sits at
+    # context_len + q_block * BLOCK_Q), so they skip the causal mask.
+    full_tiles = (context_len + q_block * BLOCK_Q + 1) // TILE_N
+    for tile in range(tile_lo, tl.minimum(tile_hi, full_tiles)):
+        acc, m_i, l_i = _attend_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            q_abs_pos,
+            tile,
+            kv_end,
+            k_ptr,
+            v_ptr,
+            block_table_row,
+            stride_cache_blk,
+            stride_cache_pos,
+            scale_log2,
+            HEAD_SIZE,
+            HEAD_PAD,
+            BLOCK_SIZE,
+            TILE_N,
+            False,
+            DOT_PRECISION,
+        )
+    for tile in range(tl.maximum(tile_lo, full_tiles), tile_hi):
+        acc, m_i, l_i = _attend_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            q_abs_pos,
+            tile,
+            kv_end,
+            k_ptr,
+            v_ptr,
+            block_table_row,
+            stride_cache_blk,
+            stride_cache_pos,
+            scale_log2,
+            HEAD_SIZE,
+            HEAD_PAD,
+            BLOCK_SIZE,
+            TILE_N,
+            True,
+            DOT_PRECISION,
+        )
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(
+            out_ptr
+            + token[:, None] * stride_o_tok
+            + head[:, None] * stride_o_head
+            + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & d_valid[None, :],
+        )
+    else:
+        # Every split writes its partials, an empty one too (max -inf, sum 0), so the merge
+        # kernel never reads memory nobody wrote.
+        num_q_heads = tl.num_programs(1) * QUERIES_PER_KV
+        part_row = (token * num_q_heads + head) * NUM_SPLITS + split  # [BLOCK_M]
+        tl.store(
+            part_acc_ptr + part_row[:, None] * HEAD_PAD + offs_d[None, :],
+            acc,
+            mask=row_valid[:, None],
+        )
+        tl.store(part_max_ptr + part_row, m_i, mask=row_valid)
+        tl.store(part_sum_ptr + part_row, l_i, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr,  # [num_tokens, num_q_heads, head_size]
+    part_acc_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS, HEAD_PAD] fp32
+    part_max_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32 (log2 units)
+    part_sum_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    num_seqs,
+    stride_o_tok,
+    stride_o_head,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    # Tokens past the last sequence (CUDA-graph padding) were never attended: leave them.
+    if token >= tl.load(query_start_loc_ptr + num_seqs):
+        return
+    if token < tl.load(query_start_loc_ptr):
+        return
+
+    row = (token.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
+    offs_s = tl.arange(0, SPLITS_PAD)
+    s_valid = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, HEAD_PAD)
+
+    m = tl.load(part_max_ptr + row + offs_s, mask=s_valid, other=float("-inf"))
+    sums = tl.load(part_sum_ptr + row + offs_s, mask=s_valid, other=0.0)
+    acc = tl.load(
+        part_acc_ptr + (row + offs_s)[:, None] * HEAD_PAD + offs_d[None, :],
+        mask=s_valid[:, None],
+        other=0.0,
+    )  # [SPLITS_PAD, HEAD_PAD]
+
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    weight = tl.exp2(m - m_max)  # 0 for empty splits
+    total = tl.sum(sums * weight, 0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(
+        out_ptr + token.to(tl.int64) * stride_o_tok + head * stride_o_head + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_SIZE,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_kv_splits(
+    *,
+    num_q_blocks: int,
+    num_kv_heads: int,
+    max_query_len: int,
+    max_seq_len: int,
+    sm_count: int,
+) -> int:
+    """How many programs share one sequence's KV range (1 = no split).
+
+    Splitting pays when the plain grid (query blocks × KV heads) cannot fill the GPU and
+    each sequence has a long context to stream: a decode batch of 16 sequences with 2 KV
+    heads is 32 programs on a 132-SM H100.
+
+    Args:
+        num_q_blocks: upper bound on the query blocks of the plain grid.
+        num_kv_heads: KV heads (the grid's second axis).
+        max_query_len: longest query chunk of the batch.
+        max_seq_len: longest sequence (context + chunk) of the batch.
+        sm_count: streaming multiprocessors of the device.
+
+    Returns:
+        The number of KV splits, between 1 and 32.
+    """
+    if max_query_len > _SPLIT_MAX_QUERY_LEN:
+        return 1
+    programs = num_q_blocks * num_kv_heads
+    if programs >= _NO_SPLIT_PROGRAMS_PER_SM * sm_count:
+        return 1
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(programs, 1))
+    splits = min(wanted, triton.cdiv(max_seq_len, _MIN_SPLIT_LEN), _MAX_SPLITS)
+    return splits if splits >= 2 else 1
+
+
+def _launch_config(
+    max_query_len: int, queries_per_kv: int, head_pad: int, dtype: torch.dtype
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, TILE_N, num_warps, num_stages) for a batch, tuned on an H100 (bf16, head 128).
+
+    Decode-like batches get the smallest tile `tl.dot` allows (16 rows): their work is
+    streaming KV, and a taller tile would only multiply wasted rows; two pipeline stages
+    keep shared memory low enough for 3 programs per SM, which hides latency better than a
+    deeper pipeline. Prefill-like batches get 128×128 tiles with 8 warps (a 4096-token
+    prefill ran 7% faster than with 64×64 tiles and 4 warps, a 1024-token one as fast);
+    medium chunks get 64-row tiles. Heads wider than 128 halve the tiles to fit shared memory.
+    """
+    rows = max_query_len * queries_per_kv
+    min_rows = max(16, next_power_of_2(queries_per_kv))
+    if dtype == torch.float32:
+        # fp32 is for tests: keep tiles small enough for shared memory at 4 bytes.
+        return max(min_rows, 16 if rows <= 16 else 64), 32, 4, 2
+    if rows <= 16:
+        return min_rows, 64 if head_pad <= 128 else 32, 4, 2
+    if head_pad > 128:
+        return max(min_rows, 64), 32, 4, 2
+    if rows <= 64:
+        return max(min_rows, 64), 64, 4, 3
+    return max(min_rows, 128), 128, 8, 3
+
+
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: torch.Tensor | None = None,
+    num_kv_splits: int | None = None,
+    use_triton_kernel: bool | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed query chunks over each sequence's paged KV.
+
+    Query token j of sequence b (q_len = qsl[b+1] - qsl[b]) sits at position
+    seq_lens[b] - q_len + j and attends to KV positions 0..that position. Its K/V must
+    already be in the cache.
+
+    Args:
+        q: [num_tokens, num_q_heads, head_size]; sequence b's tokens are rows
+            query_start_loc[b]:query_start_loc[b+1]. The last dim must be contiguous.
+        key_cache: [num_blocks, block_size, num_kv_heads, head_size].
+        value_cache: same shape and strides as key_cache.
+        block_tables: int32 [num_seqs, max_blocks_per_seq].
+        query_start_loc: int32 [num_seqs + 1], non-decreasing, starting at 0. Sequences
+            with no query tokens (CUDA-graph padding) are skipped.
+        seq_lens: int32 [num_seqs], KV length of each sequence including this step's
+            query tokens.
+        scale: softmax scale, usually head_size ** -0.5.
+        max_query_len: host-side upper bound on every q_len (must hold: it sizes the grid).
+        max_seq_len: host-side bound on seq_lens (choosing the split count only).
+        out: optional [num_tokens, num_q_heads, head_size] output buffer. Rows that
+            belong to no sequence are left as they are (uninitialized if allocated here).
+        num_kv_splits: KV splits per sequence; None chooses from the batch shape and the
+            device, 1 disables the split path.
+        use_triton_kernel: force the Triton kernel (True) or the torch reference (False);
+            None takes Triton on CUDA tensors or when MMENGINE_FORCE_TRITON=1.
+
+    Returns:
+        The attention output, [num_tokens, num_q_heads, head_size] in q's dtype (`out` if
+        given).
+    """
+    if not use_triton(q, use_triton_kernel):
+        return paged_attention_torch(
+            q,
+            key_cache,
+            value_cache,
+            block_tables,
+            query_start_loc,
+            seq_lens,
+            scale=scale,
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            out=out,
+            num_kv_splits=num_kv_splits,
+        )
+    check_launchable(_paged_attention_kernel, q)
+
+    num_tokens, num_q_heads, head_size = q.shape
+    _, block_size, num_kv_heads, cache_head_size = key_cache.shape
+    num_seqs = block_tables.shape[0]
+    if num_q_heads % num_kv_heads != 0 or cache_head_size != head_size:
+        raise ValueError(f"q {tuple(q.shape)} does not match the KV cache {tuple(key_cache.shape)}")
+    if key_cache.stride() != value_cache.stride() or key_cache.stride(-1) != 1:
+        raise ValueError("key_cache and value_cache need equal strides and a contiguous last dim")
+    if q.stride(-1) != 1:
+        raise ValueError("q needs a contiguous last dim")
+    # The kernel walks these with unit strides (no-ops for the usual contiguous inputs).
+    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    query_start_loc = query_start_loc.contiguous()
+    seq_lens = seq_lens.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+
+    queries_per_kv = num_q_heads // num_kv_heads
+    head_pad = max(16, next_power_of_2(head_size))
+    block_m, tile_n, num_warps, num_stages = _launch_config(
+        max_query_len, queries_per_kv, head_pad, q.dtype
+    )
+    block_q = block_m // queries_per_kv
+    one_block_per_seq = max_query_len <= block_q
+    # The kernel lays sequence b's query blocks out from qsl[b] // BLOCK_Q + b, which needs
+    # num_tokens // BLOCK_Q + num_seqs programs; slack programs return at once.
+    num_q_blocks = num_seqs if one_block_per_seq else num_tokens // block_q + num_seqs
+
+    if num_kv_splits is None:
+        if q.is_cuda:
+            num_kv_splits = choose_num_kv_splits(
+                num_q_blocks=num_q_blocks,
+                num_kv_heads=num_kv_heads,
+                max_query_len=max_query_len,
+                max_seq_len=max_seq_len,
+                sm_count=_sm_count(q.device.index or 0),
+            )
+        else:
+            num_kv_splits = 1  # the interpreter gains nothing from more programs
+    num_kv_splits = max(int(num_kv_splits), 1)
+
+    if num_kv_splits > 1:
+        part_acc = torch.empty(
+            (num_tokens, num_q_heads, num_kv_splits, head_pad), dtype=torch.float32, device=q.device
+        )
+        part_max = torch.empty(
+            (num_tokens, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device
+        )
+        part_sum = torch.empty_like(part_max)
+    else:
+        part_acc = part_max = part_sum = out  # never touched: NUM_SPLITS == 1 compiles them out
+
+    _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_kv_splits)](
+        out,
+        part_acc,
+        part_max,
+        part_sum,
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        num_seqs,
+        scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        block_tables.stride(0),
+        QUERIES_PER_KV=queries_per_kv,
+        HEAD_SIZE=head_size,
+        HEAD_PAD=head_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        ONE_BLOCK_PER_SEQ=one_block_per_seq,
+        TILE_N=tile_n,
+        NUM_SPLITS=num_kv_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_kv_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_q_heads)](
+            out,
+            part_acc,
+            part_max,
+            part_sum,
+            query_start_loc,
+            num_seqs,
+            out.stride(0),
+            out.stride(1),
+            HEAD_SIZE=head_size,
+            HEAD_PAD=head_pad,
+            NUM_SPLITS=num_kv_splits,
+            SPLITS_PAD=next_power_of_2(num_kv_splits),
+            num_warps=2,
+        )
+    return out
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: torch.Tensor | None = None,
+    num_kv_splits: int | None = None,
+) -> torch.Tensor:
+    """Plain-torch reference of `paged_attention` (same arguments and result).
+
+    A loop over sequences: gather the sequence's K/V through its block table, then a
+    masked softmax in fp32, the way HF's eager attention computes it. It reads the lengths
+    on the host, so it synchronizes; `max_query_len`, `max_seq_len` and `num_kv_splits`
+    are accepted for signature parity and unused. Rows that belong to no sequence are left
+    as they are in `out` (zeros if allocated here).
+    """
+    del max_query_len, max_seq_len, num_kv_splits
+    num_q_heads = q.shape[1]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    if out is None:
+        out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        start, end = starts[b], starts[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        if q_len > seq_len:
+            raise ValueError(f"sequence {b}: {q_len} query tokens but seq_len {seq_len}")
+        blocks = block_tables[b, : triton.cdiv(seq_len, block_size)].long()
+        # [seq_len, num_kv_heads, head_size] -> [num_q_heads, seq_len, head_size]; query
+        # head h reads KV head h // group, as HF's repeat_kv arranges it.
+        k = key_cache[blocks].flatten(0, 1)[:seq_len].float()
+        v = value_cache[blocks].flatten(0, 1)[:seq_len].float()
+        k = k.transpose(0, 1).repeat_interleave(group, dim=0)
+        v = v.transpose(0, 1).repeat_interleave(group, dim=0)
+        qb = q[start:end].float().transpose(0, 1)  # [num_q_heads, q_len, head_size]
+
+        scores = torch.matmul(qb, k.transpose(1, 2)) * scale  # [num_q_heads, q_len, seq_len]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        visible = k_pos[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)
+    return out

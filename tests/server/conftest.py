@@ -1,0 +1,175 @@
+"""Fixtures of the server tests: one engine serving several apps, a media server, references."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmengine import LLM
+from mmengine.cli import make_parser
+from mmengine.server.args import media_config_from_args
+from mmengine.server.media import MediaLoader
+from tests.processors.media_helpers import bomb_png, mp4_bytes, png_bytes
+from tests.server.harness import ServerHarness, engine_argv
+
+torch.set_num_threads(1)
+
+PNG = png_bytes(16, 16)
+MP4 = mp4_bytes(num_frames=7)
+
+# Names a stub resolver answers; nothing in these tests ever reaches real DNS.
+DNS = {
+    "localhost": ["127.0.0.1"],
+    "media.internal": ["10.1.2.3"],
+    "metadata.internal": ["169.254.169.254"],
+    "rebind.example": ["93.184.216.34", "127.0.0.1"],
+    "v6.internal": ["::1"],
+    "ula.internal": ["fd12:3456::1"],
+}
+
+
+def stub_resolver(host: str, port: int) -> list[str]:
+    if host not in DNS:
+        raise OSError("unknown host")
+    return DNS[host]
+
+
+class _MediaHandler(http.server.BaseHTTPRequestHandler):
+    stop = threading.Event()
+    hits: list[str] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, body: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        _MediaHandler.hits.append(self.path)
+        if self.path == "/img.png":
+            self._send(PNG, "image/png")
+        elif self.path == "/clip.mp4":
+            self._send(MP4, "video/mp4")
+        elif self.path == "/page.html":
+            self._send(b"<html>not an image</html>", "text/html")
+        elif self.path == "/bomb.png":
+            self._send(bomb_png(), "image/png")
+        elif self.path == "/huge.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            try:
+                while not _MediaHandler.stop.is_set():
+                    self.wfile.write(b"\x00" * 65536)
+            except OSError:
+                pass
+        elif self.path == "/redirect.png":
+            self.send_response(302)
+            self.send_header("Location", "/img.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/slow.png":
+            _MediaHandler.stop.wait(10)  # never answers within the fetch deadline
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+
+@pytest.fixture(scope="session")
+def media_url() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MediaHandler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    _MediaHandler.stop.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def media_hits() -> list[str]:
+    return _MediaHandler.hits
+
+
+@pytest.fixture(scope="session")
+def media_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(allowed dir with img.png and an escaping symlink, a secret file outside it)."""
+    root = tmp_path_factory.mktemp("media")
+    allowed, outside = root / "allowed", root / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "img.png").write_bytes(PNG)
+    secret = outside / "secret.png"
+    secret.write_bytes(PNG)
+    (allowed / "escape.png").symlink_to(secret)
+    return allowed, secret
+
+
+@pytest.fixture(scope="session")
+def harness(qwen2_ckpt: Path) -> Iterator[ServerHarness]:
+    # One thread in the engine-core child too (it inherits the environment at spawn).
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        h = ServerHarness(engine_argv(qwen2_ckpt))
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    yield h
+    h.close()
+
+
+def _loader(extra: list[str], harness: ServerHarness) -> MediaLoader:
+    """The media path the flags configure, with test-sized timeouts and caps."""
+    args = make_parser().parse_args(["serve", *harness.argv, *extra])
+    config = dataclasses.replace(
+        media_config_from_args(args),
+        connect_timeout_s=1.0,
+        read_timeout_s=1.0,
+        fetch_deadline_s=1.5,
+        max_image_bytes=256 * 1024,
+        video_max_source_frames=5,
+    )
+    return MediaLoader(config, resolver=stub_resolver, timeout_s=10)
+
+
+DEFAULT_FLAGS = ["--limit-mm-per-prompt", "image=2,video=1", "--max-request-body-bytes", "2000000"]
+
+
+@pytest.fixture(scope="session")
+def api(harness: ServerHarness) -> str:
+    """Default media policy: public hosts only, no file: URLs."""
+    return harness.serve(DEFAULT_FLAGS, media_loader=_loader(DEFAULT_FLAGS, harness))
+
+
+@pytest.fixture(scope="session")
+def api_allowlisted(harness: ServerHarness, media_dirs: tuple[Path, Path]) -> str:
+    """The local media server and one local directory explicitly allowed."""
+    flags = [
+        *DEFAULT_FLAGS,
+        "--allowed-media-domains", "127.0.0.1", "localhost",
+        "--allowed-local-media-path", str(media_dirs[0]),
+    ]  # fmt: skip
+    return harness.serve(flags, media_loader=_loader(flags, harness))
+
+
+@pytest.fixture(scope="session")
+def reference_llm(qwen2_ckpt: Path) -> Iterator[LLM]:
+    """The offline API on the same checkpoint: the oracle for the server's tokens."""
+    with LLM(
+        str(qwen2_ckpt), dtype="float32", device="cpu", max_model_len=4096, multiprocess=False
+    ) as llm:
+        yield llm

@@ -1,0 +1,139 @@
+"""`mmengine serve` as a real process: signals, engine death, no leftover children, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from mmengine.cli import main, make_parser
+from mmengine.config import EngineConfig
+from mmengine.server.args import (
+    ENGINE_FLAG_HELP,
+    NOT_FLAGS,
+    SERVER_OWNED,
+    engine_config_from_args,
+)
+from tests.server.harness import ServerProcess, engine_argv, pid_alive, wait_for
+
+torch.set_num_threads(1)
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "temperature": 0}
+
+
+@pytest.fixture
+def server(qwen2_ckpt: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess([*engine_argv(qwen2_ckpt, max_model_len=1024)], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.close()
+
+
+def stream_in_thread(
+    url: str, max_tokens: int
+) -> tuple[threading.Thread, list[str], threading.Event]:
+    """Starts a streaming chat; returns (thread, received data lines, first-chunk event)."""
+    lines: list[str] = []
+    started = threading.Event()
+
+    def run() -> None:
+        body = {**CHAT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                    started.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(20)
+    return thread, lines, started
+
+
+def content_tokens(lines: list[str]) -> tuple[str | None, list[dict]]:
+    """(finish_reason, error events) of a finished chat stream."""
+    events = [json.loads(x) for x in lines if x != "[DONE]"]
+    finish = [
+        c["finish_reason"] for e in events for c in e.get("choices", []) if c["finish_reason"]
+    ]
+    return (finish[0] if finish else None), [e for e in events if "error" in e]
+
+
+def test_sigterm_finishes_in_flight_refuses_new_and_leaves_no_child(server: ServerProcess) -> None:
+    children = server.children()
+    assert len(children) == 1  # the engine core
+    thread, lines, _ = stream_in_thread(server.url, max_tokens=300)
+    server.signal(signal.SIGTERM)
+    wait_for(lambda: "received SIGTERM" in server.log(), timeout=5)
+    late = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(f"{server.url}/health").status_code == 503
+    thread.join(30)
+    finish, errors = content_tokens(lines)
+    assert finish == "length" and not errors and lines[-1] == "[DONE]"
+    assert server.proc.wait(20) == 0
+    assert not any(pid_alive(pid) for pid in children)
+
+
+def test_sigint_stops_cleanly_and_leaves_no_child(server: ServerProcess) -> None:
+    children = server.children()
+    server.signal(signal.SIGINT)
+    assert server.proc.wait(20) == 0
+    assert "engine stopped" in server.log()
+    assert "Traceback" not in server.log()
+    assert not any(pid_alive(pid) for pid in children)
+
+
+def test_engine_core_death_fails_in_flight_requests_reports_unhealthy_and_exits_nonzero(
+    server: ServerProcess,
+) -> None:
+    (core,) = server.children()
+    thread, lines, _ = stream_in_thread(server.url, max_tokens=900)
+    killed = time.monotonic()
+    os.kill(core, signal.SIGKILL)
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - killed < 2.0  # failed promptly
+    finish, errors = content_tokens(lines)
+    assert finish is None and errors and errors[0]["error"]["code"] == "engine_unavailable"
+    assert lines[-1] == "[DONE]"
+    health = httpx.get(f"{server.url}/health", timeout=2)  # still up for ~1 s after the death
+    assert health.status_code == 503
+    assert server.proc.wait(15) != 0
+
+
+def test_serve_without_a_model_says_a_model_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--port", "0"])
+    assert info.value.code == 2
+    assert "a model is required" in capsys.readouterr().err
+
+
+def test_every_engine_option_is_a_flag_with_an_explained_help_line() -> None:
+    help_text = make_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # noqa: SLF001
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in NOT_FLAGS:
+            continue
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+        if f.name not in SERVER_OWNED:  # those have their own server flag and help
+            assert f.name in ENGINE_FLAG_HELP, f"EngineConfig.{f.name} has no --help text"
+    args = make_parser().parse_args(
+        ["serve", "m", "--max-model-len", "77", "--no-enable-prefix-caching", "--block-size", "32"]
+    )
+    config = engine_config_from_args(args)
+    assert (config.max_model_len, config.enable_prefix_caching, config.block_size) == (
+        77,
+        False,
+        32,
+    )
+    assert config.multiprocess and config.seed == EngineConfig(model="m").seed
