@@ -27,12 +27,62 @@ QWEN25_3B_TEXT = {
     "use_sliding_window": False,
 }
 
-CONFIGS = {"qwen2.5-3b": QWEN25_3B_TEXT}
+# Qwen2.5-VL-3B-Instruct as published (flat hub layout).
+QWEN25_VL_3B = {
+    **{k: v for k, v in QWEN25_3B_TEXT.items() if k not in ("architectures", "model_type")},
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "max_position_embeddings": 128000,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 2048,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+}
+
+# The published Qwen2-VL/2.5-VL image processor settings.
+QWEN_VL_PREPROCESSOR = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "size": {"shortest_edge": 3136, "longest_edge": 12845056},
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_rescale": True,
+    "rescale_factor": 0.00392156862745098,
+    "do_normalize": True,
+    "do_resize": True,
+    "do_convert_rgb": True,
+    "resample": 3,
+    "image_processor_type": "Qwen2VLImageProcessor",
+}
+
+CONFIGS = {"qwen2.5-3b": QWEN25_3B_TEXT, "qwen2.5-vl-3b": QWEN25_VL_3B}
 
 
 def write_config_dir(name: str, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(CONFIGS[name], indent=1))
+    if "vision_config" in CONFIGS[name]:
+        (out / "preprocessor_config.json").write_text(json.dumps(QWEN_VL_PREPROCESSOR, indent=1))
     return out
 
 

@@ -28,7 +28,17 @@ _DTYPES = {
 }
 
 # Text decoders this engine runs, by the text config's model_type.
-SUPPORTED_TEXT_MODELS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_vl", "qwen2_5_vl")
+SUPPORTED_TEXT_MODELS = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen2_vl_text",  # transformers-5 names of the Qwen2-VL family's text config
+    "qwen2_5_vl_text",
+)
+_QWEN2_FAMILY = ("qwen2", "qwen2_vl", "qwen2_5_vl", "qwen2_vl_text", "qwen2_5_vl_text")
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> Path:
@@ -147,7 +157,7 @@ def load_model_spec(path: Path) -> ModelSpec:
         rope_theta=theta,
         max_position_embeddings=int(tc.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(tie),
-        qkv_bias=text_type in ("qwen2", "qwen2_vl", "qwen2_5_vl") or bool(tc.get("attention_bias")),
+        qkv_bias=text_type in _QWEN2_FAMILY or bool(tc.get("attention_bias")),
         qk_norm=text_type == "qwen3",
         mrope_section=mrope,
         rope_scaling=scaling,

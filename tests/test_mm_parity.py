@@ -273,3 +273,26 @@ def test_bad_media_fails_with_a_clear_error_and_engine_keeps_working(
         ok = llm.generate(good, p, use_tqdm=False)[0]
         assert ok.outputs[0].token_ids == refs[0]
         assert llm.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers5_layout_checkpoints_match_hf(family: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tests.fixtures.checkpoints import build_vlm_checkpoint
+
+    ckpt = build_vlm_checkpoint(family, tmp_path / family, layout="v5")
+    proc = AutoProcessor.from_pretrained(ckpt)
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+    c = cases(family)[0]
+    text = proc.apply_chat_template(_messages(c["parts"]), add_generation_prompt=True)
+    inputs = proc(text=[text], images=c["images"], return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    ref = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)[0, n:].tolist()
+    with LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=1024, multiprocess=False) as llm:
+        out = llm.generate(
+            {"prompt": text, "multi_modal_data": {"image": c["images"]}},
+            SamplingParams(temperature=0, max_tokens=MAX_NEW),
+            use_tqdm=False,
+        )[0]
+    assert out.outputs[0].token_ids == ref
