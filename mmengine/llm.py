@@ -234,27 +234,24 @@ class LLM:
         raise ValueError("a prompt is a string, {'prompt': str} or {'prompt_token_ids': [...]}")
 
     def _process_media(self, prompts: list[tuple[str | None, list[int], Any]]) -> list[tuple]:
-        """Run every prompt's images/videos through the input workers, in parallel."""
-        t0 = time.perf_counter()
-        futures = []
-        for _, ids, mm in prompts:
+        """Hand every prompt's images/videos to the input workers (in parallel); each
+        such prompt's third element becomes a future of the processed prompt."""
+        self._media_t0 = time.perf_counter()
+        out = []
+        for text, ids, mm in prompts:
             if mm is None:
-                futures.append(None)
+                out.append((text, ids, None))
                 continue
             if self._inputs is None:
                 raise ValueError("this model takes no images or videos")
-            futures.append(self._inputs.submit(ids, mm[0], mm[1], trusted=True))
-        out = []
-        for i, ((text, ids, _), fut) in enumerate(zip(prompts, futures)):
-            if fut is None:
-                out.append((text, ids, None))
-                continue
-            msg = self._inputs.decode(fut.result())
-            if msg.error is not None:
-                raise ValueError(f"prompt {i}: {msg.error}")
-            out.append((text, list(msg.prompt_token_ids), msg))
-        self.last_media_time_s = time.perf_counter() - t0  # benchmarks read this
+            out.append((text, ids, self._inputs.submit(ids, mm[0], mm[1], trusted=True)))
         return out
+
+    def _resolve_media(self, index: int, fut: Any) -> tuple[list[int], Any]:
+        msg = self._inputs.decode(fut.result())
+        if msg.error is not None:
+            raise ValueError(f"prompt {index}: {msg.error}")
+        return list(msg.prompt_token_ids), msg
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -271,42 +268,61 @@ class LLM:
             if t >= self.vocab_size:
                 raise ValueError(f"stop token id {t} is outside the vocabulary")
 
+    def _core_requests(
+        self, rid: str, ids: list[int], p: SamplingParams, mm: Any
+    ) -> tuple[list[str], list[EngineCoreRequest]]:
+        core_ids = [rid] if p.n == 1 else [f"{rid}-{i}" for i in range(p.n)]
+        reqs = [
+            EngineCoreRequest(
+                request_id=cid,
+                prompt_token_ids=ids,
+                params=params_to_msg(p if p.n == 1 else p.for_child(i)),
+                share_prompt_with=core_ids[0] if i > 0 else None,
+                mm_items=mm.mm_items if mm is not None else [],
+                mrope_positions=mm.mrope_positions if mm is not None else None,
+                mrope_delta=mm.mrope_delta if mm is not None else 0,
+            )
+            for i, cid in enumerate(core_ids)
+        ]
+        return core_ids, reqs
+
     def _run(
         self,
         prompts: list[tuple[str | None, list[int], Any]],
         params: list[SamplingParams],
         use_tqdm: bool,
     ) -> list[RequestOutput]:
-        for (_, ids, _), p in zip(prompts, params):
-            self._validate(ids, p)
+        for (_, ids, mm), p in zip(prompts, params):
+            if mm is None:
+                self._validate(ids, p)  # media prompts are checked once expanded
         processor = OutputProcessor(self.tokenizer)
-        order: list[str] = []
-        core_reqs: list[EngineCoreRequest] = []
-        for (text, ids, mm), p in zip(prompts, params):
-            rid = str(next(self._ids))
-            core_ids = [rid] if p.n == 1 else [f"{rid}-{i}" for i in range(p.n)]
-            processor.add_request(rid, text, ids, p, core_ids)
-            for i, cid in enumerate(core_ids):
-                child = p if p.n == 1 else p.for_child(i)
-                core_reqs.append(
-                    EngineCoreRequest(
-                        request_id=cid,
-                        prompt_token_ids=ids,
-                        params=params_to_msg(child),
-                        share_prompt_with=core_ids[0] if i > 0 else None,
-                        mm_items=mm.mm_items if mm is not None else [],
-                        mrope_positions=mm.mrope_positions if mm is not None else None,
-                        mrope_delta=mm.mrope_delta if mm is not None else 0,
-                    )
-                )
-            order.append(rid)
-        self._client.add_requests(core_reqs)
+        order = [str(next(self._ids)) for _ in prompts]
+        index_of = {rid: i for i, rid in enumerate(order)}
+        # Prompts go to the engine as soon as their media is ready, in order, so the GPU
+        # starts on the first ones while the workers still preprocess the rest.
+        to_add = list(zip(order, prompts, params))
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm, unit="req")
         start, out_tokens = time.perf_counter(), 0
         try:
-            while processor.has_unfinished():
-                outs = self._client.get_outputs(1.0)
+            while to_add or processor.has_unfinished():
+                batch: list[EngineCoreRequest] = []
+                while to_add:
+                    rid, (text, ids, mm), p = to_add[0]
+                    if mm is not None and not isinstance(mm, msgspec.Struct):
+                        if not mm.done() and (batch or processor.has_unfinished()):
+                            break  # not ready: serve what we have meanwhile
+                        ids, mm = self._resolve_media(index_of[rid], mm)
+                        self._validate(ids, p)
+                    core_ids, reqs = self._core_requests(rid, ids, p, mm)
+                    processor.add_request(rid, text, ids, p, core_ids)
+                    batch.extend(reqs)
+                    to_add.pop(0)
+                if batch:
+                    self._client.add_requests(batch)
+                if not to_add and hasattr(self, "_media_t0"):
+                    self.last_media_time_s = time.perf_counter() - self._media_t0
+                outs = self._client.get_outputs(0.02 if to_add else 1.0)
                 if not outs:
                     continue
                 res = processor.process(outs)
@@ -328,6 +344,9 @@ class LLM:
             pending = [
                 c for rid in order if rid not in results for c in processor.abort_request(rid)
             ]
+            for _, (_, _, mm), _ in to_add:
+                if mm is not None and hasattr(mm, "cancel"):
+                    mm.cancel()
             try:
                 self._client.abort(pending)
             except EngineDeadError:
