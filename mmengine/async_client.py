@@ -9,22 +9,18 @@ Exactly one task may call :meth:`AsyncCoreClient.recv`; sends are fire-and-forge
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
-import tempfile
-import time
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from mmengine.config import EngineConfig
-from mmengine.core_client import EngineDeadError
+from mmengine.core_client import EngineDeadError, spawn_core_process, wait_until_ready
 from mmengine.messages import ControlMsg, EngineCoreOutputs, EngineInfo
 
 logger = logging.getLogger(__name__)
@@ -40,35 +36,29 @@ class AsyncCoreClient:
         kill it when its parent *thread* exits (PR_SET_PDEATHSIG).
         """
         self._closed = False
-        self._tmpdir = tempfile.mkdtemp(prefix="mmengine-")
-        os.chmod(self._tmpdir, 0o700)  # only this user may connect to the ipc sockets
-        in_addr = f"ipc://{self._tmpdir}/input"
-        out_addr = f"ipc://{self._tmpdir}/output"
         self._ctx = zmq.asyncio.Context()
-        self._in = self._ctx.socket(zmq.PUSH)
-        self._in.setsockopt(zmq.LINGER, 0)
-        self._in.bind(in_addr)
-        self._out = self._ctx.socket(zmq.PULL)
-        self._out.setsockopt(zmq.LINGER, 0)
-        self._out.bind(out_addr)
+        core = spawn_core_process(config, self._ctx)
+        self._proc, self._tmpdir = core.proc, core.tmpdir
+        self._in: zmq.asyncio.Socket = core.input  # type: ignore[assignment]
+        self._out: zmq.asyncio.Socket = core.output  # type: ignore[assignment]
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(EngineCoreOutputs)
-        env = dict(os.environ)
-        env["MMENGINE_CORE_CONFIG"] = json.dumps(config.to_dict())
-        cmd = [sys.executable, "-m", "mmengine.core_process", "--input", in_addr]
-        cmd += ["--output", out_addr, "--parent-pid", str(os.getpid())]
-        self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         self.info: EngineInfo | None = None
+        self._handshake: concurrent.futures.Future[EngineInfo] | None = None
 
     async def wait_ready(self, timeout_s: float) -> EngineInfo:
-        """Waits for the engine's ready message (the model is loaded, KV allocated)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            msg = await self.recv(0.2)
-            if msg is not None and msg.info is not None and msg.call_id == 0:
-                self.info = msg.info
-                return msg.info
-        raise TimeoutError(f"the engine core did not start within {timeout_s:.0f}s")
+        """Waits for the engine's ready message (the model is loaded, KV allocated).
+
+        The handshake is ``MPClient``'s, run on a worker thread over a plain shadow of the
+        output socket: nothing else reads that socket until it returns, and the event
+        loop stays free while the model loads.
+        """
+        sync_out = zmq.Socket.shadow(self._out.underlying)
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="core-handshake")
+        self._handshake = pool.submit(wait_until_ready, sync_out, self._proc, timeout_s)
+        pool.shutdown(wait=False)
+        self.info = await asyncio.wrap_future(self._handshake)
+        return self.info
 
     # ---- traffic ---------------------------------------------------------------------------
     def send(self, msg: ControlMsg) -> None:
@@ -125,6 +115,11 @@ class AsyncCoreClient:
                     sync_in = zmq.Socket.shadow(self._in.underlying)
                     sync_in.send(self._enc.encode(ControlMsg(kind="shutdown")), zmq.NOBLOCK)
                 _wait_or_kill(self._proc, timeout_s)
+            if self._handshake is not None:
+                # A cancelled start: the handshake thread still polls the output socket.
+                # It sees the process gone within one poll; closing the socket under it
+                # first could abort inside libzmq.
+                concurrent.futures.wait([self._handshake], timeout=2.0)
         finally:
             self._in.close(0)
             self._out.close(0)

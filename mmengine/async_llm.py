@@ -4,6 +4,8 @@ One background task reads engine-core outputs, detokenizes them with an
 ``OutputProcessor`` and routes each cumulative ``RequestOutput`` to its request's queue.
 ``generate`` is an async iterator over those outputs; leaving it early (a client that
 disconnects, a cancelled task) aborts the request in the engine so its KV blocks are freed.
+For a vision-language model, prompts with images or videos first go through the
+input-processing worker processes (``AsyncInputWorkers``), off the event loop.
 """
 
 from __future__ import annotations
@@ -12,22 +14,31 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from mmengine.async_client import AsyncCoreClient
+from mmengine.async_inputs import (
+    AsyncInputWorkers,
+    InputWorkerDiedError,
+    MediaInputError,
+    start_input_workers,
+)
 from mmengine.config import EngineConfig
 from mmengine.core_client import EngineDeadError
-from mmengine.llm import PromptType, load_tokenizer, params_to_msg
+from mmengine.input_processor import ProcessedMsg
+from mmengine.llm import PromptType, load_tokenizer, params_to_msg, validate_prompt
 from mmengine.messages import ControlMsg, EngineCoreOutput, EngineCoreRequest, EngineInfo
 from mmengine.output_processor import OutputProcessor
 from mmengine.outputs import RequestOutput
 from mmengine.sampling_params import SamplingParams
+from processors.config import MediaConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncLLM", "EngineDeadError"]
+__all__ = ["AsyncLLM", "EngineDeadError", "EnginePrompt", "InputWorkerDiedError", "MediaInputError"]
 
 # Prompts longer than this many characters are tokenized on a worker thread: a fast
 # tokenizer needs ~1 ms per 10k characters, and the event loop must stay responsive.
@@ -42,6 +53,16 @@ _ABORTED = _Aborted()
 _QueueItem = RequestOutput | BaseException | _Aborted
 
 
+@dataclass
+class EnginePrompt:
+    """A prompt as the engine takes it: media placeholders expanded to one token per
+    embedding row, and the workers' preprocessed items alongside."""
+
+    text: str | None  # the prompt as given (placeholders unexpanded), for outputs
+    prompt_token_ids: list[int]  # what the engine runs: what usage counts
+    mm: ProcessedMsg | None = None  # items, M-RoPE positions; None for text-only prompts
+
+
 class AsyncLLM:
     """Asynchronous generation over an engine core running in a child process.
 
@@ -49,19 +70,35 @@ class AsyncLLM:
         config: The engine options. ``multiprocess`` is ignored: the engine core always
             runs in its own process, so the caller's event loop never runs the model.
         startup_timeout_s: How long loading the model may take.
+        media_config: Limits the input workers apply while decoding media (and the
+            fetch policy for media given as URLs). Default: ``MediaConfig()``.
+        input_timeout_s: Longest a prompt's media may take in the input workers,
+            queueing included. Default: the fetch plus video-decode deadlines, plus 30 s.
 
     Call ``await start()`` before anything else and ``shutdown()`` at the end.
     """
 
-    def __init__(self, config: EngineConfig, *, startup_timeout_s: float = 900.0) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        startup_timeout_s: float = 900.0,
+        media_config: MediaConfig | None = None,
+        input_timeout_s: float | None = None,
+    ) -> None:
         self.config = config
         self.startup_timeout_s = startup_timeout_s
+        self.media_config = media_config or MediaConfig()
+        self.input_timeout_s = input_timeout_s or (
+            self.media_config.fetch_deadline_s + self.media_config.video_decode_deadline_s + 30
+        )
         self.tokenizer: Any = None
         self.info: EngineInfo | None = None
         self.max_model_len = 0
         self.vocab_size = 0
         self.dead_event: asyncio.Event | None = None  # set once the engine is dead
         self._client: AsyncCoreClient | None = None
+        self._inputs: AsyncInputWorkers | None = None  # vision-language models only
         self._processor: OutputProcessor | None = None
         self._queues: dict[str, asyncio.Queue[_QueueItem]] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -84,6 +121,10 @@ class AsyncLLM:
             self._client = AsyncCoreClient(self.config)  # spawned on this (the loop's) thread
             self.info = await self._client.wait_ready(self.startup_timeout_s)
             self.tokenizer = await tokenizer_task
+            # Forked now, while this process is quiet, rather than in the middle of serving.
+            self._inputs = await start_input_workers(
+                self.config, self.media_config, self.info.dtype, self.input_timeout_s
+            )
         except BaseException:
             tokenizer_task.cancel()
             self.shutdown()
@@ -94,12 +135,15 @@ class AsyncLLM:
         self._output_task = asyncio.create_task(self._output_loop(), name="engine-outputs")
 
     def shutdown(self) -> None:
-        """Stops the output task and the engine-core process (idempotent, synchronous)."""
+        """Stops the output task, the input workers and the engine-core process
+        (idempotent, synchronous)."""
         if self._shut_down:
             return
         self._shut_down = True
         if self._output_task is not None and not self._output_task.done():
             self._output_task.cancel()
+        if self._inputs is not None:
+            self._inputs.shutdown()
         if self._client is not None:
             self._client.shutdown()
         if self._dead is None:
@@ -125,22 +169,37 @@ class AsyncLLM:
     def num_unfinished(self) -> int:
         return len(self._queues)
 
+    @property
+    def is_multimodal(self) -> bool:
+        """True when the model takes images/videos (its input workers are running)."""
+        return self._inputs is not None
+
+    @property
+    def input_worker_pids(self) -> list[int]:
+        return [] if self._inputs is None else self._inputs.pids
+
     # ---- requests --------------------------------------------------------------------------
     async def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str
+        self, prompt: PromptType | EnginePrompt, params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Streams cumulative outputs of one prompt (all ``params.n`` completions).
 
         A prompt is a string, ``{"prompt": str}`` or ``{"prompt_token_ids": [...]}``
-        (optionally with ``"prompt"`` as its text). Stopping iteration early aborts it.
+        (optionally with ``"prompt"`` as its text), plus for a vision-language model
+        ``"multi_modal_data": {"image": [...], "video": [...]}`` (encoded bytes, or
+        http(s)/data:/allowed file: URLs fetched by the workers under ``media_config``)
+        and optionally ``"multi_modal_uuids"`` in the same shape; or an ``EnginePrompt``
+        from :meth:`preprocess`. Stopping iteration early aborts it.
 
         Raises:
+            MediaInputError: the media was refused (a ValueError carrying an HTTP status).
+            InputWorkerDiedError: an input worker died with this request (now restarted).
             ValueError: invalid prompt (empty, too long, ids outside the vocabulary) or a
                 duplicate ``request_id``; raised before anything reaches the engine.
             EngineDeadError: the engine core is dead or died during the request.
         """
-        self._check_alive()
-        text, ids = await self.encode(prompt)
+        engine_prompt = await self.preprocess(prompt)
+        text, ids = engine_prompt.text, engine_prompt.prompt_token_ids
         self.validate(ids, params)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -152,9 +211,8 @@ class AsyncLLM:
         self._queues[request_id] = queue
         finished = False
         try:
-            self._client.send(
-                ControlMsg(kind="add", requests=_core_requests(ids, params, core_ids))
-            )
+            requests = _core_requests(ids, engine_prompt.mm, params, core_ids)
+            self._client.send(ControlMsg(kind="add", requests=requests))
             while not finished:
                 item = await queue.get()
                 while not queue.empty() and isinstance(item, RequestOutput):
@@ -205,9 +263,32 @@ class AsyncLLM:
             self._calls.pop(call_id, None)
         stats = msgspec.structs.asdict(reply.stats)
         stats["num_frontend_requests"] = len(self._queues)
+        stats["input_worker_restarts"] = 0 if self._inputs is None else self._inputs.restarts
         return stats
 
     # ---- prompts ---------------------------------------------------------------------------
+    async def preprocess(self, prompt: PromptType | EnginePrompt) -> EnginePrompt:
+        """Tokenizes a prompt and, if it has media, runs it through the input workers.
+
+        The server calls this before ``generate`` because the output budget depends on
+        the expanded prompt's length. Validation against the context is ``validate``'s.
+        """
+        if isinstance(prompt, EnginePrompt):
+            return prompt
+        self._check_alive()
+        text, ids = await self.encode(prompt)
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if not mm_data:
+            return EnginePrompt(text, ids)
+        if self._inputs is None:
+            raise MediaInputError("This model takes no images or videos.")
+        if not isinstance(mm_data, dict):
+            raise MediaInputError("multi_modal_data must map 'image'/'video' to items.")
+        uuids = prompt.get("multi_modal_uuids")  # type: ignore[union-attr]
+        msg = await self._inputs.process(ids, mm_data, uuids, trusted=False)
+        self._check_alive()  # the engine may have died while the workers ran
+        return EnginePrompt(text, list(msg.prompt_token_ids), msg)
+
     async def encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(text, token ids) of a prompt; long texts are tokenized off the event loop."""
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -226,19 +307,7 @@ class AsyncLLM:
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError for a prompt the engine would refuse (as ``LLM`` does)."""
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len} "
-                "(room for at least one output token is needed)"
-            )
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        for t in params.stop_token_ids:
-            if t >= self.vocab_size:
-                raise ValueError(f"stop token id {t} is outside the vocabulary")
+        validate_prompt(ids, params, self.max_model_len, self.vocab_size)
 
     # ---- internals -------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -309,9 +378,10 @@ class AsyncLLM:
 
 
 def _core_requests(
-    ids: list[int], params: SamplingParams, core_ids: list[str]
+    ids: list[int], mm: ProcessedMsg | None, params: SamplingParams, core_ids: list[str]
 ) -> list[EngineCoreRequest]:
-    """One engine-core request per completion; completions 2..n share the first's prompt."""
+    """One engine-core request per completion; completions 2..n share the first's prompt
+    (its KV blocks, and its media items, which are sent with each)."""
     reqs = []
     for i, cid in enumerate(core_ids):
         child = params if params.n == 1 else params.for_child(i)
@@ -321,6 +391,9 @@ def _core_requests(
                 prompt_token_ids=ids,
                 params=params_to_msg(child),
                 share_prompt_with=core_ids[0] if i > 0 else None,
+                mm_items=mm.mm_items if mm is not None else [],
+                mrope_positions=mm.mrope_positions if mm is not None else None,
+                mrope_delta=mm.mrope_delta if mm is not None else 0,
             )
         )
     return reqs

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from mmengine import __version__
+from mmengine.default_model import default_model_path
 
-# The model served when none is named. None until an embedded default model ships;
-# switching it on is changing this one line.
-DEFAULT_MODEL: str | None = None
+# The model served when none is named: the embedded shapes captioner (no download).
+DEFAULT_MODEL: str | None = default_model_path()
 
 
 def make_parser() -> argparse.ArgumentParser:

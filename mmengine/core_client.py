@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -26,6 +27,7 @@ from mmengine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
+    EngineInfo,
     EngineStats,
 )
 
@@ -34,6 +36,87 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine core stopped; no more requests can be served."""
+
+
+@dataclass
+class CoreProcess:
+    """A started engine-core child and the two sockets bound for it.
+
+    The sockets come from the caller's context, so they are plain ``zmq`` sockets for
+    ``MPClient`` and ``zmq.asyncio`` ones for ``AsyncCoreClient``.
+    """
+
+    proc: subprocess.Popen[bytes]
+    input: zmq.Socket  # PUSH: control messages to the core
+    output: zmq.Socket  # PULL: outputs from the core
+    tmpdir: str  # private 0700 directory of the ipc:// sockets; remove it after closing
+
+
+def spawn_core_process(config: EngineConfig, ctx: zmq.Context) -> CoreProcess:
+    """Binds the ipc sockets and starts ``python -m mmengine.core_process``.
+
+    The child asks the kernel to kill it when the *thread* that spawned it exits
+    (PR_SET_PDEATHSIG), so call this on a thread that outlives the engine.
+    """
+    tmpdir = tempfile.mkdtemp(prefix="mmengine-")
+    os.chmod(tmpdir, 0o700)  # only this user may connect to the ipc sockets
+    in_addr = f"ipc://{tmpdir}/input"
+    out_addr = f"ipc://{tmpdir}/output"
+    in_sock = ctx.socket(zmq.PUSH)
+    in_sock.setsockopt(zmq.LINGER, 0)
+    in_sock.bind(in_addr)
+    out_sock = ctx.socket(zmq.PULL)
+    out_sock.setsockopt(zmq.LINGER, 0)
+    out_sock.bind(out_addr)
+    env = dict(os.environ)
+    env["MMENGINE_CORE_CONFIG"] = json.dumps(config.to_dict())
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmengine.core_process",
+        "--input",
+        in_addr,
+        "--output",
+        out_addr,
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    except BaseException:
+        in_sock.close(0)
+        out_sock.close(0)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    return CoreProcess(proc, in_sock, out_sock, tmpdir)
+
+
+def wait_until_ready(
+    out_sock: zmq.Socket, proc: subprocess.Popen[bytes], timeout_s: float
+) -> EngineInfo:
+    """The start-up handshake: blocks until the core sends its ready message.
+
+    The ready message is the first thing a core sends (``call_id`` 0 with its
+    ``EngineInfo``); before it, a fatal error arrives as ``dead``, or the process exits.
+
+    Raises:
+        EngineDeadError: the core reported a failure or its process exited.
+        TimeoutError: nothing within ``timeout_s``.
+    """
+    decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not out_sock.poll(200):
+            code = proc.poll()
+            if code is not None:
+                raise EngineDeadError(f"the engine core process failed to start (exit code {code})")
+            continue
+        msg = decoder.decode(out_sock.recv(copy=False).buffer)
+        if msg.dead is not None:
+            raise EngineDeadError(f"the engine core failed: {msg.dead}")
+        if msg.call_id == 0 and msg.info is not None:
+            return msg.info
+    raise TimeoutError(f"the engine core did not answer within {timeout_s:.0f}s")
 
 
 class InprocClient:
@@ -78,44 +161,25 @@ class MPClient:
 
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 900.0) -> None:
         self._closed = False
-        self._tmpdir = tempfile.mkdtemp(prefix="mmengine-")
-        os.chmod(self._tmpdir, 0o700)
-        in_addr = f"ipc://{self._tmpdir}/input"
-        out_addr = f"ipc://{self._tmpdir}/output"
         self._ctx = zmq.Context()
-        self._in = self._ctx.socket(zmq.PUSH)
-        self._in.setsockopt(zmq.LINGER, 0)
-        self._in.bind(in_addr)
-        self._out = self._ctx.socket(zmq.PULL)
-        self._out.setsockopt(zmq.LINGER, 0)
-        self._out.bind(out_addr)
+        core = spawn_core_process(config, self._ctx)
+        self._proc, self._in, self._out, self._tmpdir = (
+            core.proc,
+            core.input,
+            core.output,
+            core.tmpdir,
+        )
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(EngineCoreOutputs)
         self._pending: list[EngineCoreOutput] = []
         self._call_ids = itertools.count(1)
-        env = dict(os.environ)
-        env["MMENGINE_CORE_CONFIG"] = json.dumps(config.to_dict())
-        cmd = [
-            sys.executable,
-            "-m",
-            "mmengine.core_process",
-            "--input",
-            in_addr,
-            "--output",
-            out_addr,
-            "--parent-pid",
-            str(os.getpid()),
-        ]
-        self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         try:
-            ready = self._wait_for_call(0, startup_timeout_s, starting=True)
+            self.info = wait_until_ready(self._out, self._proc, startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
-        assert ready.info is not None
-        self.info = ready.info
-        self.max_model_len = ready.info.max_model_len
-        self.vocab_size = ready.info.vocab_size
+        self.max_model_len = self.info.max_model_len
+        self.vocab_size = self.info.vocab_size
 
     # ---- sending ---------------------------------------------------------------------------
     def _send(self, msg: ControlMsg) -> None:
@@ -155,17 +219,14 @@ class MPClient:
             return []
         return list(msg.outputs)
 
-    def _wait_for_call(
-        self, call_id: int, timeout_s: float, starting: bool = False
-    ) -> EngineCoreOutputs:
+    def _wait_for_call(self, call_id: int, timeout_s: float) -> EngineCoreOutputs:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             msg = self._recv(0.2)
             if msg is None:
                 code = self._proc.poll()
                 if code is not None:
-                    what = "failed to start" if starting else "exited"
-                    raise EngineDeadError(f"the engine core process {what} (exit code {code})")
+                    raise EngineDeadError(f"the engine core process exited (exit code {code})")
                 continue
             if msg.call_id == call_id:
                 return msg

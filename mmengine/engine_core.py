@@ -218,6 +218,8 @@ class EngineCore:
             block_size=self.config.block_size,
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
+            kv_cache_bytes=self.runner.num_kv_blocks
+            * kv_bytes_per_block(self.spec, self.config.block_size, self.dtype),
         )
 
     def reset_prefix_cache(self) -> bool:

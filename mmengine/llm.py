@@ -51,6 +51,30 @@ def params_to_msg(p: SamplingParams) -> SamplingParamsMsg:
     )
 
 
+def validate_prompt(
+    ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int
+) -> None:
+    """Raises ValueError for a prompt the engine would refuse.
+
+    Shared by ``LLM`` and ``AsyncLLM``; run on the prompt the engine will see (media
+    placeholders expanded). The messages name counts and ids only, never paths, so the
+    server returns them to clients as they are.
+    """
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if len(ids) >= max_model_len:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens, but max_model_len is {max_model_len} "
+            "(room for at least one output token is needed)"
+        )
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    for t in params.stop_token_ids:
+        if t >= vocab_size:
+            raise ValueError(f"stop token id {t} is outside the vocabulary")
+
+
 class LLM:
     """Generate text for batches of prompts with a continuously batched engine.
 
@@ -253,21 +277,6 @@ class LLM:
             raise ValueError(f"prompt {index}: {msg.error}")
         return list(msg.prompt_token_ids), msg
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len} "
-                "(room for at least one output token is needed)"
-            )
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        for t in params.stop_token_ids:
-            if t >= self.vocab_size:
-                raise ValueError(f"stop token id {t} is outside the vocabulary")
-
     def _core_requests(
         self, rid: str, ids: list[int], p: SamplingParams, mm: Any
     ) -> tuple[list[str], list[EngineCoreRequest]]:
@@ -293,8 +302,8 @@ class LLM:
         use_tqdm: bool,
     ) -> list[RequestOutput]:
         for (_, ids, mm), p in zip(prompts, params):
-            if mm is None:
-                self._validate(ids, p)  # media prompts are checked once expanded
+            if mm is None:  # media prompts are checked once expanded
+                validate_prompt(ids, p, self.max_model_len, self.vocab_size)
         processor = OutputProcessor(self.tokenizer)
         order = [str(next(self._ids)) for _ in prompts]
         index_of = {rid: i for i, rid in enumerate(order)}
@@ -313,7 +322,7 @@ class LLM:
                         if not mm.done() and (batch or processor.has_unfinished()):
                             break  # not ready: serve what we have meanwhile
                         ids, mm = self._resolve_media(index_of[rid], mm)
-                        self._validate(ids, p)
+                        validate_prompt(ids, p, self.max_model_len, self.vocab_size)
                     core_ids, reqs = self._core_requests(rid, ids, p, mm)
                     processor.add_request(rid, text, ids, p, core_ids)
                     batch.extend(reqs)

@@ -112,6 +112,7 @@ class EngineInfo(msgspec.Struct):
     block_size: int
     device: str
     dtype: str
+    kv_cache_bytes: int = 0  # memory of the whole KV pool (for the start-up log)
 
 
 class EngineCoreOutputs(msgspec.Struct):

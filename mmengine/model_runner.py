@@ -87,8 +87,13 @@ class ModelRunner:
         if self.compiled:
             # Compile the decoder layer, not the whole model: all layers share one compiled
             # graph (parameters are graph inputs), so start-up does not grow with depth.
+            import torch._dynamo
+
+            # Layer 0 (no residual yet) and 1-token steps get their own graphs; leave room
+            # for a few more specializations, and fall back to eager rather than fail.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             for layer in self.model.layers:
-                layer.forward = torch.compile(layer.forward, dynamic=True, fullgraph=True)
+                layer.forward = torch.compile(layer.forward, dynamic=True)
         self.forward_embeds = self._forward_embeds
         self.forward_fn = self._forward
         self.encoder_runner = self._load_encoder(model_path) if spec.is_multimodal else None

@@ -24,7 +24,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mmengine import __version__
 from mmengine.async_llm import AsyncLLM
-from mmengine.core_client import EngineDeadError
 from mmengine.server.args import engine_config_from_args, media_config_from_args
 from mmengine.server.errors import APIError, install_error_handlers
 from mmengine.server.media import MediaLoader
@@ -235,10 +234,13 @@ def run_server(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     logger.info("loading %s ...", args.model)
-    engine = AsyncLLM(config, startup_timeout_s=args.startup_timeout)
+    # The input workers decode media under the same limits the server fetched it with.
+    engine = AsyncLLM(
+        config, startup_timeout_s=args.startup_timeout, media_config=media_config_from_args(args)
+    )
     try:
         await engine.start()
-    except (EngineDeadError, OSError, ValueError, TimeoutError) as e:
+    except (RuntimeError, OSError, ValueError, TimeoutError) as e:  # EngineDeadError too
         # The engine core has logged its own traceback; say plainly what failed.
         logger.error("could not start the engine for %s: %s", args.model, e)
         return 1
@@ -246,16 +248,27 @@ async def _serve(args: argparse.Namespace) -> int:
         info = engine.info
         assert info is not None
         logger.info(
-            "model %s | dtype %s | device %s | KV cache %d blocks x %d tokens (%d tokens) | "
-            "max_model_len %d",
+            "model %s | dtype %s | device %s | KV cache %d blocks x %d tokens (%d tokens, "
+            "%.1f MiB) | max_model_len %d",
             args.model,
             info.dtype,
             info.device,
             info.num_kv_blocks,
             info.block_size,
             info.num_kv_blocks * info.block_size,
+            info.kv_cache_bytes / 2**20,
             info.max_model_len,
         )
+        if engine.is_multimodal:
+            logger.info(
+                "images and video: on, %s; at most %s per prompt",
+                f"{config.num_input_workers} input-processing process(es)"
+                if config.num_input_workers > 0
+                else "input processing on a frontend thread",
+                config.limit_mm_per_prompt,
+            )
+        else:
+            logger.info("images and video: off (a text-only model)")
         app = build_app(engine, args)
         uv_config = uvicorn.Config(
             app,

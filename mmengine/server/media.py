@@ -3,8 +3,9 @@
 Fetching and decoding run on a bounded thread pool through the ``processors`` package,
 which enforces SECURITY.md items 1-7 (SSRF guard, allowlists, byte/pixel/frame caps,
 format checks) and raises ``MediaError`` with a client-safe message and an HTTP status.
-This module turns those into API errors and returns the decoded items in prompt order,
-ready for the multimodal pipeline (preprocess, hash, expand placeholders, encode).
+This module turns those into API errors and returns the decoded items in prompt order;
+``engine_media`` then hands their encoded bytes to the engine's input workers (preprocess,
+hash, expand placeholders), which decode them again in their own processes.
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def extract_media(messages: Sequence[dict[str, Any]]) -> list[MediaRef]:
 
 def media_counts(refs: Sequence[MediaRef]) -> dict[str, int]:
     return dict(Counter(ref.modality for ref in refs))
+
+
+def engine_media(
+    items: Sequence[DecodedMedia],
+) -> tuple[dict[str, list[bytes]], dict[str, list[str | None]]]:
+    """``multi_modal_data`` and ``multi_modal_uuids`` for ``AsyncLLM`` from loaded items.
+
+    Items stay in prompt order within each modality, which is how the input workers pair
+    them with the prompt's image / video placeholders.
+    """
+    data: dict[str, list[bytes]] = {}
+    uuids: dict[str, list[str | None]] = {}
+    for item in items:
+        data.setdefault(item.modality, []).append(item.data)
+        uuids.setdefault(item.modality, []).append(item.uuid)
+    return data, uuids
 
 
 def check_media_limits(refs: Sequence[MediaRef], config: MediaConfig) -> None:

@@ -153,11 +153,28 @@ class _EngineCollector(Collector):
         )
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits)
         yield gauge("prefix_cache_hit_rate", "Prefix-cache hits / queries.", hits / max(queried, 1))
+        yield counter(
+            "mm_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache in blocks that hold image/video tokens.",
+            s["mm_prefix_cache_hit_tokens"],
+        )
         emb_hits, emb_misses = s["embedding_cache_hits"], s["embedding_cache_misses"]
+        yield counter(
+            "embedding_cache_hits", "Images/videos whose embeddings came from the cache.", emb_hits
+        )
+        yield counter(
+            "embedding_cache_misses", "Images/videos the vision encoder had to run on.", emb_misses
+        )
         yield gauge(
             "embedding_cache_hit_rate",
             "Vision-embedding cache hits / lookups.",
             emb_hits / max(emb_hits + emb_misses, 1),
+        )
+        yield counter("encoder_runs", "Vision-encoder forward passes.", s["encoder_runs"])
+        yield counter(
+            "input_worker_restarts",
+            "Input-processing worker pools replaced after a worker died or hung.",
+            s.get("input_worker_restarts", 0),
         )
         yield counter(
             "num_preemptions", "Requests preempted (recomputed) for KV space.", s["num_preemptions"]

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from mmengine.async_inputs import InputWorkerDiedError, MediaInputError
 from mmengine.core_client import EngineDeadError
 from mmengine.outputs import RequestOutput
 from mmengine.sampling_params import SamplingParams
@@ -120,6 +121,11 @@ def stream_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, EngineDeadError):
         return engine_unavailable()
+    if isinstance(exc, MediaInputError):  # its message is client-safe by contract
+        return APIError(exc.status, exc.message, param="messages")
+    if isinstance(exc, InputWorkerDiedError):
+        logger.error("a request failed: %s", exc)
+        return APIError(500, str(exc), code="input_worker_died")
     if isinstance(exc, ValueError):
         return APIError(400, "The request was rejected by the engine.")
     logger.error("streaming failed", exc_info=exc)

@@ -10,10 +10,18 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from mmengine.async_llm import EnginePrompt
+from mmengine.chat_utils import split_media
 from mmengine.outputs import CompletionOutput, Logprob, RequestOutput
 from mmengine.sampling_params import SamplingParams
 from mmengine.server.errors import APIError
-from mmengine.server.media import DecodedMedia, check_media_limits, extract_media, media_counts
+from mmengine.server.media import (
+    DecodedMedia,
+    check_media_limits,
+    engine_media,
+    extract_media,
+    media_counts,
+)
 from mmengine.server.protocol import ChatCompletionRequest
 from mmengine.server.serving_base import (
     DONE_EVENT,
@@ -35,7 +43,7 @@ from mmengine.server.state import ServerState
 # JSON has no -inf; OpenAI-compatible servers report impossible tokens as -9999.
 _MIN_LOGPROB = -9999.0
 
-MM_NOT_SUPPORTED = "multimodal inputs are not supported by this model/engine yet"
+MM_NOT_SUPPORTED = "This model takes no images or videos."
 
 
 class ChatService:
@@ -50,28 +58,32 @@ class ChatService:
         body.refuse_unsupported()
         messages = [m.template_dict() for m in body.messages]
         refs = extract_media(messages)
+        if refs and not state.engine.is_multimodal:  # refused before anything is fetched
+            raise APIError(400, MM_NOT_SUPPORTED, param="messages", code="multimodal_not_supported")
         check_media_limits(refs, state.media.config)  # before any fetch: cheap refusals first
+        # Media parts become {"type": "image"} / {"type": "video"}, as LLM.chat renders
+        # them: every HF template knows those, not every one knows "image_url".
         text = await state.renderer.render_chat(
-            messages,
+            split_media(messages)[0],
             add_generation_prompt=body.add_generation_prompt,
             chat_template=body.chat_template,
         )
         ids = await state.renderer.tokenize(text, add_special_tokens=False)
+        # Placeholder tokens typed as text are refused (SECURITY.md 9): each media part
+        # must account for the one placeholder the template writes for it.
         state.renderer.check_placeholders(ids, media_counts(refs), param="messages")
-        requested, name = body.requested_max_tokens
-        max_tokens = resolve_max_tokens(
-            requested, name, len(ids), state.engine.max_model_len, None, "messages"
-        )
-        params = body.sampling_params(
-            max_tokens, body.num_logprobs, max_tokens_name=name, logprobs_name="top_logprobs"
-        )
-        validate_prompt(state, ids, params, "messages")
+        # Bad sampling parameters are refused before any media is fetched; with media the
+        # output budget is settled again on the expanded prompt below.
+        params = self._params(body, len(ids))
+        prompt: dict[str, Any] | EnginePrompt = {"prompt": text, "prompt_token_ids": ids}
         if refs:
-            items = await state.media.load(refs)
-            self._submit_multimodal(text, ids, items, params)
+            prompt = await self._expand_media(text, ids, await state.media.load(refs))
+            ids = prompt.prompt_token_ids
+            params = self._params(body, len(ids))
+        validate_prompt(state, ids, params, "messages")
 
         rid = new_id("chatcmpl")
-        gen = state.engine.generate({"prompt": text, "prompt_token_ids": ids}, params, rid)
+        gen = state.engine.generate(prompt, params, rid)
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -81,15 +93,34 @@ class ChatService:
         state.metrics.record_finished([final], arrival, time.monotonic())
         return JSONResponse(self._response(final, rid, created, params))
 
-    def _submit_multimodal(
-        self, text: str, ids: list[int], items: list[DecodedMedia], params: SamplingParams
-    ) -> None:
-        """Media passed every check and decoded; hand it to the engine.
+    def _params(self, body: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
+        requested, name = body.requested_max_tokens
+        max_tokens = resolve_max_tokens(
+            requested, name, prompt_len, self.state.engine.max_model_len, None, "messages"
+        )
+        return body.sampling_params(
+            max_tokens, body.num_logprobs, max_tokens_name=name, logprobs_name="top_logprobs"
+        )
 
-        The engine's multimodal pipeline (preprocess, hash, expand placeholders, encode)
-        is not wired in yet, so this refuses; it becomes the hand-off when it is.
+    async def _expand_media(
+        self, text: str, ids: list[int], items: list[DecodedMedia]
+    ) -> EnginePrompt:
+        """Hands fetched media to the engine's input workers; returns the expanded prompt.
+
+        The media was fetched under the server's policy and decoded once here to refuse
+        bad input early; the workers get the encoded bytes, so content hashes (the
+        embedding- and prefix-cache keys) are of the bytes, and decode them again there,
+        off this process. Worker failures arrive as MediaInputError (4xx) or
+        InputWorkerDiedError (5xx), mapped by ``response_error``.
         """
-        raise APIError(400, MM_NOT_SUPPORTED, param="messages", code="multimodal_not_supported")
+        data, uuids = engine_media(items)
+        prompt = {
+            "prompt": text,
+            "prompt_token_ids": ids,
+            "multi_modal_data": data,
+            "multi_modal_uuids": uuids,
+        }
+        return await self.state.engine.preprocess(prompt)
 
     def _response(
         self, out: RequestOutput, rid: str, created: int, params: SamplingParams
