@@ -6,7 +6,7 @@ import dataclasses
 import http.server
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from mmengine import LLM
 from mmengine.cli import make_parser
 from mmengine.server.args import media_config_from_args
 from mmengine.server.media import MediaLoader
+from processors.config import MediaConfig
 from tests.processors.media_helpers import bomb_png, mp4_bytes, png_bytes
 from tests.server.harness import ServerHarness, engine_argv
 
@@ -44,6 +45,7 @@ def stub_resolver(host: str, port: int) -> list[str]:
 class _MediaHandler(http.server.BaseHTTPRequestHandler):
     stop = threading.Event()
     hits: list[str] = []
+    files: dict[str, tuple[bytes, str]] = {}  # path -> (body, content type), added by tests
 
     def log_message(self, *args: object) -> None:
         pass
@@ -57,7 +59,9 @@ class _MediaHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         _MediaHandler.hits.append(self.path)
-        if self.path == "/img.png":
+        if self.path in _MediaHandler.files:
+            self._send(*_MediaHandler.files[self.path])
+        elif self.path == "/img.png":
             self._send(PNG, "image/png")
         elif self.path == "/clip.mp4":
             self._send(MP4, "video/mp4")
@@ -103,6 +107,17 @@ def media_hits() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def serve_media(media_url: str) -> Callable[[str, bytes, str], str]:
+    """``serve_media(path, body, content_type)`` -> the URL the media server answers it at."""
+
+    def add(path: str, body: bytes, content_type: str) -> str:
+        _MediaHandler.files[path] = (body, content_type)
+        return f"{media_url}{path}"
+
+    return add
+
+
+@pytest.fixture(scope="session")
 def media_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(allowed dir with img.png and an escaping symlink, a secret file outside it)."""
     root = tmp_path_factory.mktemp("media")
@@ -116,18 +131,33 @@ def media_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return allowed, secret
 
 
-@pytest.fixture(scope="session")
-def harness(qwen2_ckpt: Path) -> Iterator[ServerHarness]:
+def _start_harness(ckpt: Path, media_config: MediaConfig | None = None) -> ServerHarness:
     # One thread in the engine-core child too (it inherits the environment at spawn).
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        h = ServerHarness(engine_argv(qwen2_ckpt))
+        return ServerHarness(engine_argv(ckpt), media_config)
     finally:
         if saved is None:
             del os.environ["OMP_NUM_THREADS"]
         else:
             os.environ["OMP_NUM_THREADS"] = saved
+
+
+@pytest.fixture(scope="session")
+def harness(qwen2_ckpt: Path) -> Iterator[ServerHarness]:
+    """A text-only model (Qwen2 fixture)."""
+    h = _start_harness(qwen2_ckpt)
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="session")
+def vlm_harness(qwen2_vl_ckpt: Path) -> Iterator[ServerHarness]:
+    """The Qwen2-VL fixture with one input-processing worker process. The workers may
+    fetch from the test media server (only tests that call AsyncLLM directly use URLs;
+    the server hands the workers bytes)."""
+    h = _start_harness(qwen2_vl_ckpt, MediaConfig(allowed_domains=("127.0.0.1",)))
     yield h
     h.close()
 
@@ -155,15 +185,42 @@ def api(harness: ServerHarness) -> str:
     return harness.serve(DEFAULT_FLAGS, media_loader=_loader(DEFAULT_FLAGS, harness))
 
 
-@pytest.fixture(scope="session")
-def api_allowlisted(harness: ServerHarness, media_dirs: tuple[Path, Path]) -> str:
+def _allowlisted_flags(media_dirs: tuple[Path, Path]) -> list[str]:
     """The local media server and one local directory explicitly allowed."""
-    flags = [
+    return [
         *DEFAULT_FLAGS,
         "--allowed-media-domains", "127.0.0.1", "localhost",
         "--allowed-local-media-path", str(media_dirs[0]),
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def api_allowlisted(harness: ServerHarness, media_dirs: tuple[Path, Path]) -> str:
+    """The local media server and one local directory explicitly allowed."""
+    flags = _allowlisted_flags(media_dirs)
     return harness.serve(flags, media_loader=_loader(flags, harness))
+
+
+@pytest.fixture(scope="session")
+def vlm_api(vlm_harness: ServerHarness) -> str:
+    """The VLM behind the default media policy: public hosts only, no file: URLs."""
+    return vlm_harness.serve(DEFAULT_FLAGS, media_loader=_loader(DEFAULT_FLAGS, vlm_harness))
+
+
+@pytest.fixture(scope="session")
+def vlm_api_allowlisted(vlm_harness: ServerHarness, media_dirs: tuple[Path, Path]) -> str:
+    """The VLM with the local media server and one local directory explicitly allowed."""
+    flags = _allowlisted_flags(media_dirs)
+    return vlm_harness.serve(flags, media_loader=_loader(flags, vlm_harness))
+
+
+@pytest.fixture(scope="session")
+def vlm_reference_llm(qwen2_vl_ckpt: Path) -> Iterator[LLM]:
+    """The offline API on the VLM checkpoint: the oracle for the server's tokens."""
+    with LLM(
+        str(qwen2_vl_ckpt), dtype="float32", device="cpu", max_model_len=4096, multiprocess=False
+    ) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="session")

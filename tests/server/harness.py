@@ -29,6 +29,7 @@ from mmengine.cli import make_parser
 from mmengine.server import build_app
 from mmengine.server.args import engine_config_from_args
 from mmengine.server.media import MediaLoader
+from processors.config import MediaConfig
 
 T = TypeVar("T")
 MODEL_NAME = "tiny"
@@ -47,15 +48,19 @@ def engine_argv(ckpt: Path, max_model_len: int = 4096) -> list[str]:
 
 
 class ServerHarness:
-    """An engine on a background event loop, serving one or more apps."""
+    """An engine on a background event loop, serving one or more apps.
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    ``media_config`` is what the engine's input workers decode (and fetch URLs) under;
+    each app's own fetch policy is its ``MediaLoader``.
+    """
+
+    def __init__(self, argv: Sequence[str], media_config: MediaConfig | None = None) -> None:
         self.argv = list(argv)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="servers")
         self.thread.start()
         args = make_parser().parse_args(["serve", *self.argv])
-        self.engine = AsyncLLM(engine_config_from_args(args))
+        self.engine = AsyncLLM(engine_config_from_args(args), media_config=media_config)
         self.call(self.engine.start(), timeout=120)
         self._servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 

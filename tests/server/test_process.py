@@ -1,7 +1,12 @@
-"""`mmengine serve` as a real process: signals, engine death, no leftover children, the CLI."""
+"""`mmengine serve` as a real process: signals, engine death, no leftover children, the CLI.
+
+The served model is the Qwen2-VL fixture, so the children are the engine core and one
+input-processing worker, and both must be gone after every kind of stop.
+"""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -15,6 +20,7 @@ import httpx
 import pytest
 import torch
 
+from mmengine import cli
 from mmengine.cli import main, make_parser
 from mmengine.config import EngineConfig
 from mmengine.server.args import (
@@ -23,16 +29,26 @@ from mmengine.server.args import (
     SERVER_OWNED,
     engine_config_from_args,
 )
+from tests.processors.media_helpers import png_bytes
 from tests.server.harness import ServerProcess, engine_argv, pid_alive, wait_for
 
 torch.set_num_threads(1)
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "temperature": 0}
+IMAGE_URL = "data:image/png;base64," + base64.b64encode(png_bytes(28, 28)).decode()
+IMAGE_CHAT = {
+    **CHAT,
+    "max_tokens": 4,
+    "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE_URL}}]}
+    ],
+}
 
 
 @pytest.fixture
-def server(qwen2_ckpt: Path, tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess([*engine_argv(qwen2_ckpt, max_model_len=1024)], tmp_path / "server.log")
+def server(qwen2_vl_ckpt: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    argv = engine_argv(qwen2_vl_ckpt, max_model_len=1024)
+    proc = ServerProcess(argv, tmp_path / "server.log")
     try:
         proc.wait_ready()
         yield proc
@@ -70,9 +86,23 @@ def content_tokens(lines: list[str]) -> tuple[str | None, list[dict]]:
     return (finish[0] if finish else None), [e for e in events if "error" in e]
 
 
+def core_pid(server: ServerProcess) -> int:
+    (core,) = [pid for pid in server.children() if "mmengine.core_process" in cmdline(pid)]
+    return core
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def test_sigterm_finishes_in_flight_refuses_new_and_leaves_no_child(server: ServerProcess) -> None:
     children = server.children()
-    assert len(children) == 1  # the engine core
+    assert len(children) == 2  # the engine core and one input-processing worker
+    image = httpx.post(f"{server.url}/v1/chat/completions", json=IMAGE_CHAT, timeout=30)
+    assert image.status_code == 200 and image.json()["usage"]["prompt_tokens"] > 10
     thread, lines, _ = stream_in_thread(server.url, max_tokens=300)
     server.signal(signal.SIGTERM)
     wait_for(lambda: "received SIGTERM" in server.log(), timeout=5)
@@ -88,6 +118,7 @@ def test_sigterm_finishes_in_flight_refuses_new_and_leaves_no_child(server: Serv
 
 def test_sigint_stops_cleanly_and_leaves_no_child(server: ServerProcess) -> None:
     children = server.children()
+    assert len(children) == 2
     server.signal(signal.SIGINT)
     assert server.proc.wait(20) == 0
     assert "engine stopped" in server.log()
@@ -98,7 +129,8 @@ def test_sigint_stops_cleanly_and_leaves_no_child(server: ServerProcess) -> None
 def test_engine_core_death_fails_in_flight_requests_reports_unhealthy_and_exits_nonzero(
     server: ServerProcess,
 ) -> None:
-    (core,) = server.children()
+    children = server.children()
+    core = core_pid(server)
     thread, lines, _ = stream_in_thread(server.url, max_tokens=900)
     killed = time.monotonic()
     os.kill(core, signal.SIGKILL)
@@ -110,13 +142,19 @@ def test_engine_core_death_fails_in_flight_requests_reports_unhealthy_and_exits_
     health = httpx.get(f"{server.url}/health", timeout=2)  # still up for ~1 s after the death
     assert health.status_code == 503
     assert server.proc.wait(15) != 0
+    assert not any(pid_alive(pid) for pid in children)  # the input worker too
 
 
-def test_serve_without_a_model_says_a_model_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_without_a_model_says_a_model_is_required_unless_a_default_ships(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", None)
     with pytest.raises(SystemExit) as info:
         main(["serve", "--port", "0"])
     assert info.value.code == 2
     assert "a model is required" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", "/models/embedded")
+    assert make_parser().parse_args(["serve"]).model == "/models/embedded"
 
 
 def test_every_engine_option_is_a_flag_with_an_explained_help_line() -> None:
