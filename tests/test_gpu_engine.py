@@ -43,8 +43,7 @@ def _hf_greedy_cuda(ckpt: Path, prompts: list[str], dtype: torch.dtype, n: int) 
     return out
 
 
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs_compile"])
-def test_fp32_greedy_identical_to_hf_on_gpu(text_ckpt: Path, eager: bool) -> None:
+def test_fp32_greedy_identical_to_hf_on_gpu(text_ckpt: Path) -> None:
     prompts = make_prompts()
     refs = hf_greedy(text_ckpt, prompts)  # CPU fp32 oracle
     outs = _gen(
@@ -52,8 +51,15 @@ def test_fp32_greedy_identical_to_hf_on_gpu(text_ckpt: Path, eager: bool) -> Non
         prompts,
         SamplingParams(temperature=0, max_tokens=12),
         dtype="float32",
-        enforce_eager=eager,
+        enforce_eager=True,  # each compile + graph capture costs ~15 s: once below is enough
     )
+    assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def test_fp32_greedy_identical_to_hf_with_compile_and_graphs(qwen2_ckpt: Path) -> None:
+    prompts = make_prompts()
+    refs = hf_greedy(qwen2_ckpt, prompts)
+    outs = _gen(qwen2_ckpt, prompts, SamplingParams(temperature=0, max_tokens=12), dtype="float32")
     assert [o.outputs[0].token_ids for o in outs] == refs
 
 
@@ -76,6 +82,7 @@ def test_bf16_logprobs_close_to_hf_bf16(text_ckpt: Path) -> None:
         prompts,
         SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
         dtype="bfloat16",
+        enforce_eager=True,
     )
     worst = 0.0
     for p, o in zip(prompts, outs):
