@@ -159,13 +159,18 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         k = max(r.num_logprobs or 0 for r in rows)
         chosen_lp = raw_logprobs.gather(1, tokens[:, None])
         ranks = (raw_logprobs > chosen_lp).sum(-1) + 1
-        top_lp, top_ids = raw_logprobs.topk(k, -1) if k else (None, None)
+        cols = [tokens[:, None].double(), chosen_lp.double(), ranks[:, None].double()]
+        if k:
+            top_lp, top_ids = raw_logprobs.topk(k, -1)
+            cols += [top_lp.double(), top_ids.double()]
+        # One device->host copy for everything (ids < 2**53 are exact in float64).
+        packed = torch.cat(cols, dim=1).cpu()
         host = {
-            "tok": tokens.tolist(),
-            "lp": chosen_lp[:, 0].tolist(),
-            "rank": ranks.tolist(),
-            "top_lp": top_lp.tolist() if top_lp is not None else None,
-            "top_ids": top_ids.tolist() if top_ids is not None else None,
+            "tok": packed[:, 0].long().tolist(),
+            "lp": packed[:, 1].tolist(),
+            "rank": packed[:, 2].long().tolist(),
+            "top_lp": packed[:, 3 : 3 + k].tolist() if k else None,
+            "top_ids": packed[:, 3 + k :].long().tolist() if k else None,
         }
         for i, r in enumerate(rows):
             if r.num_logprobs is None:
