@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the text-throughput benchmark; logs and tables to $OUT.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [tests|bench|kernels|all]
+# The device machine lacks msgspec, pyzmq, av and blake3: fetch wheels on the dev machine
+# first (.whl/ is git-ignored via .git/info/exclude) and carry ".whl" with the call:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl msgspec pyzmq av blake3
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
