@@ -81,6 +81,7 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_input_workers=args.input_workers,
         enforce_eager=args.enforce_eager,
+        extra={"compile_encoder": args.compile_encoder},
     )
     startup = time.perf_counter() - t0
 
@@ -158,7 +159,7 @@ def run_hf(ck: Path, reqs, out_len: int, batch: int, cap_s: float) -> dict:
     merge = 4
     t0 = time.perf_counter()
     with torch.no_grad():
-        for size, items in groups.items():
+        for items in groups.values():
             for i in range(0, len(items), batch):
                 chunk = items[i : i + batch]
                 enc = proc(images=[im for im, _ in chunk], return_tensors="pt")
@@ -235,6 +236,7 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-cap-s", type=float, default=150.0)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--compile-encoder", action="store_true", help="torch.compile the ViT blocks")
     ap.add_argument("--systems", default="mmengine,hf")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "."))

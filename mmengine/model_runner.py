@@ -109,6 +109,14 @@ class ModelRunner:
         encoder = build_vision_encoder(
             self.spec.hf_config, LazyWeights(path), self.dtype, self.device
         )
+        # Opt-in until measured end to end (the encoder author saw 2.3x less GPU time on
+        # large batches, but guard overhead on small ones): extra={"compile_encoder": True}.
+        if (
+            self.device.type == "cuda"
+            and self.config.extra.get("compile_encoder")
+            and hasattr(encoder, "compile_blocks")
+        ):
+            encoder.compile_blocks()
         cache = EmbeddingCache(int(self.config.mm_embedding_cache_gib * (1 << 30)))
         logger.info("loaded the vision encoder in %.1fs", time.perf_counter() - t0)
         return EncoderRunner(encoder, cache)
