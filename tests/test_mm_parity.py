@@ -289,7 +289,9 @@ def test_transformers5_layout_checkpoints_match_hf(family: str, tmp_path: Path) 
     inputs = proc(text=[text], images=c["images"], return_tensors="pt")
     n = inputs["input_ids"].shape[1]
     ref = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)[0, n:].tolist()
-    with LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=1024, multiprocess=False) as llm:
+    with LLM(
+        str(ckpt), dtype="float32", device="cpu", max_model_len=1024, multiprocess=False
+    ) as llm:
         out = llm.generate(
             {"prompt": text, "multi_modal_data": {"image": c["images"]}},
             SamplingParams(temperature=0, max_tokens=MAX_NEW),
