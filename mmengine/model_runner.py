@@ -121,6 +121,34 @@ class ModelRunner:
         logger.info("loaded the vision encoder in %.1fs", time.perf_counter() - t0)
         return EncoderRunner(encoder, cache)
 
+    def dummy_encoder_items(self, max_tokens: int) -> list:
+        """Synthetic items worth ``max_tokens`` embedding rows: the biggest encoder batch
+        one step may run (for memory profiling)."""
+        from processors.types import MultiModalItem
+
+        enc = self.encoder_runner.encoder if self.encoder_runner is not None else None
+        if enc is None or max_tokens < 1:
+            return []
+        if hasattr(enc, "patch"):  # Qwen2-VL family: one image of ~max_tokens tokens
+            m = enc.patch.spatial_merge_size
+            a = max(1, int(max_tokens**0.5))
+            b = max(1, max_tokens // a)
+            grid = (1, a * m, b * m)
+            pixels = torch.randn(a * b * m * m, enc.patch.patch_dim)
+            return [MultiModalItem("image", "profile", pixels, a * b, grid_thw=grid)]
+        per = enc.tokens_per_image  # LLaVA: fixed-size images
+        v = enc.cfg.vision
+        n = max(1, min(64, max_tokens // per))
+        return [
+            MultiModalItem(
+                "image",
+                f"profile-{i}",
+                torch.randn(v.num_channels, v.image_size, v.image_size),
+                per,
+            )
+            for i in range(n)
+        ]
+
     def _forward_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The pure step function that is compiled: embeddings -> hidden [T, H]."""
         return self.model(positions, inputs_embeds, self.kv_caches)
@@ -233,6 +261,17 @@ class ModelRunner:
             pos = pos.expand(3, -1).contiguous()
         with forward_context(meta):
             hidden = self.forward_fn(ids, pos)
+        if self.encoder_runner is not None:
+            # The largest vision-encoder batch a step may run, so its activations are
+            # counted before the KV pool takes the rest.
+            try:
+                self.encoder_runner.encoder.encode(
+                    self.dummy_encoder_items(self.config.max_num_encoder_tokens)
+                )
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # a profiling problem must not block start-up
+                logger.warning("could not profile the vision encoder's memory: %s", e)
         rows = min(max_num_seqs, total)
         logits = self.model.compute_logits(hidden[:rows])
         logits.log_softmax(-1).sort(-1)  # the sampler's biggest temporaries

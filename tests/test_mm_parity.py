@@ -298,3 +298,18 @@ def test_transformers5_layout_checkpoints_match_hf(family: str, tmp_path: Path) 
             use_tqdm=False,
         )[0]
     assert out.outputs[0].token_ids == ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_profile_encoder_batch_fills_the_budget(family: str, request) -> None:
+    from mmengine.config import EngineConfig
+    from mmengine.engine_core import EngineCore
+
+    ckpt = request.getfixturevalue(f"{family}_ckpt")
+    core = EngineCore(
+        EngineConfig(model=str(ckpt), dtype="float32", device="cpu", max_model_len=256)
+    )
+    items = core.runner.dummy_encoder_items(300)
+    outs = core.runner.encoder_runner.encoder.encode(items)
+    rows = sum(o.shape[0] for o in outs)
+    assert 250 <= rows <= 300  # close to the per-step budget, never above it
