@@ -31,6 +31,8 @@ class EngineConfig:
     seed: int = 0  # seed of unseeded sampling
     enforce_eager: bool = False  # GPU: no CUDA graphs, no torch.compile
     multiprocess: bool = True  # engine core in its own process (False: in-process, to debug)
+    # torch CPU threads of the engine-core process (None: the frontend's setting at start)
+    cpu_threads: int | None = None
     revision: str | None = None
     log_stats_interval_s: float = 10.0  # how often the engine core logs its state
     extra: dict[str, Any] = field(default_factory=dict)

@@ -69,7 +69,14 @@ def spawn_core_process(config: EngineConfig, ctx: zmq.Context) -> CoreProcess:
     out_sock.setsockopt(zmq.LINGER, 0)
     out_sock.bind(out_addr)
     env = dict(os.environ)
-    env["MMENGINE_CORE_CONFIG"] = json.dumps(config.to_dict())
+    cfg = config.to_dict()
+    if cfg.get("cpu_threads") is None:
+        import torch
+
+        # The core inherits the thread count the user set in this process (on a small
+        # shared CPU, torch's default of one thread per core can be 20x slower).
+        cfg["cpu_threads"] = torch.get_num_threads()
+    env["MMENGINE_CORE_CONFIG"] = json.dumps(cfg)
     cmd = [
         sys.executable,
         "-m",

@@ -101,6 +101,10 @@ def main() -> None:
         from mmengine.engine_core import EngineCore
 
         config = EngineConfig(**json.loads(os.environ["MMENGINE_CORE_CONFIG"]))
+        if config.cpu_threads:
+            import torch
+
+            torch.set_num_threads(config.cpu_threads)
         core = EngineCore(config)
         out_sock.send(enc.encode(EngineCoreOutputs(info=core.info(), call_id=0)))
         serve(core, in_sock, out_sock)
