@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the text-throughput benchmark; logs and tables to $OUT.
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [tests|bench|kernels|all]
+# Usage (on the GPU machine, repo root):
+#   bash benchmarks/gpu_run.sh [tests|mmtests|kerneltests|bench|kernels|all]
 # The device machine lacks msgspec, pyzmq, av and blake3: fetch wheels on the dev machine
 # first (.whl/ is git-ignored via .git/info/exclude) and carry ".whl" with the call:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
