@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mmengine import __version__
 from mmengine.default_model import default_model_path
 
-# The model served when none is named: the embedded shapes captioner (no download).
-DEFAULT_MODEL: str | None = default_model_path()
+# The model served when none is named: the embedded shapes captioner (no download),
+# once it ships (training/README.md); until then a model must be named.
+_EMBEDDED = default_model_path()
+DEFAULT_MODEL: str | None = _EMBEDDED if Path(_EMBEDDED, "config.json").is_file() else None
 
 
 def make_parser() -> argparse.ArgumentParser:
