@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aux-weight", type=float, default=0.5, help="vision auxiliary loss")
     p.add_argument("--noise-std", type=float, default=4.0, help="pixel noise on half the media")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init-from", type=Path, default=None, help="continue from this checkpoint's weights"
+    )
+    p.add_argument("--video-fraction", type=float, default=0.3, help="share of clips in the data")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-every", type=int, default=50)
@@ -132,7 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     tok = build_tokenizer()
     write_model_files(args.out, dims, tok)
     config = AutoConfig.from_pretrained(args.out)
-    model = Qwen2VLForConditionalGeneration(config).to(args.device).train()
+    if args.init_from is None:
+        model = Qwen2VLForConditionalGeneration(config)
+    else:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+    model = model.to(args.device).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"{n_params / 1e6:.2f}M parameters, {n_params * 4 / 2**20:.1f} MiB in float32", flush=True
@@ -163,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        examples = [shapes.sample_example(data_rng) for _ in range(args.batch_size)]
+        examples = [
+            shapes.sample_example(data_rng, video_fraction=args.video_fraction)
+            for _ in range(args.batch_size)
+        ]
         batch = builder.build(examples, data_rng, noise_std=args.noise_std)
         probe.captured.clear()  # drop what the held-out monitor's forward left there
         loss = model(**to_device(batch, args.device), labels=batch.labels.to(args.device)).loss
