@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the text-throughput benchmark; logs and tables to $OUT.
 # Usage (on the GPU machine, repo root):
-#   bash benchmarks/gpu_run.sh [tests|mmtests|kerneltests|bench|kernels|all]
+#   bash benchmarks/gpu_run.sh [tests|mmtests|bench|kernels|all]
+# tests: engine + kernel GPU tests; mmtests: multimodal GPU tests (bf16 vs HF bf16).
 # The device machine lacks msgspec, pyzmq, av and blake3: fetch wheels on the dev machine
 # first (.whl/ is git-ignored via .git/info/exclude) and carry ".whl" with the call:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -16,7 +17,10 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/kernels -x 2>&1 | tail -40 | tee "$OUT/gpu_tests.log"
+  timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/kernels 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+fi
+if [ "$what" = mmtests ] || [ "$what" = all ]; then
+  timeout ${MMTESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_mm.py 2>&1 | tee "$OUT/gpu_mmtests.log" | tail -40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 560 python3 benchmarks/bench_text_throughput.py ${BENCH_ARGS:-} 2>&1 | grep -v "it/s\]" | tail -40 | tee "$OUT/bench.log"
