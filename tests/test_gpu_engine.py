@@ -26,6 +26,8 @@ def _exact_fp32():
 
 
 def _gen(ckpt: Path, prompts, params, **kw):
+    # A fixed small pool: GPU test files can then run side by side on one card.
+    kw.setdefault("num_kv_blocks", 1024)
     with LLM(str(ckpt), device="cuda", max_model_len=256, max_num_seqs=32, **kw) as llm:
         return llm.generate(prompts, params, use_tqdm=False)
 
@@ -64,10 +66,14 @@ def test_fp32_greedy_identical_to_hf_with_compile_and_graphs(qwen2_ckpt: Path) -
 
 
 def test_cuda_graphs_and_eager_give_the_same_tokens(qwen2_ckpt: Path) -> None:
+    # float32: in bf16 a graph replays a decode batch padded to its bucket size, and cuBLAS
+    # may pick another GEMM kernel for the padded M than eager does for the true M; the
+    # rounding then differs and greedy paths on a random-weight model (many near-ties)
+    # drift apart after a few tokens. fp32 keeps those differences far below any tie.
     prompts = make_prompts()
     p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    eager = _gen(qwen2_ckpt, prompts, p, dtype="bfloat16", enforce_eager=True)
-    graphs = _gen(qwen2_ckpt, prompts, p, dtype="bfloat16", extra={"torch_compile": False})
+    eager = _gen(qwen2_ckpt, prompts, p, dtype="float32", enforce_eager=True)
+    graphs = _gen(qwen2_ckpt, prompts, p, dtype="float32", extra={"torch_compile": False})
     assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in graphs]
 
 

@@ -36,7 +36,12 @@ def test_mm_bf16_prompt_logprobs_close_to_hf(family_ckpt: tuple[str, Path]) -> N
         ref = model(**inputs).logits[0].float().log_softmax(-1)
     ids = inputs["input_ids"][0].tolist()
     with LLM(
-        str(ckpt), dtype="bfloat16", device="cuda", max_model_len=1024, max_num_seqs=16
+        str(ckpt),
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=1024,
+        max_num_seqs=16,
+        num_kv_blocks=2048,
     ) as llm:
         out = llm.generate(
             {"prompt": text, "multi_modal_data": {"image": c["images"]}},
@@ -62,7 +67,12 @@ def test_mm_fp32_greedy_identical_to_hf_on_gpu(family_ckpt: tuple[str, Path]) ->
             mm = {k: v for k, v in (("image", c["images"]), ("video", c["videos"])) if v}
             reqs.append({"prompt": text, "multi_modal_data": mm} if mm else text)
         with LLM(
-            str(ckpt), dtype="float32", device="cuda", max_model_len=1024, max_num_seqs=16
+            str(ckpt),
+            dtype="float32",
+            device="cuda",
+            max_model_len=1024,
+            max_num_seqs=16,
+            num_kv_blocks=2048,
         ) as llm:
             outs = llm.generate(
                 reqs, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False
