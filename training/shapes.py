@@ -234,7 +234,12 @@ def _pick_question(rng: random.Random, scene: Scene) -> tuple[str, str]:
     return rng.choice(other)
 
 
-def sample_example(rng: random.Random, video_fraction: float = 0.3, max_turns: int = 3) -> Example:
+def sample_example(
+    rng: random.Random,
+    video_fraction: float = 0.3,
+    max_turns: int = 3,
+    caption_fraction: float = 0.5,
+) -> Example:
     """A training conversation: a caption or question first, then up to two more questions
     about the same media (so multi-turn chat with one image works; follow-ups are short
     questions, which keeps sequences, and so padding, short)."""
@@ -243,7 +248,7 @@ def sample_example(rng: random.Random, video_fraction: float = 0.3, max_turns: i
     prompts = VIDEO_CAPTION_PROMPTS if kind == "video" else IMAGE_CAPTION_PROMPTS
     turns = []
     for i in range(rng.randint(1, max_turns)):
-        if i == 0 and rng.random() < 0.5:
+        if i == 0 and rng.random() < caption_fraction:
             turns.append(Turn(rng.choice(prompts), caption(scene), "caption"))
         else:
             q, a = _pick_question(rng, scene)

@@ -1,17 +1,13 @@
 """Train the embedded default model (Qwen2-VL architecture) on generated shape scenes.
 
-    .venv/bin/python -m training.train --out /tmp/stage1            # 4,500 steps
-    .venv/bin/python -m training.train --init-from /tmp/stage1 --out mmengine/assets/default_model \
-        --seed 1 --steps 2000 --lr 5e-4 --warmup 50 --video-fraction 0.4 --caption-fraction 0.25
+    .venv/bin/python -m training.train --out /tmp/stage1            # stage 1 (CPU defaults)
 
-Run time, measured on this project's 2-core CPU machine with one torch thread: ~0.5 s per
-step of 32 conversations, 37 minutes for stage 1 and 16 for stage 2. On one H100 both
-stages together are estimated (not measured) at about 10 minutes: a step is ~40 GFLOP,
-so per-step overheads (~0.1 s: Python, kernel launches, HF's per-image vision attention
-loop, batch generation) bound it, not arithmetic.
+training/README.md has the three-stage recipe that produced the shipped weights and the
+measured run times (~0.5 s per step of 32 on the 2-core CPU with one thread, ~0.23 s per
+step of 64 on an H100; per-step host work, not FLOPs, bounds this tiny model on a GPU).
 
 Deterministic: the data stream, the initial weights and every update follow ``--seed``,
-so the same seeds, thread count, machine and torch version give bit-identical weights.
+so on the CPU the same seeds, thread count, machine and torch version give identical runs.
 """
 
 from __future__ import annotations
