@@ -236,7 +236,12 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-cap-s", type=float, default=150.0)
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--compile-encoder", action="store_true", help="torch.compile the ViT blocks")
+    ap.add_argument(
+        "--no-compile-encoder",
+        dest="compile_encoder",
+        action="store_false",
+        help="run the ViT blocks eagerly (default: torch.compile them, as the engine does)",
+    )
     ap.add_argument("--systems", default="mmengine,hf")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "."))

@@ -109,11 +109,11 @@ class ModelRunner:
         encoder = build_vision_encoder(
             self.spec.hf_config, LazyWeights(path), self.dtype, self.device
         )
-        # Opt-in until measured end to end (the encoder author saw 2.3x less GPU time on
-        # large batches, but guard overhead on small ones): extra={"compile_encoder": True}.
+        # On by default with torch.compile (W1 quick on an H100: encoder 8.0 -> 5.0 s,
+        # 12.9 -> 16.4 req/s end to end); extra={"compile_encoder": False} turns it off.
         if (
-            self.device.type == "cuda"
-            and self.config.extra.get("compile_encoder")
+            self.compiled
+            and self.config.extra.get("compile_encoder", True)
             and hasattr(encoder, "compile_blocks")
         ):
             encoder.compile_blocks()
