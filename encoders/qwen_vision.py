@@ -13,6 +13,7 @@ from torch import nn
 
 from encoders.base import VisionEncoder
 from encoders.layers import PatchLinear, RMSNorm, SegmentPlan, apply_rotary, segment_attention
+from encoders.staging import PinnedStaging
 from processors.types import MultiModalItem
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
@@ -157,6 +158,7 @@ class QwenVisionEncoder(VisionEncoder):
 
     patch: QwenPatchConfig
     blocks: nn.ModuleList
+    _staging: PinnedStaging | None = None  # created on first use
 
     def _make_patch_embed(self, dim: int) -> PatchLinear:
         p = self.patch
@@ -213,8 +215,11 @@ class QwenVisionEncoder(VisionEncoder):
         if not items:
             return []
         grids = [self._grid_of(item) for item in items]
-        # Concatenate on the host, then one transfer.
-        patches = torch.cat([item.pixel_values for item in items])
-        patches = patches.to(device=self.device, dtype=self.dtype)  # [N, patch_dim]
+        # Pack on the host (a reused pinned buffer on GPU), then one transfer.
+        if self._staging is None:
+            self._staging = PinnedStaging()
+        patches = self._staging.to_device(
+            [item.pixel_values for item in items], self.device, self.dtype
+        )  # [N, patch_dim]
         merged = self.forward(patches, grids)  # [sum num_tokens, text_hidden]
         return list(merged.split([item.num_tokens for item in items]))

@@ -58,3 +58,20 @@ def test_bf16_packed_encode_on_gpu_is_close_to_hf_float32(model_type) -> None:
         assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
         err = (out.float().cpu() - ref).norm() / ref.norm()
         assert err < 2e-2, err
+
+
+def test_pinned_staging_packs_like_cat_and_a_reused_buffer_leaves_earlier_results_intact() -> None:
+    from encoders.staging import PinnedStaging
+
+    staging = PinnedStaging()
+    dev = torch.device("cuda")
+    first_parts = [torch.randn(n, 12) for n in (5, 1, 9)]
+    first = staging.to_device(first_parts, dev, torch.bfloat16)
+    # The second batch overwrites the pinned buffer; the first result must not change.
+    second_parts = [torch.randn(n, 12) for n in (30, 2)]  # larger: the buffer grows
+    second = staging.to_device(second_parts, dev, torch.float32)
+    third = staging.to_device([torch.ones(3, 12)], dev, torch.float32)
+    torch.cuda.synchronize()
+    assert torch.equal(first.cpu(), torch.cat(first_parts).to(torch.bfloat16))
+    assert torch.equal(second.cpu(), torch.cat(second_parts))
+    assert torch.equal(third.cpu(), torch.ones(3, 12))

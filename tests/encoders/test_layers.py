@@ -48,3 +48,12 @@ def test_patch_positions_follow_merge_blocks_and_repeat_per_frame() -> None:
     pos = patch_positions([(2, 2, 4)], merge=2)
     frame = [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
     assert pos.tolist() == frame + frame
+
+
+def test_staging_on_cpu_is_a_plain_concatenation_in_the_requested_dtype() -> None:
+    from encoders.staging import PinnedStaging
+
+    parts = [torch.randn(n, 6) for n in (2, 3)]
+    out = PinnedStaging().to_device(parts, torch.device("cpu"), torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.cat(parts).to(torch.bfloat16))

@@ -1,0 +1,52 @@
+"""Host-to-GPU transfer of packed encoder inputs through a reused pinned buffer.
+
+Pixel values arrive as separate float32 CPU tensors (one per item, ~22 MB for a 1280x720
+image). Concatenating them into a fresh pageable tensor and copying that to the GPU cost
+the CPU ~200 ms per 62k-patch batch on an H100 host (page faults on the new allocation,
+then a staged pageable copy) while the GPU did 232 ms of work: the transfer took as long
+as the tower. Packing into one pinned buffer that lives as long as the encoder, then one
+asynchronous copy, removes both costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class PinnedStaging:
+    """Packs CPU tensors into a pinned buffer and moves them to the GPU in one copy."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None  # pinned uint8, grown in powers of two
+        self._done: torch.cuda.Event | None = None  # last copy out of the buffer
+
+    def to_device(
+        self, parts: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Concatenates `parts` along dim 0 and returns them on `device` as `dtype`.
+
+        Args:
+            parts: CPU tensors with equal trailing shapes and equal dtypes.
+            device: a CUDA device (CPU devices get a plain concatenation).
+            dtype: the dtype of the result (the cast runs on the device).
+        """
+        if device.type != "cuda":
+            return torch.cat(list(parts)).to(dtype=dtype)
+        src_dtype = parts[0].dtype
+        rows = sum(p.shape[0] for p in parts)
+        shape = (rows, *parts[0].shape[1:])
+        nbytes = rows * parts[0][:1].numel() * parts[0].element_size()
+        if self._done is not None:
+            self._done.synchronize()  # the previous copy must finish before we overwrite
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            size = 1 << max(nbytes - 1, 1).bit_length()
+            self._buffer = None  # free the old pinned block before pinning a larger one
+            self._buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        staged = self._buffer[:nbytes].view(src_dtype).view(shape)
+        torch.cat(list(parts), out=staged)
+        on_device = staged.to(device, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record()
+        return on_device.to(dtype)
