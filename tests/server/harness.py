@@ -174,9 +174,15 @@ class ServerProcess:
         self.proc.send_signal(sig)
 
     def close(self) -> None:
+        # SIGTERM first: the server then stops its engine core and input workers itself;
+        # SIGKILL only if it does not exit (its children still die by PDEATHSIG).
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         self._log.close()
 
 
