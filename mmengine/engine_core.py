@@ -188,7 +188,7 @@ class EngineCore:
             time_prefill_steps_s=self._timing["prefill"],
             time_decode_steps_s=self._timing["decode"],
             time_prepare_inputs_s=self.runner.time_prepare_s,
-            time_encoder_s=self.runner.time_encoder_s,
+            time_encoder_s=self.runner.encoder_seconds(),
             num_prefill_steps=int(self._timing["prefill_steps"]),
             num_decode_steps=int(self._timing["decode_steps"]),
             num_preemptions=s.num_preemptions,
