@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from mmengine.attention import AttentionMetadata, forward_context
 from mmengine.config import EngineConfig, ModelSpec
@@ -474,6 +475,19 @@ class ModelRunner:
         for rid in sched.finished_req_ids:
             self.generators.pop(rid, None)
         t0 = time.perf_counter()
+        # Named ranges for torch.profiler (benchmarks/profile_w1.py); ~1 us each otherwise.
+        with record_function("mm:encoder"):
+            self._encode_timed(sched, t0)
+        t1 = time.perf_counter()
+        with record_function("mm:prepare"):
+            inputs = self.prepare(sched)
+        self.time_prepare_s += time.perf_counter() - t1
+        with record_function("mm:forward"):
+            hidden = self._forward(inputs)
+        with record_function("mm:sample"):
+            return self._logits_and_sample(inputs, hidden)
+
+    def _encode_timed(self, sched: SchedulerOutput, t0: float) -> None:
         if sched.encoder_inputs and self.device.type == "cuda":
             # Timed with events, not a synchronize: the host prepares this step's LLM
             # forward while the encoder's kernels are still running.
@@ -487,19 +501,19 @@ class ModelRunner:
         else:
             self._encode(sched)
             self.time_encoder_s += time.perf_counter() - t0
-        t1 = time.perf_counter()
-        inputs = self.prepare(sched)
-        self.time_prepare_s += time.perf_counter() - t1
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if inputs.graph_batch is not None and self.graphs is not None:
-            hidden = self.graphs.run(
+            return self.graphs.run(
                 inputs.graph_batch, inputs.input_ids, inputs.positions, inputs.meta
             )
-        else:
-            embeds = self.model.embed(inputs.input_ids)
-            if inputs.mm_rows is not None:
-                embeds[inputs.mm_rows] = torch.cat(self._mm_slices).to(embeds.dtype)
-            with forward_context(inputs.meta):
-                hidden = self.forward_embeds(embeds, inputs.positions)
+        embeds = self.model.embed(inputs.input_ids)
+        if inputs.mm_rows is not None:
+            embeds[inputs.mm_rows] = torch.cat(self._mm_slices).to(embeds.dtype)
+        with forward_context(inputs.meta):
+            return self.forward_embeds(embeds, inputs.positions)
+
+    def _logits_and_sample(self, inputs: StepInputs, hidden: torch.Tensor) -> RunnerOutput:
         result = RunnerOutput()
         if not inputs.logits_rows:
             return result

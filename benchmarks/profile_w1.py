@@ -1,0 +1,220 @@
+"""Where one W1-quick run spends its time: a torch.profiler trace of the whole run (issue 4).
+
+Runs the engine core in-process (so one profiler sees the host and the GPU), warms up,
+then profiles W1 quick (the requests of bench_mm_throughput.py) and reports:
+  - wall time, GPU busy time (union of kernel intervals) and GPU idle time;
+  - per engine phase (the model runner's `mm:encoder`, `mm:prepare`, `mm:forward`,
+    `mm:sample` ranges): host time, GPU kernel time launched from it;
+  - GPU kernel time by kind (GEMM, attention, Triton/Inductor fused, copies, other);
+  - GPU busy fraction over the run in 10 equal slices (idle at the start = waiting for
+    the first preprocessed media);
+  - the top kernels.
+Writes $OUT/profile_w1.md (and the trace as profile_w1.json.gz with --trace).
+
+    python3 benchmarks/profile_w1.py [--num-requests 200] [--trace]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_mm_throughput import (  # noqa: E402
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    build_checkpoint,
+    w1_requests,
+)
+
+PHASES = ("mm:encoder", "mm:prepare", "mm:forward", "mm:sample")
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if "memcpy" in n or "memset" in n:
+        return "copy/memset"
+    if "paged_attention" in n or "merge_splits" in n:
+        return "paged attention (Triton)"
+    if "flash" in n or "fmha" in n or "attention" in n or "cudnn" in n:
+        return "attention (cuDNN/flash SDPA)"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas")):
+        return "GEMM (cuBLAS)"
+    if n.startswith("triton_") or "triton" in n:
+        return "Triton / Inductor fused"
+    if "elementwise" in n or "reduce" in n or "index" in n or "cat" in n or "copy" in n:
+        return "torch elementwise/index"
+    return "other"
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def analyse(trace: dict, wall_s: float, t_begin_us: float | None) -> str:
+    events = trace["traceEvents"]
+    kernels = [
+        e
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
+    cpu_ranges = [e for e in events if e.get("cat") == "user_annotation" and e["name"] in PHASES]
+    gpu_ranges = [
+        e for e in events if e.get("cat") == "gpu_user_annotation" and e["name"] in PHASES
+    ]
+    if not kernels:
+        return "no GPU kernels in the trace\n"
+    k_iv = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels]
+    start = min(a for a, _ in k_iv)
+    if cpu_ranges:
+        start = min(start, min(float(e["ts"]) for e in cpu_ranges))
+    end = max(b for _, b in k_iv)
+    span = end - start
+    busy = union_length(k_iv)
+    lines = [
+        f"- wall (generate call): {wall_s:.2f} s; traced span first range -> last kernel "
+        f"{span / 1e6:.2f} s",
+        f"- GPU busy (union of kernels): {busy / 1e6:.2f} s = {100 * busy / span:.0f}% of the "
+        f"span; idle {(span - busy) / 1e6:.2f} s",
+        "",
+        "| phase | calls | host s | GPU kernel s (sum) |",
+        "|---|---|---|---|",
+    ]
+    host = defaultdict(float)
+    calls = defaultdict(int)
+    for e in cpu_ranges:
+        host[e["name"]] += float(e["dur"]) / 1e6
+        calls[e["name"]] += 1
+    # Kernel time inside each phase's GPU projection.
+    k_sorted = sorted(k_iv)
+    gpu_by_phase = defaultdict(float)
+    import bisect
+
+    starts = [a for a, _ in k_sorted]
+    for r in gpu_ranges:
+        a, b = float(r["ts"]), float(r["ts"]) + float(r["dur"])
+        i = bisect.bisect_left(starts, a)
+        while i < len(k_sorted) and k_sorted[i][0] < b:
+            ka, kb = k_sorted[i]
+            gpu_by_phase[r["name"]] += (min(kb, b) - ka) / 1e6
+            i += 1
+    for ph in PHASES:
+        lines.append(f"| {ph} | {calls[ph]} | {host[ph]:.2f} | {gpu_by_phase[ph]:.2f} |")
+    lines += ["", "| kernel kind | GPU s | share |", "|---|---|---|"]
+    by_kind = defaultdict(float)
+    by_name = defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        d = float(e["dur"]) / 1e6
+        by_kind[kernel_kind(e["name"])] += d
+        by_name[e["name"]][0] += d
+        by_name[e["name"]][1] += 1
+    tot = sum(by_kind.values())
+    for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {k} | {v:.2f} | {100 * v / tot:.0f}% |")
+    lines += ["", "GPU busy per tenth of the span:", ""]
+    slices = []
+    for s in range(10):
+        a, b = start + span * s / 10, start + span * (s + 1) / 10
+        clipped = [(max(x, a), min(y, b)) for x, y in k_iv if y > a and x < b]
+        slices.append(f"{100 * union_length(clipped) / (b - a):.0f}%")
+    lines.append(" ".join(slices))
+    lines += ["", "| top kernels | calls | GPU s |", "|---|---|---|"]
+    for name, (d, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+        lines.append(f"| `{name[:90]}` | {n} | {d:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--num-requests", type=int, default=200)
+    ap.add_argument("--text-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--input-workers", type=int, default=8)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="reuse a saved checkpoint")
+    ap.add_argument("--trace", action="store_true", help="also save the gzipped trace")
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp())
+    ck = args.checkpoint or build_checkpoint(tmp)
+
+    from mmengine import LLM, SamplingParams
+
+    llm = LLM(
+        str(ck),
+        dtype="bfloat16",
+        device="cuda",
+        skip_tokenizer_init=True,
+        max_model_len=4096,
+        max_num_batched_tokens=8192,
+        num_input_workers=args.input_workers,
+        multiprocess=False,
+    )
+
+    def prompts(rs):
+        return [
+            {
+                "prompt_token_ids": [VISION_START, IMAGE_PAD, VISION_END] + text,
+                "multi_modal_data": {"image": img},
+            }
+            for img, text in rs
+        ]
+
+    p = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts(w1_requests(8, 16, seed=7)), p, use_tqdm=False)
+    reqs = prompts(w1_requests(args.num_requests, args.text_len))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        llm.generate(reqs, p, use_tqdm=False)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    stats = llm.stats()
+    llm.shutdown()
+    trace_path = tmp / "trace.json"
+    t1 = time.perf_counter()
+    prof.export_chrome_trace(str(trace_path))
+    trace = json.loads(trace_path.read_text())
+    report = [
+        f"# W1 profile ({torch.cuda.get_device_name()}, {args.num_requests} requests, "
+        f"in-process engine core, profiler on)",
+        "",
+        analyse(trace, wall, None),
+        "",
+        "engine stats: "
+        + ", ".join(f"{k}={v:.2f}" for k, v in stats.items() if k.startswith("time_")),
+        f"(trace export + analysis {time.perf_counter() - t1:.0f} s)",
+    ]
+    text = "\n".join(report)
+    print(text)
+    (out / "profile_w1.md").write_text(text)
+    if args.trace:
+        with open(trace_path, "rb") as f, gzip.open(out / "profile_w1.json.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
