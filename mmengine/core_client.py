@@ -260,7 +260,13 @@ class MPClient:
         self._closed = True
         try:
             if self._proc.poll() is None:
-                self._in.send(self._enc.encode(ControlMsg(kind="shutdown")))
+                try:
+                    # Never block: a core that is alive but no longer reading (it failed
+                    # and is tearing down) has no peer socket, and a PUSH send would
+                    # wait forever. The timeout, terminate and kill below cover it.
+                    self._in.send(self._enc.encode(ControlMsg(kind="shutdown")), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
                 try:
                     self._proc.wait(timeout_s)
                 except subprocess.TimeoutExpired:

@@ -483,7 +483,7 @@ class ModelRunner:
             inputs = self.prepare(sched)
         self.time_prepare_s += time.perf_counter() - t1
         with record_function("mm:forward"):
-            hidden = self._forward(inputs)
+            hidden = self._run_model(inputs)
         with record_function("mm:sample"):
             return self._logits_and_sample(inputs, hidden)
 
@@ -502,7 +502,7 @@ class ModelRunner:
             self._encode(sched)
             self.time_encoder_s += time.perf_counter() - t0
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+    def _run_model(self, inputs: StepInputs) -> torch.Tensor:
         if inputs.graph_batch is not None and self.graphs is not None:
             return self.graphs.run(
                 inputs.graph_batch, inputs.input_ids, inputs.positions, inputs.meta
