@@ -137,10 +137,88 @@ def analyse(trace: dict, wall_s: float, t_begin_us: float | None) -> str:
         clipped = [(max(x, a), min(y, b)) for x, y in k_iv if y > a and x < b]
         slices.append(f"{100 * union_length(clipped) / (b - a):.0f}%")
     lines.append(" ".join(slices))
+    lines += [
+        "",
+        "Per step (ms): gap before the step (schedule, update, frontend), host time of",
+        "each phase, GPU busy inside the step's span; slow steps first (top 25):",
+        "",
+        "| t s | gap | encoder | prepare | forward | sample | span | GPU busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    steps = step_table(cpu_ranges, k_sorted, starts)
+    for row in sorted(steps, key=lambda r: -r["span"])[:25]:
+        lines.append(
+            f"| {(row['t'] - start) / 1e6:.2f} | {row['gap']:.1f} | {row['mm:encoder']:.1f} | "
+            f"{row['mm:prepare']:.1f} | {row['mm:forward']:.1f} | {row['mm:sample']:.1f} | "
+            f"{row['span']:.1f} | {row['busy']:.1f} |"
+        )
+    tot_gap = sum(r["gap"] for r in steps) / 1e3
+    lines.append(f"\nsum of gaps between steps: {tot_gap:.2f} s over {len(steps)} steps")
     lines += ["", "| top kernels | calls | GPU s |", "|---|---|---|"]
     for name, (d, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
         lines.append(f"| `{name[:90]}` | {n} | {d:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def step_table(cpu_ranges: list[dict], k_sorted: list, starts: list) -> list[dict]:
+    """One row per engine step (a step starts at its `mm:encoder` range)."""
+    import bisect
+
+    ranges = sorted(cpu_ranges, key=lambda e: float(e["ts"]))
+    steps: list[dict] = []
+    for e in ranges:
+        a, d = float(e["ts"]), float(e["dur"])
+        if e["name"] == "mm:encoder":
+            steps.append({"t": a, "end": a + d, **dict.fromkeys(PHASES, 0.0)})
+        if steps:
+            steps[-1][e["name"]] += d / 1e3
+            steps[-1]["end"] = max(steps[-1]["end"], a + d)
+    prev_end = None
+    for row in steps:
+        row["gap"] = 0.0 if prev_end is None else (row["t"] - prev_end) / 1e3
+        prev_end = row["end"]
+        row["span"] = (row["end"] - row["t"]) / 1e3
+        i = bisect.bisect_left(starts, row["t"])
+        clipped = []
+        while i < len(k_sorted) and k_sorted[i][0] < row["end"]:
+            clipped.append((k_sorted[i][0], min(k_sorted[i][1], row["end"])))
+            i += 1
+        row["busy"] = union_length(clipped) / 1e3
+    return steps
+
+
+def media_only(ck: Path, args: argparse.Namespace) -> None:
+    """Throughput of preprocessing alone: submit every W1 prompt, wait for all, decode."""
+    from mmengine.input_processor import InputWorkers
+    from mmengine.model_loader import read_config
+
+    workers = InputWorkers(
+        ck, read_config(ck), None, None, torch.bfloat16, num_workers=args.input_workers
+    )
+    warm = [
+        workers.submit([VISION_START, IMAGE_PAD, VISION_END], {"image": im})
+        for im, _ in w1_requests(2 * args.input_workers, 4, seed=7)
+    ]
+    for f in warm:
+        f.result()
+    reqs = w1_requests(args.num_requests, args.text_len)
+    t0 = time.perf_counter()
+    futs = [
+        workers.submit([VISION_START, IMAGE_PAD, VISION_END] + t, {"image": im}) for im, t in reqs
+    ]
+    t_submit = time.perf_counter() - t0
+    nbytes = 0
+    for f in futs:
+        raw = f.result()
+        nbytes += len(raw)
+        workers.decode(raw)
+    wall = time.perf_counter() - t0
+    workers.shutdown()
+    print(
+        f"media only: {args.num_requests} prompts with {args.input_workers} workers in "
+        f"{wall:.2f} s ({args.num_requests / wall:.0f} prompts/s; submit loop {t_submit:.2f} s; "
+        f"{nbytes / 2**20:.0f} MiB of messages)"
+    )
 
 
 def main() -> None:
@@ -153,11 +231,19 @@ def main() -> None:
     ap.add_argument("--input-workers", type=int, default=8)
     ap.add_argument("--checkpoint", type=Path, default=None, help="reuse a saved checkpoint")
     ap.add_argument("--trace", action="store_true", help="also save the gzipped trace")
+    ap.add_argument(
+        "--media-only",
+        action="store_true",
+        help="time the input workers alone on the W1 images (no GPU work)",
+    )
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp())
     ck = args.checkpoint or build_checkpoint(tmp)
+    if args.media_only:
+        media_only(ck, args)
+        return
 
     from mmengine import LLM, SamplingParams
 
@@ -204,7 +290,9 @@ def main() -> None:
         analyse(trace, wall, None),
         "",
         "engine stats: "
-        + ", ".join(f"{k}={v:.2f}" for k, v in stats.items() if k.startswith("time_")),
+        + ", ".join(
+            f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()
+        ),
         f"(trace export + analysis {time.perf_counter() - t1:.0f} s)",
     ]
     text = "\n".join(report)
