@@ -8,7 +8,16 @@ streams that sequence's keys and values through its block table with an online s
 
 For decode-heavy batches with few sequences and long contexts that grid leaves most of the
 GPU idle, so the KV range of each sequence can be split across `NUM_SPLITS` programs
-(flash-decoding); a second, small kernel merges the partial results.
+(flash-decoding). Each split writes a partial result (unnormalized output, row max, row
+sum); by default the last split to finish a tile merges them in the same launch (see
+"Fused merge" below), otherwise (`fused_merge=False`) a second, small kernel does.
+
+Fused merge: the programs of one tile (same query block and KV head, different splits)
+share an int32 counter. Each program stores its partials, then atomically increments the
+counter with acquire-release semantics; the program that reads NUM_SPLITS - 1 knows that
+every other split has published its partials, merges them, writes the output and puts the
+counter back to 0. No program ever waits for another, so the order in which programs run
+(in parallel on a GPU, one after another in Triton's interpreter) does not matter.
 
 No host synchronization happens inside `paged_attention`: every length is read on the
 device; the host ints `max_query_len` and `max_seq_len` only size the grid and pick tiles,
@@ -16,6 +25,7 @@ so calls can be captured in CUDA graphs.
 """
 
 import functools
+import logging
 import math
 
 import torch
@@ -23,6 +33,8 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import check_launchable, next_power_of_2, use_triton
+
+logger = logging.getLogger(__name__)
 
 # The split (flash-decoding) path is chosen only for batches whose query chunks are at most
 # this long: its fp32 partial buffers grow with the number of query tokens.
@@ -35,6 +47,26 @@ _PROGRAMS_PER_SM = 4
 # A plain grid with this many programs per SM already streams KV at ~95% of copy bandwidth
 # on an H100 (64 sequences × 8 KV heads); splitting it only adds the merge.
 _NO_SPLIT_PROGRAMS_PER_SM = 2
+
+# Fused-merge counters: one persistent, zeroed int32 buffer per device, shared by every
+# call (one counter per (query block, KV head) tile of the call's grid). Each call leaves
+# every counter it touched at 0 again (the merging program resets it), so the buffer needs
+# zeroing only once, when it is allocated, and a call inside a CUDA graph needs no memset
+# node and no allocation. Consequence: calls on one device must not run concurrently on
+# different streams (they would share counters); the engine runs attention on one stream.
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Buffers replaced by a larger one stay referenced forever: a CUDA graph captured earlier
+# still increments and resets counters at the old address on every replay, so that memory
+# must never be handed to anyone else. They are small (a few hundred KiB at most).
+_RETIRED_SPLIT_COUNTERS: list[torch.Tensor] = []
+# Smallest buffer allocated (256 KiB): covers a decode batch of 8192 sequences × 8 KV heads,
+# so an engine never grows it after start-up.
+_MIN_SPLIT_COUNTERS = 1 << 16
+# The fused merge fully unrolls its loops over splits (so that several splits' loads are in
+# flight at once) for at most _MAX_SPLITS splits of partial tiles of at most this many fp32
+# values: the decode tile (16 rows × head 128). Taller tiles, unrolled, spill registers on
+# sm_90 (64 rows × 8 splits: 180 bytes, partly before the main loop); they loop instead.
+_MERGE_UNROLL_MAX_TILE = 16 * 128
 
 
 @triton.jit
@@ -103,6 +135,7 @@ def _paged_attention_kernel(
     part_acc_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS, HEAD_PAD] fp32, split path only
     part_max_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32 (log2 units), split path only
     part_sum_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32, split path only
+    counters_ptr,  # [>= num_q_blocks * num_kv_heads] int32, zero on entry; fused merge only
     q_ptr,  # [num_tokens, num_q_heads, head_size]
     key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
     value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
@@ -127,7 +160,9 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,  # query tokens per program
     ONE_BLOCK_PER_SEQ: tl.constexpr,  # max_query_len <= BLOCK_Q: grid axis 0 is the sequence
     TILE_N: tl.constexpr,  # KV positions per inner-loop step
-    NUM_SPLITS: tl.constexpr,  # 1: write the output; > 1: write partials for the merge kernel
+    NUM_SPLITS: tl.constexpr,  # 1: write the output; > 1: write partials, then merge them
+    FUSED_MERGE: tl.constexpr,  # NUM_SPLITS > 1: the last split merges (else a 2nd kernel)
+    MERGE_UNROLL: tl.constexpr,  # fused merge: unroll its loops over the splits
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so tests compare tightly
 ):
     q_block_global = tl.program_id(0)
@@ -269,6 +304,174 @@ def _paged_attention_kernel(
         )
         tl.store(part_max_ptr + part_row, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part_row, l_i, mask=row_valid)
+        if FUSED_MERGE:
+            # Every split of this tile gets here exactly once: the early return above
+            # depends only on the query block (and its sequence), which all splits of the
+            # tile share, and every split that passes it (even one with no KV tile to
+            # attend) writes its partials, so the tile's count always reaches NUM_SPLITS.
+            #
+            # Memory ordering. Release side: the partials were stored by all threads of
+            # this program, but the scalar atomic below is issued by one thread, so a CTA
+            # barrier first orders every thread's stores before it; the atomic's release
+            # (cumulative) then publishes them at GPU scope before the new count becomes
+            # visible. Acquire side: the program that reads NUM_SPLITS - 1 has, through its
+            # atomic's acquire, synchronized with the release of every other split (their
+            # increments precede its own in the counter's modification order, and each
+            # read-modify-write continues the release sequences before it); Triton then
+            # broadcasts the atomic's result to the other threads through shared memory
+            # and a barrier, so their loads in the merge come after the acquire too. Those
+            # loads go through L2 (".cg"), never a possibly stale L1 line. On sm_90 this
+            # compiles to the classic last-block pattern: BAR.SYNC, then one thread's
+            # MEMBAR.ALL.GPU + ATOMG.ADD.STRONG.GPU + CCTL.IVALL (L1 invalidate), then
+            # STS + BAR.SYNC to broadcast the count.
+            tl.debug_barrier()
+            counter_ptr = counters_ptr + q_block_global * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+            if arrived == NUM_SPLITS - 1:
+                _merge_tile_splits(
+                    counter_ptr,
+                    out_ptr,
+                    part_acc_ptr,
+                    part_max_ptr,
+                    part_sum_ptr,
+                    token,
+                    head,
+                    row_valid,
+                    num_q_heads,
+                    stride_o_tok,
+                    stride_o_head,
+                    HEAD_SIZE,
+                    HEAD_PAD,
+                    BLOCK_M,
+                    NUM_SPLITS,
+                    MERGE_UNROLL,
+                )
+
+
+@triton.jit
+def _merge_tile_splits(
+    counter_ptr,  # this tile's fused-merge counter, now NUM_SPLITS
+    out_ptr,  # [num_tokens, num_q_heads, head_size]
+    part_acc_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS, HEAD_PAD] fp32
+    part_max_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32 (log2 units)
+    part_sum_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32
+    token,  # [BLOCK_M] int64, the query token of each row of the tile
+    head,  # [BLOCK_M], the query head of each row
+    row_valid,  # [BLOCK_M]
+    num_q_heads,
+    stride_o_tok,
+    stride_o_head,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """Fused merge, run by the last split of a tile to arrive: combine the NUM_SPLITS
+    partials of every row and store the normalized output (the same arithmetic as
+    `_merge_splits_kernel`, per row), then put the tile's counter back to 0.
+
+    Written for the compiler as much as for the reader (checked on sm_90 PTX/SASS): per-row
+    values are loaded as 1-D [BLOCK_M] vectors, one split at a time, so that they take the
+    layout of the partial outputs they scale. (A [BLOCK_M, NUM_SPLITS] tile of maxes, or
+    [BLOCK_M, 1] columns, get a layout of their own, and converting every split's weights
+    costs a round trip through shared memory with two CTA barriers, which also keeps the
+    next split's loads from being issued early.) With UNROLL the loops over splits are
+    unrolled, so the loads of several splits are in flight at once.
+    """
+    offs_d = tl.arange(0, HEAD_PAD)
+    row_base = (token * num_q_heads + head) * NUM_SPLITS  # [BLOCK_M] first partial row
+
+    # Pass 1: the largest split max of each row. An all-empty row keeps 0 as its reference
+    # so that exp2 never sees (-inf) - (-inf); its weights are then all 0.
+    m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    if UNROLL:
+        for s in tl.static_range(NUM_SPLITS):
+            m_max = tl.maximum(
+                m_max, _load_rows(part_max_ptr, row_base + s, row_valid, float("-inf"))
+            )
+    else:
+        for s in range(NUM_SPLITS):
+            m_max = tl.maximum(
+                m_max, _load_rows(part_max_ptr, row_base + s, row_valid, float("-inf"))
+            )
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+
+    # Pass 2: sum of the partial outputs and row sums, weighted by exp2(split max - m_max).
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    if UNROLL:
+        for s in tl.static_range(NUM_SPLITS):
+            acc, total = _add_split_partial(
+                acc,
+                total,
+                m_max,
+                row_base + s,
+                row_valid,
+                part_acc_ptr,
+                part_max_ptr,
+                part_sum_ptr,
+                HEAD_PAD,
+            )
+    else:
+        for s in range(NUM_SPLITS):
+            acc, total = _add_split_partial(
+                acc,
+                total,
+                m_max,
+                row_base + s,
+                row_valid,
+                part_acc_ptr,
+                part_max_ptr,
+                part_sum_ptr,
+                HEAD_PAD,
+            )
+
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(
+        out_ptr + token[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & (offs_d < HEAD_SIZE)[None, :],
+    )
+    # Every split of the tile has incremented, and none touches the counter again in this
+    # launch, so a plain store can reset it, ready for the next call (which is ordered
+    # after the end of this launch). Without the reset the next call would count past
+    # NUM_SPLITS - 1 and never merge.
+    tl.store(counter_ptr, 0)
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_valid, other):
+    """ptr[rows[i]] for each tile row (`other` for masked rows), through L2 (".cg"):
+    other programs of this launch wrote these values."""
+    return tl.load(ptr + rows, mask=row_valid, other=other, cache_modifier=".cg")
+
+
+@triton.jit
+def _add_split_partial(
+    acc,  # [BLOCK_M, HEAD_PAD] fp32, weighted sum of partial outputs so far
+    total,  # [BLOCK_M] fp32, weighted sum of partial row sums so far
+    m_max,  # [BLOCK_M] fp32, the reference max of each row (log2 units)
+    rows,  # [BLOCK_M] the split's partial row of each tile row
+    row_valid,  # [BLOCK_M]
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    HEAD_PAD: tl.constexpr,
+):
+    """Adds one split's partials to (acc, total), weighted by exp2(its max - m_max)."""
+    offs_d = tl.arange(0, HEAD_PAD)
+    m_s = _load_rows(part_max_ptr, rows, row_valid, float("-inf"))
+    weight = tl.exp2(m_s - m_max)  # 0 for an empty split
+    acc_s = tl.load(
+        part_acc_ptr + rows[:, None] * HEAD_PAD + offs_d[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )  # [BLOCK_M, HEAD_PAD]
+    acc = acc + acc_s * weight[:, None]
+    total = total + _load_rows(part_sum_ptr, rows, row_valid, 0.0) * weight
+    return acc, total
 
 
 @triton.jit
@@ -317,6 +520,29 @@ def _merge_splits_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=offs_d < HEAD_SIZE,
     )
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's zeroed fused-merge counter buffer, holding at least `needed` counters.
+
+    Grows (to a power of two) when too small, keeping the old buffer alive for the graphs
+    that captured it. Returns None while a CUDA graph is being captured and the buffer is
+    missing or too small: an allocation made now would be zeroed only when the graph first
+    replays, and the caller then falls back to the two-launch merge. The engine never gets
+    there, since it runs every graph's batch eagerly before capturing it.
+    """
+    buf = _SPLIT_COUNTERS.get(device)
+    if buf is not None and buf.numel() >= needed:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if buf is not None:
+        _RETIRED_SPLIT_COUNTERS.append(buf)
+    buf = torch.zeros(
+        max(_MIN_SPLIT_COUNTERS, next_power_of_2(needed)), dtype=torch.int32, device=device
+    )
+    _SPLIT_COUNTERS[device] = buf
+    return buf
 
 
 @functools.lru_cache(maxsize=16)
@@ -397,6 +623,7 @@ def paged_attention(
     max_seq_len: int,
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
+    fused_merge: bool = True,
     use_triton_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks over each sequence's paged KV.
@@ -422,6 +649,11 @@ def paged_attention(
             belong to no sequence are left as they are (uninitialized if allocated here).
         num_kv_splits: KV splits per sequence; None chooses from the batch shape and the
             device, 1 disables the split path.
+        fused_merge: with splits, let the last split of each tile merge the partials in
+            the same launch (True) or merge them in a second kernel launch (False). Both
+            give the same result; the fused path saves the second launch. The fused path
+            shares a per-device counter buffer between calls, so calls on one device must
+            not run concurrently on different streams.
         use_triton_kernel: force the Triton kernel (True) or the torch reference (False);
             None takes Triton on CUDA tensors or when MMENGINE_FORCE_TRITON=1.
 
@@ -442,6 +674,7 @@ def paged_attention(
             max_seq_len=max_seq_len,
             out=out,
             num_kv_splits=num_kv_splits,
+            fused_merge=fused_merge,
         )
     check_launchable(_paged_attention_kernel, q)
 
@@ -497,12 +730,24 @@ def paged_attention(
         part_sum = torch.empty_like(part_max)
     else:
         part_acc = part_max = part_sum = out  # never touched: NUM_SPLITS == 1 compiles them out
+    counters = None
+    if num_kv_splits > 1 and fused_merge:
+        counters = _split_counters(q.device, num_q_blocks * num_kv_heads)
+        if counters is None:
+            logger.warning(
+                "paged_attention: fused-merge counters missing or too small during CUDA "
+                "graph capture; this graph uses the two-launch merge (run the same batch "
+                "eagerly before capturing to avoid this)"
+            )
+    fused = counters is not None
+    merge_unroll = num_kv_splits <= _MAX_SPLITS and block_m * head_pad <= _MERGE_UNROLL_MAX_TILE
 
     _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_kv_splits)](
         out,
         part_acc,
         part_max,
         part_sum,
+        counters if fused else out,  # never touched unless FUSED_MERGE
         q,
         key_cache,
         value_cache,
@@ -528,11 +773,13 @@ def paged_attention(
         ONE_BLOCK_PER_SEQ=one_block_per_seq,
         TILE_N=tile_n,
         NUM_SPLITS=num_kv_splits,
+        FUSED_MERGE=fused,
+        MERGE_UNROLL=merge_unroll,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if num_kv_splits > 1:
+    if num_kv_splits > 1 and not fused:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             out,
             part_acc,
@@ -564,16 +811,17 @@ def paged_attention_torch(
     max_seq_len: int,
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
+    fused_merge: bool = True,
 ) -> torch.Tensor:
     """Plain-torch reference of `paged_attention` (same arguments and result).
 
     A loop over sequences: gather the sequence's K/V through its block table, then a
     masked softmax in fp32, the way HF's eager attention computes it. It reads the lengths
-    on the host, so it synchronizes; `max_query_len`, `max_seq_len` and `num_kv_splits`
-    are accepted for signature parity and unused. Rows that belong to no sequence are left
-    as they are in `out` (zeros if allocated here).
+    on the host, so it synchronizes; `max_query_len`, `max_seq_len`, `num_kv_splits` and
+    `fused_merge` are accepted for signature parity and unused. Rows that belong to no
+    sequence are left as they are in `out` (zeros if allocated here).
     """
-    del max_query_len, max_seq_len, num_kv_splits
+    del max_query_len, max_seq_len, num_kv_splits, fused_merge
     num_q_heads = q.shape[1]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_q_heads // num_kv_heads

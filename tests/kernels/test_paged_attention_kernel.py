@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.paged_attention as pa
 from kernels.paged_attention import (
     choose_num_kv_splits,
     paged_attention,
@@ -276,6 +277,172 @@ def test_torch_path_is_taken_for_cpu_tensors_by_default() -> None:
     assert torch.equal(batch.run(), batch.run(paged_attention_torch))
 
 
+# ---------------------------------------------------------------- fused split merge
+
+
+def _refuse_merge_kernel(*_args, **_kwargs):
+    raise AssertionError("the two-launch merge kernel ran on the fused path")
+
+
+class _NoLaunch:
+    """Stands in for `_merge_splits_kernel`: `kernel[grid](...)` fails the test."""
+
+    def __getitem__(self, grid):
+        return _refuse_merge_kernel
+
+
+def assert_counters_zero(device: torch.device | str) -> None:
+    counters = pa._SPLIT_COUNTERS.get(torch.device(device))
+    assert counters is not None, "the fused path allocated no counter buffer"
+    assert int(counters.count_nonzero()) == 0, "a fused call left a counter non-zero"
+
+
+def run_fused_and_unfused(batch: Batch, num_kv_splits: int, monkeypatch) -> tuple:
+    """(fused output, two-launch output, reference) with the same sentinel in padding rows;
+    the fused call runs with the merge kernel disabled, proving it needs no second launch."""
+    sentinel = torch.full_like(batch.q, -3.0)
+    with monkeypatch.context() as m:
+        m.setattr(pa, "_merge_splits_kernel", _NoLaunch())
+        fused = batch.run(use_triton_kernel=True, out=sentinel.clone(), num_kv_splits=num_kv_splits)
+    unfused = batch.run(
+        use_triton_kernel=True,
+        out=sentinel.clone(),
+        num_kv_splits=num_kv_splits,
+        fused_merge=False,
+    )
+    return fused, unfused, batch.run(paged_attention_torch, out=sentinel.clone())
+
+
+# (queries_per_kv, head_size, num_kv_splits): GQA 8:1 and odd group sizes; one split (no
+# merge at all), few, more than the longest sequence has 32-wide tiles (fp32 tiles: 301
+# positions = 10 tiles), and more than it has 16-position KV blocks (19), so most splits
+# of every tile are empty.
+FUSED_DECODE_CASES = [(8, 64, 2), (8, 64, 13), (8, 64, 24), (3, 80, 5), (7, 64, 4)]
+FUSED_DECODE_CASES += [(1, 64, 3), (5, 64, 1)]
+
+
+@pytest.mark.parametrize(
+    ("queries_per_kv", "head_size", "num_kv_splits"),
+    FUSED_DECODE_CASES,
+    ids=[f"gqa{g}-h{h}-s{s}" for g, h, s in FUSED_DECODE_CASES],
+)
+def test_fused_merge_matches_reference_and_two_launch_merge_on_decode_batch(
+    queries_per_kv: int, head_size: int, num_kv_splits: int, monkeypatch
+) -> None:
+    # Decodes of various lengths (one shorter than a tile, one exactly at a block edge), an
+    # empty padding sequence, and padding token rows that belong to no sequence.
+    batch = make_batch(
+        [1, 1, 0, 1, 1],
+        [300, 5, 0, 63, 130],
+        num_kv_heads=2,
+        queries_per_kv=queries_per_kv,
+        head_size=head_size,
+        padded_tokens=2,
+        seed=11,
+    )
+    fused, unfused, expected = run_fused_and_unfused(batch, num_kv_splits, monkeypatch)
+    torch.testing.assert_close(fused, expected, atol=2e-5, rtol=1e-4)
+    # Same partials, same merge formula; only the summation order may differ.
+    torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-5)
+    real = batch.num_real_tokens
+    assert torch.equal(fused[real:], torch.full_like(fused[real:], -3.0))
+    if num_kv_splits > 1:
+        assert_counters_zero("cpu")
+
+
+@pytest.mark.parametrize("num_kv_splits", [2, 6])
+def test_fused_merge_on_mixed_batch_with_several_query_blocks_per_sequence(
+    num_kv_splits: int, monkeypatch
+) -> None:
+    # Chunks longer than one query block (fp32, 8:1: 64-row tiles of 8 tokens), so one
+    # sequence owns several tiles, each with its own counter, next to decodes and a fresh
+    # prefill; slack query blocks of the grid must leave their counters alone.
+    batch = make_batch(
+        [1, 12, 0, 1, 17],
+        [140, 37, 0, 9, 0],
+        num_kv_heads=2,
+        queries_per_kv=8,
+        head_size=64,
+        seed=12,
+    )
+    fused, unfused, expected = run_fused_and_unfused(batch, num_kv_splits, monkeypatch)
+    torch.testing.assert_close(fused, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-5)
+    assert_counters_zero("cpu")
+
+
+def test_fused_merge_runs_once_per_tile_with_its_own_counter(monkeypatch) -> None:
+    # The interpreter runs programs one after another, a tile's splits back to back, so a
+    # wrong "am I last" test (say, the first split merging and resetting) or two tiles
+    # sharing a counter would still end with a correct output. Record every merge instead:
+    # the interpreter looks the helper up at call time, so a wrapper sees each call.
+    merges = []
+    original = pa._merge_tile_splits
+
+    def recording_merge(counter_ptr, out_ptr, part_acc, part_max, part_sum, token, head, *rest):
+        counters = pa._SPLIT_COUNTERS[torch.device("cpu")]
+        slot = (int(counter_ptr.handle.data[0]) - counters.data_ptr()) // counters.element_size()
+        # (token, head) of the tile's first row, the counter slot, and its count so far.
+        merges.append((int(token.handle.data[0]), int(head.handle.data[0]), slot))
+        assert int(counters[slot]) == 5, "merged before all 5 splits arrived"
+        return original(counter_ptr, out_ptr, part_acc, part_max, part_sum, token, head, *rest)
+
+    monkeypatch.setattr(pa, "_merge_tile_splits", recording_merge)
+    batch = make_batch(
+        [1, 1, 0, 1], [300, 5, 0, 63], num_kv_heads=2, queries_per_kv=3, head_size=64
+    )
+    out = batch.run(use_triton_kernel=True, num_kv_splits=5)
+    torch.testing.assert_close(out, batch.run(paged_attention_torch), atol=2e-5, rtol=1e-4)
+    # One merge per (sequence with a query token, KV head), none for the empty sequence 2;
+    # tile (sequence b, KV head h) counts in slot 2 * b + h. Query heads 0 and 3 start the
+    # tiles of KV heads 0 and 1.
+    expected = [(0, 0, 0), (0, 3, 1), (1, 0, 2), (1, 3, 3), (2, 0, 6), (2, 3, 7)]
+    assert sorted(merges) == expected
+    assert_counters_zero("cpu")
+
+
+def test_fused_merge_past_the_unrolled_split_count(monkeypatch) -> None:
+    # 33 splits: the merge loops instead of unrolling. The first sequence has 33 fp32 tiles
+    # (1051 positions), one per split, so every split (the last one too) holds keys.
+    batch = make_batch([1, 1], [1050, 40], num_kv_heads=1, queries_per_kv=2, head_size=64, seed=4)
+    fused, unfused, expected = run_fused_and_unfused(batch, 33, monkeypatch)
+    torch.testing.assert_close(fused, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-5)
+    assert_counters_zero("cpu")
+
+
+def test_fused_merge_twice_in_a_row_with_the_same_buffers() -> None:
+    # The merging program resets its counter; were it left at NUM_SPLITS, the second call
+    # would count past it, no program would merge, and `out` would keep the first result.
+    batch = make_batch([1, 1, 1], [200, 77, 150], num_kv_heads=2, queries_per_kv=4, head_size=64)
+    out = torch.zeros_like(batch.q)
+    first = batch.run(use_triton_kernel=True, out=out, num_kv_splits=4).clone()
+    torch.testing.assert_close(first, batch.run(paged_attention_torch), atol=2e-5, rtol=1e-4)
+    assert_counters_zero("cpu")
+
+    batch.q.copy_(torch.randn(batch.q.shape, generator=torch.Generator().manual_seed(9)))
+    batch.seq_lens.copy_(torch.tensor([130, 201, 64], dtype=torch.int32))
+    second = batch.run(use_triton_kernel=True, out=out, num_kv_splits=4)
+    torch.testing.assert_close(second, batch.run(paged_attention_torch), atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(first, second)
+    assert_counters_zero("cpu")
+
+
+def test_fused_merge_counter_buffer_grows_and_keeps_the_old_one(monkeypatch) -> None:
+    monkeypatch.setattr(pa, "_MIN_SPLIT_COUNTERS", 4)
+    monkeypatch.setattr(pa, "_SPLIT_COUNTERS", {})
+    monkeypatch.setattr(pa, "_RETIRED_SPLIT_COUNTERS", [])
+    small = make_batch([1, 1], [40, 90], num_kv_heads=2, queries_per_kv=2, head_size=64)
+    big = make_batch([1] * 5, [33, 64, 90, 12, 70], num_kv_heads=2, queries_per_kv=2, head_size=64)
+    for batch, size in ((small, 4), (big, 16)):  # 2 x 2 tiles, then 5 x 2 tiles
+        out = batch.run(use_triton_kernel=True, num_kv_splits=3)
+        torch.testing.assert_close(out, batch.run(paged_attention_torch), atol=2e-5, rtol=1e-4)
+        assert pa._SPLIT_COUNTERS[torch.device("cpu")].numel() == size
+        assert_counters_zero("cpu")
+    # The first buffer is kept alive: a CUDA graph may still use its address.
+    assert [t.numel() for t in pa._RETIRED_SPLIT_COUNTERS] == [4]
+
+
 # ---------------------------------------------------------------- GPU
 
 
@@ -414,4 +581,190 @@ def test_gpu_short_chunks_like_speculative_decoding(num_kv_splits: int | None) -
         batch.run(num_kv_splits=num_kv_splits),
         batch.run(paged_attention_torch),
         **GPU_TOLERANCES[torch.bfloat16],
+    )
+
+
+# Fused split merge at realistic shapes. Fused and two-launch results share the partials
+# and differ only in the fp32 summation order of the merge, so they agree to within one
+# rounding of the output dtype.
+FUSED_VS_UNFUSED = {
+    torch.bfloat16: dict(atol=1e-2, rtol=8e-3),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+}
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(
+    ("dtype", "num_kv_heads", "queries_per_kv", "head_size", "num_kv_splits"),
+    [
+        (torch.bfloat16, 2, 8, 128, None),  # the issue-3 shape: auto split (17 on an H100)
+        (torch.bfloat16, 2, 8, 128, 16),  # the engine's power-of-two choice
+        (torch.bfloat16, 2, 8, 128, 32),
+        (torch.bfloat16, 2, 8, 128, 3),
+        (torch.bfloat16, 8, 4, 128, None),  # 32q/8kv
+        (torch.float16, 2, 7, 80, 5),
+        (torch.float16, 4, 5, 96, 11),
+        (torch.bfloat16, 2, 8, 128, 300),  # more splits than any sequence has KV blocks
+    ],
+)
+def test_gpu_fused_merge_on_long_decodes_matches_reference_and_two_launch_merge(
+    dtype: torch.dtype,
+    num_kv_heads: int,
+    queries_per_kv: int,
+    head_size: int,
+    num_kv_splits: int | None,
+) -> None:
+    # 16 decodes, one at the full 4096 positions (auto: 17 splits for 2 KV heads on a
+    # 132-SM card, 5 for 8), the others random; 256 KV blocks at most, so 300 splits leave
+    # most of every tile's splits empty.
+    gen = torch.Generator().manual_seed(5)
+    contexts = [4095] + torch.randint(1, 4096, (15,), generator=gen).tolist()
+    batch = make_batch(
+        [1] * 16,
+        contexts,
+        num_kv_heads=num_kv_heads,
+        queries_per_kv=queries_per_kv,
+        head_size=head_size,
+        dtype=dtype,
+        device="cuda",
+        seed=5,
+    )
+    expected = batch.run(paged_attention_torch)
+    # Three launches back to back, no synchronization between them: each must find the
+    # counters reset by the one before.
+    outs = [batch.run(num_kv_splits=num_kv_splits) for _ in range(3)]
+    for fused in outs:
+        torch.testing.assert_close(fused, expected, **GPU_TOLERANCES[dtype])
+    unfused = batch.run(num_kv_splits=num_kv_splits, fused_merge=False)
+    torch.testing.assert_close(fused, unfused, **FUSED_VS_UNFUSED[dtype])
+    assert_counters_zero(batch.q.device)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("num_kv_splits", [2, 8])
+def test_gpu_fused_merge_on_mixed_batch_with_chunked_prefill(num_kv_splits: int) -> None:
+    # Forced splits on chunks spanning many query blocks: one counter per (block, KV head).
+    batch = _random_decode_and_prefill_batch(
+        24,
+        [(512, 0), (300, 1700), (77, 3000), (1, 0)],
+        4096,
+        seed=6,
+        num_kv_heads=2,
+        queries_per_kv=8,
+        head_size=128,
+        dtype=torch.bfloat16,
+    )
+    fused = batch.run(num_kv_splits=num_kv_splits)
+    torch.testing.assert_close(
+        fused, batch.run(paged_attention_torch), **GPU_TOLERANCES[torch.bfloat16]
+    )
+    unfused = batch.run(num_kv_splits=num_kv_splits, fused_merge=False)
+    torch.testing.assert_close(fused, unfused, **FUSED_VS_UNFUSED[torch.bfloat16])
+    assert_counters_zero(batch.q.device)
+
+
+def _graph_step_inputs(static: Batch, step: int, num_real: int) -> None:
+    """Writes a new decode step into the static buffers a graph was captured on: new
+    queries, new context lengths, new block tables, and num_real real sequences (the rest
+    have no query token, like a captured batch replayed with fewer sequences)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    num_seqs, max_blocks = static.block_tables.shape
+    num_blocks, block_size = static.key_cache.shape[:2]
+    seq_lens = torch.randint(1, max_blocks * block_size + 1, (num_seqs,), generator=gen)
+    seq_lens[step % num_real] = max_blocks * block_size  # one maximal context each step
+    q_lens = torch.zeros(num_seqs, dtype=torch.int32)
+    q_lens[:num_real] = 1
+    qsl = torch.zeros(num_seqs + 1, dtype=torch.int32)
+    qsl[1:] = q_lens.cumsum(0)
+    tables = torch.randperm(num_blocks, generator=gen)[: num_seqs * max_blocks]
+    static.q.copy_(torch.randn(static.q.shape, generator=gen))
+    static.seq_lens.copy_(seq_lens)
+    static.query_start_loc.copy_(qsl)
+    static.block_tables.copy_(tables.view(num_seqs, max_blocks))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_fused_merge_in_a_cuda_graph_replayed_with_changing_inputs(monkeypatch) -> None:
+    # A graph captured once (as the engine does for decode steps) and replayed three times
+    # with new inputs: each replay increments and resets the same persistent counters.
+    num_seqs, max_len, block_size = 16, 4096, 16
+    static = make_batch(
+        [1] * num_seqs,
+        [max_len - 1] * num_seqs,
+        num_kv_heads=2,
+        queries_per_kv=8,
+        head_size=128,
+        dtype=torch.bfloat16,
+        device="cuda",
+        num_blocks=num_seqs * max_len // block_size + 64,
+        seed=7,
+    )
+    splits = choose_num_kv_splits(
+        num_q_blocks=num_seqs,
+        num_kv_heads=2,
+        max_query_len=1,
+        max_seq_len=max_len,
+        sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
+    )
+    assert splits > 1
+    out = torch.full_like(static.q, 5.0)
+
+    def step() -> torch.Tensor:
+        return static.run(out=out)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile, allocate the counters: outside the capture, as the engine does
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with monkeypatch.context() as m:
+        m.setattr(pa, "_merge_splits_kernel", _NoLaunch())  # the graph must hold one kernel
+        with torch.cuda.graph(graph):
+            step()
+
+    for i, num_real in enumerate((16, 16, 11)):
+        _graph_step_inputs(static, i, num_real)
+        out.fill_(5.0)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = static.run(paged_attention_torch)
+        torch.testing.assert_close(
+            out[:num_real], expected[:num_real], **GPU_TOLERANCES[torch.bfloat16]
+        )
+        assert torch.equal(out[num_real:], torch.full_like(out[num_real:], 5.0))
+        assert_counters_zero(out.device)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_capture_without_counters_falls_back_to_the_two_launch_merge(monkeypatch) -> None:
+    # No counter buffer at capture time (none may be allocated inside a capture): the graph
+    # must still give correct results, through the two-launch merge.
+    batch = _random_decode_and_prefill_batch(
+        8,
+        [],
+        2048,
+        seed=8,
+        num_kv_heads=2,
+        queries_per_kv=8,
+        head_size=128,
+        dtype=torch.bfloat16,
+    )
+    out = torch.empty_like(batch.q)
+    batch.run(out=out, num_kv_splits=8, fused_merge=False)  # compile outside the capture
+    torch.cuda.synchronize()
+    monkeypatch.setattr(pa, "_SPLIT_COUNTERS", {})
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        batch.run(out=out, num_kv_splits=8)
+    assert pa._SPLIT_COUNTERS == {}
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(
+        out, batch.run(paged_attention_torch), **GPU_TOLERANCES[torch.bfloat16]
     )
