@@ -16,14 +16,14 @@ groups=(
   "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_with_compile_and_graphs"
   "tests/test_gpu_engine.py::test_cuda_graphs_and_eager_give_the_same_tokens"
   "tests/test_gpu_engine.py::test_bf16_logprobs_close_to_hf_bf16"
-  "tests/kernels"
+  "tests/kernels tests/encoders/test_gpu.py"
   "tests/test_gpu_mm.py::test_mm_bf16_prompt_logprobs_close_to_hf"
   "tests/test_gpu_mm.py::test_mm_fp32_greedy_identical_to_hf_on_gpu"
 )
 pids=()
 for i in "${!groups[@]}"; do
   timeout "$limit" python3 -m pytest -v -m gpu -p no:cacheprovider -o faulthandler_timeout=$((limit - 30)) \
-    "${groups[$i]}" > "$OUT/gpu_tests/group$i.log" 2>&1 &
+    ${groups[$i]} > "$OUT/gpu_tests/group$i.log" 2>&1 &
   pids+=($!)
 done
 rc=0

@@ -187,6 +187,34 @@ def step_table(cpu_ranges: list[dict], k_sorted: list, starts: list) -> list[dic
     return steps
 
 
+def triton_variants() -> dict[str, int]:
+    """Compiled specializations of each of our Triton kernels in this process."""
+    import kernels.activation
+    import kernels.kv_cache
+    import kernels.paged_attention
+    import kernels.rms_norm
+    import kernels.rotary
+
+    counts = {}
+    for mod in (
+        kernels.activation,
+        kernels.kv_cache,
+        kernels.paged_attention,
+        kernels.rms_norm,
+        kernels.rotary,
+    ):
+        for name, fn in vars(mod).items():
+            caches = getattr(fn, "device_caches", None)
+            if caches is None:
+                continue
+            n = 0
+            for entry in caches.values():
+                cache = entry[0] if isinstance(entry, tuple) else entry
+                n += len(cache) if hasattr(cache, "__len__") else 0
+            counts[name] = n
+    return counts
+
+
 def media_only(ck: Path, args: argparse.Namespace) -> None:
     """Throughput of preprocessing alone: submit every W1 prompt, wait for all, decode."""
     from mmengine.input_processor import InputWorkers
@@ -272,12 +300,20 @@ def main() -> None:
     reqs = prompts(w1_requests(args.num_requests, args.text_len))
     from torch.profiler import ProfilerActivity, profile
 
+    variants_before = triton_variants()
+
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         llm.generate(reqs, p, use_tqdm=False)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     stats = llm.stats()
+    variants_after = triton_variants()
+    new_variants = {
+        k: v - variants_before.get(k, 0)
+        for k, v in variants_after.items()
+        if v != variants_before.get(k, 0)
+    }
     llm.shutdown()
     trace_path = tmp / "trace.json"
     t1 = time.perf_counter()
@@ -293,6 +329,8 @@ def main() -> None:
         + ", ".join(
             f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()
         ),
+        f"Triton kernel variants compiled during the run (JIT specializations): "
+        f"{new_variants or 'none'}; before it: {variants_before}",
         f"(trace export + analysis {time.perf_counter() - t1:.0f} s)",
     ]
     text = "\n".join(report)

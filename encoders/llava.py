@@ -127,8 +127,8 @@ class LlavaVisionEncoder(VisionEncoder):
             return []
         for item in items:
             self._check(item)
-        pixels = torch.stack([item.pixel_values for item in items])
-        pixels = pixels.to(device=self.device, dtype=self.dtype)  # [B, C, S, S]
+        pixels = torch.stack([item.normalized_pixels(self.device) for item in items])
+        pixels = pixels.to(dtype=self.dtype)  # [B, C, S, S]
         return list(self.forward(pixels).unbind(0))
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from encoders.base import VisionEncoder
 from encoders.layers import PatchLinear, RMSNorm, SegmentPlan, apply_rotary, segment_attention
-from encoders.staging import PinnedStaging
+from encoders.staging import PinnedStaging, stage_pixels
 from processors.types import MultiModalItem
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
@@ -218,8 +218,6 @@ class QwenVisionEncoder(VisionEncoder):
         # Pack on the host (a reused pinned buffer on GPU), then one transfer.
         if self._staging is None:
             self._staging = PinnedStaging()
-        patches = self._staging.to_device(
-            [item.pixel_values for item in items], self.device, self.dtype
-        )  # [N, patch_dim]
+        patches = stage_pixels(self._staging, items, self.device, self.dtype)  # [N, patch_dim]
         merged = self.forward(patches, grids)  # [sum num_tokens, text_hidden]
         return list(merged.split([item.num_tokens for item in items]))

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from processors.types import MultiModalItem
+
 
 class PinnedStaging:
     """Packs CPU tensors into a pinned buffer and moves them to the GPU in one copy."""
@@ -50,3 +52,30 @@ class PinnedStaging:
         self._done = torch.cuda.Event()
         self._done.record()
         return on_device.to(dtype)
+
+
+def stage_pixels(
+    staging: PinnedStaging,
+    items: Sequence[MultiModalItem],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The items' pixels concatenated on `device` as normalized `dtype`.
+
+    uint8 items sharing one PixelNorm (what the engine's input workers send) travel as
+    uint8 and are normalized on the device: a quarter of float32's bytes through the
+    pinned buffer and the host-to-device copy. Anything else is normalized per item on
+    the host first.
+    """
+    norms = {item.pixel_norm for item in items}
+    if (
+        len(norms) == 1
+        and None not in norms
+        and all(item.pixel_values.dtype == torch.uint8 for item in items)
+    ):
+        from processors.transforms import apply_pixel_norm
+
+        (norm,) = norms
+        raw = staging.to_device([item.pixel_values for item in items], device, torch.uint8)
+        return apply_pixel_norm(raw, norm).to(dtype)
+    return staging.to_device([item.normalized_pixels() for item in items], device, dtype)

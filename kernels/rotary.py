@@ -79,7 +79,9 @@ def _rotate_heads(
     tl.store(first + HALF, o2.to(dtype), mask=mask)
 
 
-@triton.jit
+# stride_pos_row is the token count of M-RoPE positions: left unspecialized, or each new
+# divisibility class of the step size would compile another variant mid-run.
+@triton.jit(do_not_specialize=["stride_pos_row"])
 def _rotary_kernel(
     q_ptr,  # [num_tokens, num_q_heads, head_size], rotated in place
     k_ptr,  # [num_tokens, num_k_heads, head_size], rotated in place

@@ -251,8 +251,12 @@ class EngineCore:
 
 
 def _mm_item(m: MMItemMsg):  # noqa: ANN202 - processors.types.MultiModalItem
-    from processors.types import MultiModalItem, PlaceholderRange
+    from processors.types import MultiModalItem, PixelNorm, PlaceholderRange
 
+    norm = None
+    if m.pixel_norm is not None:
+        mean, std, (axis,) = m.pixel_norm
+        norm = PixelNorm(tuple(mean), tuple(std), int(axis))
     return MultiModalItem(
         modality=m.modality,
         content_hash=m.content_hash,
@@ -261,4 +265,5 @@ def _mm_item(m: MMItemMsg):  # noqa: ANN202 - processors.types.MultiModalItem
         grid_thw=tuple(m.grid_thw) if m.grid_thw else None,  # type: ignore[arg-type]
         second_per_grid_t=m.second_per_grid_t,
         placeholder=PlaceholderRange(m.offset, m.length),
+        pixel_norm=norm,
     )

@@ -69,7 +69,12 @@ class InputProcessor:
 
             if cfgs.image is None:
                 raise ValueError(f"{model_path} has no image processor config")
-            self.qwen = Qwen2VLPreprocessor.from_config(cfgs.image, cfgs.video)
+            # Pixels stay uint8 until the encoder normalizes them on its device: the
+            # worker -> frontend -> engine path moves a quarter of float32's bytes (W1 on
+            # an H100: the frontend received ~460 MB/s of bf16 pixels, the GPU waited).
+            self.qwen = Qwen2VLPreprocessor.from_config(
+                cfgs.image, cfgs.video, defer_normalize=True
+            )
             self.token_ids = {
                 "image": int(hf_config.get("image_token_id", tc.get("image_token_id", 151655))),
                 "video": int(hf_config.get("video_token_id", tc.get("video_token_id", 151656))),
@@ -86,7 +91,7 @@ class InputProcessor:
 
             if cfgs.image is None:
                 raise ValueError(f"{model_path} has no image processor config")
-            self.clip = ClipPreprocessor.from_config(cfgs.image)
+            self.clip = ClipPreprocessor.from_config(cfgs.image, defer_normalize=True)
             self.clip_tokens = llava_num_image_tokens(
                 vc.get("image_size", 336),
                 vc.get("patch_size", 14),
@@ -221,9 +226,20 @@ class InputProcessor:
                     content_hash=it.content_hash,
                     offset=it.placeholder.offset,
                     length=it.placeholder.length,
-                    pixel_values=tensor_to_msg(it.pixel_values.to(self.pixel_dtype)),
+                    pixel_values=tensor_to_msg(
+                        it.pixel_values
+                        if it.pixel_norm is not None
+                        else it.pixel_values.to(self.pixel_dtype)
+                    ),
                     grid_thw=list(it.grid_thw) if it.grid_thw else None,
                     second_per_grid_t=it.second_per_grid_t,
+                    pixel_norm=None
+                    if it.pixel_norm is None
+                    else [
+                        list(it.pixel_norm.mean),
+                        list(it.pixel_norm.std),
+                        [float(it.pixel_norm.channel_axis)],
+                    ],
                 )
             )
         return ProcessedMsg(

@@ -48,9 +48,11 @@ class MMItemMsg(msgspec.Struct, array_like=True):
     content_hash: str
     offset: int  # first placeholder token in the (expanded) prompt
     length: int  # placeholder tokens == embedding rows
-    pixel_values: TensorMsg
+    pixel_values: TensorMsg  # normalized in the engine dtype, or uint8 with pixel_norm
     grid_thw: list[int] | None = None
     second_per_grid_t: float | None = None
+    # uint8 pixels: [mean per channel, std per channel, [channel_axis]] (see PixelNorm).
+    pixel_norm: list[list[float]] | None = None
 
 
 class EngineCoreRequest(msgspec.Struct):

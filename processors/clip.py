@@ -17,6 +17,7 @@ from processors.hashing import content_hash
 from processors.image import ImageLike, image_to_tensor
 from processors.transforms import (
     center_crop,
+    fused_norm,
     pad_to_square,
     rescale_and_normalize,
     resize,
@@ -81,13 +82,24 @@ class ClipSettings:
 class ClipPreprocessor:
     """Turns RGB images into [3, crop_h, crop_w] normalized CLIP inputs."""
 
-    def __init__(self, settings: ClipSettings, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        settings: ClipSettings,
+        device: torch.device | str | None = None,
+        defer_normalize: bool = False,
+    ) -> None:
         self.settings = settings
         self.device = torch.device(device) if device is not None else None
+        # Leave pixels uint8 with a PixelNorm for the encoder to apply (see PixelNorm).
+        self.defer_normalize = defer_normalize
 
     @classmethod
     def from_config(
-        cls, cfg: Mapping[str, Any], *, device: torch.device | str | None = None
+        cls,
+        cfg: Mapping[str, Any],
+        *,
+        device: torch.device | str | None = None,
+        defer_normalize: bool = False,
     ) -> ClipPreprocessor:
         """Build from the contents of a CLIP/LLaVA preprocessor_config.json."""
         size_h, size_w, shortest = _hw(cfg.get("size", {"shortest_edge": 224}), "shortest_edge")
@@ -109,7 +121,7 @@ class ClipPreprocessor:
             image_std=tuple(float(v) for v in cfg.get("image_std") or default.image_std),
             resample=int(cfg.get("resample", default.resample)),
         )
-        return cls(settings, device)
+        return cls(settings, device, defer_normalize)
 
     def hash_params(self) -> dict[str, Any]:
         """Everything that changes this preprocessor's output, for content hashes."""
@@ -155,13 +167,18 @@ class ClipPreprocessor:
                 x = resize(x, s.resize_hw[0], s.resize_hw[1], s.resample)
         if s.do_center_crop:
             x = center_crop(x, *s.crop_hw)
-        x = rescale_and_normalize(
-            x, s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std
-        )
+        norm = None
+        if self.defer_normalize and s.do_rescale and s.do_normalize:
+            norm = fused_norm(s.rescale_factor, s.image_mean, s.image_std, 0)
+        else:
+            x = rescale_and_normalize(
+                x, s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std
+            )
         data = source_bytes if source_bytes is not None else pixels
         return MultiModalItem(
             modality="image",
             content_hash=content_hash("image", data, self.hash_params(), uuid=uuid),
             pixel_values=x[0],  # [3, crop_h, crop_w]
             num_tokens=num_tokens,
+            pixel_norm=norm,
         )

@@ -21,8 +21,8 @@ from processors.config import MediaConfig
 from processors.errors import MediaError
 from processors.hashing import content_hash
 from processors.image import ImageLike, image_to_tensor
-from processors.transforms import rescale_and_normalize, resize
-from processors.types import MultiModalItem
+from processors.transforms import fused_norm, rescale_and_normalize, resize
+from processors.types import MultiModalItem, PixelNorm
 from processors.video import VideoFrames, VideoSampling, frames_to_tensor
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -127,10 +127,14 @@ class Qwen2VLPreprocessor:
         image: Qwen2VLSettings,
         video: Qwen2VLSettings,
         device: torch.device | str | None = None,
+        defer_normalize: bool = False,
     ) -> None:
         self.image = image
         self.video = video
         self.device = torch.device(device) if device is not None else None
+        # Leave pixels uint8 with a PixelNorm for the encoder to apply (the engine's
+        # input workers do: 4x fewer bytes to move than float32).
+        self.defer_normalize = defer_normalize
 
     @classmethod
     def from_config(
@@ -139,6 +143,7 @@ class Qwen2VLPreprocessor:
         video_cfg: Mapping[str, Any] | None = None,
         *,
         device: torch.device | str | None = None,
+        defer_normalize: bool = False,
     ) -> Qwen2VLPreprocessor:
         """Build from the contents of preprocessor_config.json (+ video_preprocessor_config.json).
 
@@ -149,13 +154,14 @@ class Qwen2VLPreprocessor:
             image_cfg: The image processor dict.
             video_cfg: The video processor dict, if the checkpoint has one.
             device: Where to run resize/normalize; CPU when None.
+            defer_normalize: Return uint8 patches with a `pixel_norm` instead of float32.
         """
         image = Qwen2VLSettings.from_dict(image_cfg, 56 * 56, 28 * 28 * 1280)
         if video_cfg is None:
             video = Qwen2VLSettings.from_dict(image_cfg, 56 * 56, 28 * 28 * 1280)
         else:
             video = Qwen2VLSettings.from_dict(video_cfg, 128 * 28 * 28, 28 * 28 * 768)
-        return cls(image, video, device)
+        return cls(image, video, device, defer_normalize)
 
     # ----- sizes without pixels (for scheduling and profiling) -----
 
@@ -208,7 +214,8 @@ class Qwen2VLPreprocessor:
             uuid: Caller-chosen identity that replaces the content hash.
 
         Returns:
-            An item with pixel_values [grid_h * grid_w, C * tp * p * p] float32,
+            An item with pixel_values [grid_h * grid_w, C * tp * p * p] float32 (uint8
+            with `pixel_norm` when normalizing is deferred),
             grid_thw (1, grid_h, grid_w) and num_tokens = grid_h * grid_w / merge².
         """
         s = self.image
@@ -216,9 +223,7 @@ class Qwen2VLPreprocessor:
         if self.device is not None:
             pixels = pixels.to(self.device)
         frames = self._resize(pixels.unsqueeze(0), s, s.max_pixels)  # [1, 3, h, w]
-        frames = rescale_and_normalize(
-            frames, s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std
-        )
+        frames, norm = self._normalize(frames, s)
         # An image is a clip of temporal_patch_size identical frames.
         frames = frames.expand(s.temporal_patch_size, -1, -1, -1)
         patches, grid = _patchify(frames, s)
@@ -229,6 +234,7 @@ class Qwen2VLPreprocessor:
             pixel_values=patches,
             num_tokens=self.num_tokens(grid, "image"),
             grid_thw=grid,
+            pixel_norm=norm,
         )
 
     def preprocess_video(
@@ -262,9 +268,7 @@ class Qwen2VLPreprocessor:
             pixels = pixels.to(self.device)
         num_frames = int(pixels.shape[0])
         video = self._resize(pixels, s, self._video_max_pixels(num_frames))  # [T, 3, h, w]
-        video = rescale_and_normalize(
-            video, s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std
-        )
+        video, norm = self._normalize(video, s)
         if pad := -num_frames % s.temporal_patch_size:
             video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)], dim=0)
         patches, grid = _patchify(video, s)
@@ -279,7 +283,20 @@ class Qwen2VLPreprocessor:
             grid_thw=grid,
             second_per_grid_t=s.temporal_patch_size / fps,
             extra={"fps": float(fps), "num_frames": num_frames},
+            pixel_norm=norm,
         )
+
+    def _normalize(
+        self, frames: torch.Tensor, s: Qwen2VLSettings
+    ) -> tuple[torch.Tensor, PixelNorm | None]:
+        """Normalized float32 frames, or (deferred) the uint8 frames and their PixelNorm.
+        Patch rows start with the channel, so the norm's channel axis is 1."""
+        if self.defer_normalize and s.do_rescale and s.do_normalize:
+            return frames, fused_norm(s.rescale_factor, s.image_mean, s.image_std, 1)
+        out = rescale_and_normalize(
+            frames, s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std
+        )
+        return out, None
 
     def _video_max_pixels(self, num_frames: int) -> int:
         s = self.video

@@ -13,6 +13,8 @@ import torch
 import torchvision
 from torchvision.transforms.v2 import functional as tvF
 
+from processors.types import PixelNorm
+
 # PIL resampling codes, as stored in preprocessor configs, to torchvision modes (HF's map).
 _RESAMPLE = {
     0: tvF.InterpolationMode.NEAREST_EXACT,
@@ -135,3 +137,32 @@ def rescale_and_normalize(
     if do_rescale:
         return images.to(torch.float32) * rescale_factor
     return images.to(torch.float32)
+
+
+def fused_norm(
+    rescale_factor: float, mean: Sequence[float], std: Sequence[float], channel_axis: int
+) -> PixelNorm:
+    """The PixelNorm equal to `rescale_and_normalize(do_rescale=True, do_normalize=True)`:
+    mean and std divided by the rescale factor in float32, as HF folds them."""
+    mean_t = torch.tensor(list(mean)) * (1.0 / rescale_factor)
+    std_t = torch.tensor(list(std)) * (1.0 / rescale_factor)
+    return PixelNorm(tuple(mean_t.tolist()), tuple(std_t.tolist()), channel_axis)
+
+
+def apply_pixel_norm(pixels: torch.Tensor, norm: PixelNorm) -> torch.Tensor:
+    """Normalizes uint8 pixels to float32 with the arithmetic of `rescale_and_normalize`
+    (a float32 copy, minus mean, divided by std: bit-identical results on any device).
+
+    Args:
+        pixels: uint8 (or float) tensor whose rows, flattened from `norm.channel_axis`,
+            start with the channel index.
+    """
+    shape = pixels.shape
+    channels = len(norm.mean)
+    x = pixels.to(torch.float32) if pixels.dtype != torch.float32 else pixels.clone()
+    rows = x.reshape(*shape[: norm.channel_axis], channels, -1)
+    view = (channels, 1)
+    mean = torch.tensor(norm.mean, dtype=torch.float32, device=x.device).view(view)
+    std = torch.tensor(norm.std, dtype=torch.float32, device=x.device).view(view)
+    rows.sub_(mean).div_(std)
+    return rows.view(shape)

@@ -11,6 +11,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from encoders import build_vision_encoder
+from encoders.layers import SegmentPlan
 from tests.encoders.reference import qwen_hf_reference, qwen_hub_weights, qwen_item, randomize_
 
 pytestmark = [
@@ -75,3 +76,23 @@ def test_pinned_staging_packs_like_cat_and_a_reused_buffer_leaves_earlier_result
     assert torch.equal(first.cpu(), torch.cat(first_parts).to(torch.bfloat16))
     assert torch.equal(second.cpu(), torch.cat(second_parts))
     assert torch.equal(third.cpu(), torch.ones(3, 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_flash_path_equals_block_diagonal_attention(dtype) -> None:
+    from encoders.layers import segment_attention
+    from tests.encoders.test_layers import block_diagonal_reference
+
+    # Window-like sizes (64 and ragged edges), a long frame and a 1-token segment; head 80
+    # as in the Qwen2.5-VL tower.
+    lengths = [64, 64, 40, 64, 16, 1, 1300, 64, 24]
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(sum(lengths), 3, 4, 80, generator=gen)
+    plan = SegmentPlan.from_lengths(lengths, torch.device("cuda"))
+    assert plan.cu_seqlens is not None and plan.max_len == 1300
+    out = segment_attention(qkv.to("cuda", dtype), plan)
+    want = block_diagonal_reference(qkv.double(), lengths).float()
+    torch.testing.assert_close(out.float().cpu(), want, atol=2e-2, rtol=2e-2)
+    # float32 takes the grouped SDPA path with the same plan, tightly.
+    out32 = segment_attention(qkv.to("cuda"), plan)
+    torch.testing.assert_close(out32.cpu(), want, atol=1e-4, rtol=1e-4)

@@ -149,3 +149,15 @@ def test_image_of_the_wrong_size_is_rejected(hf_default) -> None:
     item = MultiModalItem("image", "a", torch.zeros(3, IMAGE, IMAGE + 4), 16)
     with pytest.raises(ValueError, match="pixel_values shape"):
         enc.encode([item])
+
+
+def test_uint8_image_with_a_pixel_norm_encodes_like_its_float_twin(hf_default) -> None:
+    from processors.transforms import fused_norm
+
+    enc = build(hub_config(), llava_layouts(hf_default.state_dict())["hub"])
+    norm = fused_norm(1 / 255, [0.5, 0.4, 0.3], [0.2, 0.3, 0.25], channel_axis=0)
+    gen = torch.Generator().manual_seed(4)
+    raw = torch.randint(0, 256, (3, IMAGE, IMAGE), generator=gen, dtype=torch.uint8)
+    item = MultiModalItem("image", "u", raw, 16, pixel_norm=norm)
+    twin = MultiModalItem("image", "f", item.normalized_pixels(), 16)
+    assert torch.equal(enc.encode([item])[0], enc.encode([twin])[0])

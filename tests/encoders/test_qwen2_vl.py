@@ -148,3 +148,33 @@ def test_item_whose_shape_disagrees_with_its_grid_is_rejected(encoder) -> None:
     item.grid_thw = (1, 4, 6)
     with pytest.raises(ValueError, match="pixel_values shape"):
         encoder.encode([item])
+
+
+def test_uint8_items_with_a_pixel_norm_encode_exactly_like_float_items(encoder) -> None:
+    from encoders.staging import PinnedStaging, stage_pixels
+    from processors.transforms import fused_norm
+
+    norm = fused_norm(1 / 255, [0.5, 0.4, 0.3], [0.2, 0.3, 0.25], channel_axis=1)
+    gen = torch.Generator().manual_seed(3)
+    raw = [
+        torch.randint(
+            0, 256, (t * h * w, 3 * TEMPORAL * PATCH * PATCH), generator=gen, dtype=torch.uint8
+        )
+        for t, h, w in [(1, 6, 8), (1, 4, 4)]
+    ]
+    grids = [(1, 6, 8), (1, 4, 4)]
+    as_uint8 = [
+        MultiModalItem("image", f"u{n}", px, px.shape[0] // MERGE**2, g, pixel_norm=norm)
+        for n, (px, g) in enumerate(zip(raw, grids))
+    ]
+    as_float = [
+        MultiModalItem("image", f"f{n}", it.normalized_pixels(), it.num_tokens, it.grid_thw)
+        for n, it in enumerate(as_uint8)
+    ]
+    staged = stage_pixels(PinnedStaging(), as_uint8, torch.device("cpu"), torch.float32)
+    assert torch.equal(staged, torch.cat([it.pixel_values for it in as_float]))
+    for ours, ref in zip(encoder.encode(as_uint8), encoder.encode(as_float)):
+        assert torch.equal(ours, ref)
+    # A mixed batch (one uint8, one float) is normalized per item on the host.
+    mixed = encoder.encode([as_uint8[0], as_float[1]])
+    assert torch.equal(mixed[0], encoder.encode([as_float[0]])[0])
