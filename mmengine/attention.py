@@ -48,6 +48,9 @@ def current_metadata() -> AttentionMetadata:
     return meta
 
 
+FUSED_MERGE_MAX_SPLITS = 8
+
+
 def paged_attention_forward(
     q: torch.Tensor,  # [T, Hq, D]
     k: torch.Tensor,  # [T, Hk, D]
@@ -62,6 +65,11 @@ def paged_attention_forward(
 
     meta = current_metadata()
     write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+    splits = (
+        meta.num_kv_splits
+        if meta.num_kv_splits is not None
+        else decode_kv_splits(q, key_cache, meta)
+    )
     return paged_attention(
         q,
         key_cache,
@@ -72,9 +80,10 @@ def paged_attention_forward(
         scale=scale,
         max_query_len=meta.max_query_len,
         max_seq_len=meta.max_seq_len,
-        num_kv_splits=meta.num_kv_splits
-        if meta.num_kv_splits is not None
-        else decode_kv_splits(q, key_cache, meta),
+        num_kv_splits=splits,
+        # The in-launch merge wins up to 8 splits and loses beyond (its last program merges
+        # alone): H100 sweep, benchmarks/RESULTS.md "fused vs two-launch split merge".
+        fused_merge=splits <= FUSED_MERGE_MAX_SPLITS,
     )
 
 
