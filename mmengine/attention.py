@@ -83,7 +83,7 @@ def paged_attention_forward(
         num_kv_splits=splits,
         # The in-launch merge wins up to 8 splits and loses beyond (its last program merges
         # alone): H100 sweep, benchmarks/RESULTS.md "fused vs two-launch split merge".
-        fused_merge=splits <= FUSED_MERGE_MAX_SPLITS,
+        fused_merge=splits is not None and splits <= FUSED_MERGE_MAX_SPLITS,
     )
 
 
