@@ -132,6 +132,9 @@ class LLM:
         self.max_model_len = self._client.max_model_len
         self.vocab_size = self._client.vocab_size
         self._inputs = self._start_input_workers()
+        # Seconds from handing media to the workers until the last prompt reached the engine.
+        self.last_media_time_s = 0.0
+        self._media_t0: float | None = None
         if self._inputs is not None:
             weakref.finalize(self, self._inputs.shutdown)
 
@@ -329,8 +332,10 @@ class LLM:
                     to_add.pop(0)
                 if batch:
                     self._client.add_requests(batch)
-                if not to_add and hasattr(self, "_media_t0"):
+                if not to_add and getattr(self, "_media_t0", None) is not None:
+                    # When the last prompt went to the engine: its media was all ready.
                     self.last_media_time_s = time.perf_counter() - self._media_t0
+                    self._media_t0 = None
                 outs = self._client.get_outputs(0.02 if to_add else 1.0)
                 if not outs:
                     continue
