@@ -78,19 +78,6 @@ class PatchLinear(nn.Module):
         return F.linear(patches, self.weight.flatten(1), self.bias)
 
 
-def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device` without making the host wait for the GPU.
-
-    A plain `.to("cuda")` of pageable memory synchronizes with the stream: the host then
-    waits for all queued GPU work (e.g. the previous step's LLM forward) before it can
-    queue more. Copying from pinned memory with non_blocking does not; the caching host
-    allocator keeps the pinned block until the copy has run.
-    """
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """[x1, x2] -> [-x2, x1] over the last dim (the half-split rotary convention)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -139,7 +126,8 @@ class SegmentPlan:
             bounds = [0]
             for n in lengths:
                 bounds.append(bounds[-1] + n)
-            cu_seqlens = to_device_async(torch.tensor(bounds, dtype=torch.int32), device)
+            cu_seqlens = torch.tensor(bounds, dtype=torch.int32).pin_memory()
+            cu_seqlens = cu_seqlens.to(device, non_blocking=True)
         max_len = max(lengths, default=0)
         distinct = sorted(set(lengths))
         if len(distinct) <= 1:
@@ -155,7 +143,7 @@ class SegmentPlan:
         gather = first + torch.arange(num_tokens) - group_start  # [N]
         counts = torch.unique_consecutive(sorted_sizes, return_counts=True)[1]
         groups = list(zip(distinct, counts.tolist()))
-        return cls(num_tokens, groups, to_device_async(gather, device), cu_seqlens, max_len)
+        return cls(num_tokens, groups, gather.to(device), cu_seqlens, max_len)
 
 
 def segment_attention(qkv: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:

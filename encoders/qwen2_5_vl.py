@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.layers import RMSNorm, SegmentPlan, get_activation, to_device_async
+from encoders.layers import RMSNorm, SegmentPlan, get_activation
 from encoders.qwen_vision import (
     Grid,
     PatchMerger,
@@ -148,9 +148,7 @@ class Qwen2_5_VLVisionEncoder(QwenVisionEncoder):
         )
         # Token-level permutation moving whole merge blocks into window order; frames stay
         # contiguous, so the per-frame segments of the full-attention blocks still hold.
-        token_order = to_device_async(
-            (order[:, None] * unit + torch.arange(unit)).flatten(), device
-        )
+        token_order = (order[:, None] * unit + torch.arange(unit)).flatten().to(device)  # [N]
         cos, sin = self.rotary.tables(patch_positions(grids, self.patch.spatial_merge_size), device)
         cos, sin = cos[token_order], sin[token_order]
         full_plan = SegmentPlan.from_lengths(frame_lengths(grids), device)
@@ -163,4 +161,4 @@ class Qwen2_5_VLVisionEncoder(QwenVisionEncoder):
         merged = self.merger(x)  # [N / m^2, out], window order
         restore = torch.empty_like(order)
         restore[order] = torch.arange(order.numel())
-        return merged[to_device_async(restore, device)]
+        return merged[restore.to(device)]

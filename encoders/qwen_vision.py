@@ -12,14 +12,7 @@ import torch
 from torch import nn
 
 from encoders.base import VisionEncoder
-from encoders.layers import (
-    PatchLinear,
-    RMSNorm,
-    SegmentPlan,
-    apply_rotary,
-    segment_attention,
-    to_device_async,
-)
+from encoders.layers import PatchLinear, RMSNorm, SegmentPlan, apply_rotary, segment_attention
 from encoders.staging import PinnedStaging, stage_pixels
 from processors.types import MultiModalItem
 
@@ -89,17 +82,12 @@ class VisionRotary:
         # On the host explicitly: encoders are constructed under a meta-device context.
         steps = torch.arange(0, half, 2, dtype=torch.float, device="cpu")
         self.inv_freq = 1.0 / (theta ** (steps / half))  # [head_dim / 4]
-        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
     def tables(
         self, positions: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns float32 (cos, sin), each [N, head_dim], for `positions` [N, 2]."""
-        inv_freq = self._inv_freq_on.get(device)
-        if inv_freq is None:
-            inv_freq = self._inv_freq_on[device] = self.inv_freq.to(device)
-        # [N, 2, hd/4]; positions copied without waiting for the GPU (see to_device_async)
-        freqs = to_device_async(positions, device)[..., None].float() * inv_freq
+        freqs = positions.to(device)[..., None].float() * self.inv_freq.to(device)  # [N, 2, hd/4]
         freqs = freqs.flatten(1)  # [N, hd/2]: row frequencies then column frequencies
         angles = torch.cat([freqs, freqs], dim=-1)  # [N, hd]
         return angles.cos(), angles.sin()

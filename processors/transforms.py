@@ -161,22 +161,8 @@ def apply_pixel_norm(pixels: torch.Tensor, norm: PixelNorm) -> torch.Tensor:
     channels = len(norm.mean)
     x = pixels.to(torch.float32) if pixels.dtype != torch.float32 else pixels.clone()
     rows = x.reshape(*shape[: norm.channel_axis], channels, -1)
-    mean, std = _norm_tensors(norm, x.device)
+    view = (channels, 1)
+    mean = torch.tensor(norm.mean, dtype=torch.float32, device=x.device).view(view)
+    std = torch.tensor(norm.std, dtype=torch.float32, device=x.device).view(view)
     rows.sub_(mean).div_(std)
     return rows.view(shape)
-
-
-_NORM_TENSORS: dict[tuple[PixelNorm, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _norm_tensors(norm: PixelNorm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[C, 1] float32 mean and std on `device`, made once: building them from Python
-    floats on a GPU per call would be a host-synchronizing copy."""
-    key = (norm, device)
-    if key not in _NORM_TENSORS:
-        shape = (len(norm.mean), 1)
-        _NORM_TENSORS[key] = (
-            torch.tensor(norm.mean, dtype=torch.float32).view(shape).to(device),
-            torch.tensor(norm.std, dtype=torch.float32).view(shape).to(device),
-        )
-    return _NORM_TENSORS[key]
