@@ -79,6 +79,7 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
         max_model_len=4096,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_encoder_tokens=args.max_num_encoder_tokens,
         num_input_workers=args.input_workers,
         enforce_eager=args.enforce_eager,
         extra={"compile_encoder": args.compile_encoder},
@@ -232,6 +233,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-encoder-tokens", type=int, default=16384)
     ap.add_argument("--input-workers", type=int, default=8)
     ap.add_argument("--w3-requests", type=int, default=64)
     ap.add_argument("--hf-batch", type=int, default=64)
