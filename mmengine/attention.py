@@ -81,8 +81,9 @@ def paged_attention_forward(
         max_query_len=meta.max_query_len,
         max_seq_len=meta.max_seq_len,
         num_kv_splits=splits,
-        # The in-launch merge wins up to 8 splits and loses beyond (its last program merges
-        # alone): H100 sweep, benchmarks/RESULTS.md "fused vs two-launch split merge".
+        # The in-launch merge is within -3..+5% of the two-launch one up to 8 splits and
+        # 2-18% behind beyond, where its last program merges alone (H100 sweep,
+        # benchmarks/RESULTS.md "Split merge fused into the split kernel").
         fused_merge=splits is not None and splits <= FUSED_MERGE_MAX_SPLITS,
     )
 
