@@ -19,8 +19,9 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from mmengine.config import EngineConfig
-from mmengine.input_processor import InputWorkers, ProcessedMsg
+from mmengine.input_processor import InputWorkers, ProcessedMsg, discard_processed
 from mmengine.model_loader import read_config, resolve_model_path
+from mmengine.shm_payloads import PayloadSession
 from processors.config import MediaConfig
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class AsyncInputWorkers:
         self.timeout_s = timeout_s
         self.restarts = 0  # pools replaced after a worker died or hung
         self._workers: InputWorkers | None = factory()
+        self._retired: list[PayloadSession] = []  # payload sessions of replaced pools
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def warm_up(self, timeout_s: float = 120.0) -> None:
@@ -132,6 +134,9 @@ class AsyncInputWorkers:
         Synchronous (it runs in ``AsyncLLM.shutdown``); blocks at most ~timeout_s + 5 s.
         """
         workers, self._workers = self._workers, None
+        for session in self._retired:
+            session.close()
+        self._retired.clear()
         if workers is None:
             return
         procs = _processes(workers)
@@ -178,15 +183,20 @@ class AsyncInputWorkers:
         try:
             async with asyncio.timeout(self.timeout_s):
                 raw = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # Nobody will take this result: when it comes, delete its pixel payloads.
+            future.add_done_callback(_discard_late_result(workers))
+            raise
+        except TimeoutError:
+            future.add_done_callback(_discard_late_result(workers))
+            self._replace(workers, kill=True)
+            raise MediaInputError("The media took too long to process.") from None
         except BrokenProcessPool:
             self._replace(workers, kill=False)
             raise InputWorkerDiedError(
                 "An input-processing worker died while handling this request; it has been "
                 "restarted."
             ) from None
-        except TimeoutError:
-            self._replace(workers, kill=True)
-            raise MediaInputError("The media took too long to process.") from None
         except Exception as e:
             # A preprocessing bug or a decoder failure the workers do not map: this request
             # fails; its details go to the log, never to the client.
@@ -218,9 +228,20 @@ class AsyncInputWorkers:
             for proc in _processes(broken):
                 proc.kill()
         _executor(broken).shutdown(wait=False, cancel_futures=True)
+        retired = getattr(broken, "payloads", None)
+        if retired is not None:
+            # Results of the old pool already handed out may still be on their way to the
+            # engine: delete what is left of its payload files a little later.
+            self._retired.append(retired)
+            timer = threading.Timer(_RETIRED_PAYLOADS_S, retired.close)
+            timer.daemon = True
+            timer.start()
         self._workers = self._factory()
         # Start the new processes now rather than on the next request.
         _ignore_result(self._workers.submit(_WARM_UP_IDS, {}, None))
+
+
+_RETIRED_PAYLOADS_S = 30.0  # grace before a replaced pool's payload files are deleted
 
 
 def _executor(workers: InputWorkers) -> Any:
@@ -232,6 +253,20 @@ def _executor(workers: InputWorkers) -> Any:
 def _processes(workers: InputWorkers) -> list[Any]:
     """The pool's live ``multiprocessing.Process`` objects (none for a thread pool)."""
     return list((getattr(_executor(workers), "_processes", None) or {}).values())
+
+
+def _discard_late_result(workers: InputWorkers) -> Callable[[Future[Any]], None]:
+    """A done-callback that deletes the payload files of a result nobody will read."""
+
+    def callback(future: Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        try:
+            discard_processed(workers.decode(future.result()))
+        except Exception:  # a malformed result has no files we could name
+            pass
+
+    return callback
 
 
 def _ignore_result(future: Future[Any]) -> None:

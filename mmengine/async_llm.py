@@ -28,7 +28,7 @@ from mmengine.async_inputs import (
 )
 from mmengine.config import EngineConfig
 from mmengine.core_client import EngineDeadError
-from mmengine.input_processor import ProcessedMsg
+from mmengine.input_processor import ProcessedMsg, discard_processed
 from mmengine.llm import PromptType, load_tokenizer, params_to_msg, validate_prompt
 from mmengine.messages import ControlMsg, EngineCoreOutput, EngineCoreRequest, EngineInfo
 from mmengine.output_processor import OutputProcessor
@@ -200,10 +200,14 @@ class AsyncLLM:
         """
         engine_prompt = await self.preprocess(prompt)
         text, ids = engine_prompt.text, engine_prompt.prompt_token_ids
-        self.validate(ids, params)
-        if request_id in self._queues:
-            raise ValueError(f"request id {request_id!r} is already running")
-        self._check_alive()  # it may have died while we were tokenizing
+        try:
+            self.validate(ids, params)
+            if request_id in self._queues:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._check_alive()  # it may have died while we were tokenizing
+        except BaseException:
+            discard_processed(engine_prompt.mm)  # its pixels will never reach the engine
+            raise
         assert self._processor is not None and self._client is not None
         core_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
         queue: asyncio.Queue[_QueueItem] = asyncio.Queue()

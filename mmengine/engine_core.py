@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -15,12 +16,14 @@ from mmengine.messages import (
     EngineStats,
     MMItemMsg,
     msg_to_tensor,
+    payload_names,
 )
 from mmengine.model_loader import load_model_spec, resolve_dtype, resolve_model_path
 from mmengine.model_runner import ModelRunner, kv_bytes_per_block
 from mmengine.request import MMPosition, Request
 from mmengine.sampling_params import SamplingParams
 from mmengine.scheduler import Scheduler, SchedulerConfig
+from mmengine.shm_payloads import discard_payloads
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,9 @@ class EngineCore:
             ("schedule", "update", "prefill", "decode", "prefill_steps", "decode_steps"), 0.0
         )
         self._last_log = time.monotonic()
+        # Payload name -> pixels, for the n > 1 completions of one prompt: each child
+        # request names the same payload file, which only the first read finds.
+        self._recent_payloads: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._last_gen_tokens = 0
         self._last_prompt_tokens = 0
 
@@ -96,6 +102,10 @@ class EngineCore:
     def add_request(self, msg: EngineCoreRequest) -> EngineCoreOutput | None:
         """Queue a request; a bad one is answered with an error output, nothing else."""
         try:
+            # Pixels first: reading a shared-memory payload deletes its file, so a request
+            # refused below leaves nothing behind in /dev/shm.
+            items = sorted(msg.mm_items, key=lambda m: m.offset)
+            mm_inputs = _mm_items(items, self._recent_payloads)
             p = msg.params
             params = SamplingParams(
                 temperature=p.temperature,
@@ -120,7 +130,6 @@ class EngineCore:
                 raise ValueError(f"prompt token ids must be in [0, {vocab})")
             if msg.mm_items and self.runner.encoder_runner is None:
                 raise ValueError("this model takes no images or videos")
-            items = sorted(msg.mm_items, key=lambda m: m.offset)
             for m in items:
                 if m.offset < 0 or m.offset + m.length > len(msg.prompt_token_ids):
                     raise ValueError("a multimodal item lies outside the prompt")
@@ -131,7 +140,7 @@ class EngineCore:
                 eos_token_ids=self.spec.eos_token_ids,
                 share_prompt_with=msg.share_prompt_with,
                 mm_positions=[MMPosition(m.content_hash, m.offset, m.length) for m in items],
-                mm_inputs=[_mm_item(m) for m in items],
+                mm_inputs=mm_inputs,
                 mrope_positions=(
                     msg_to_tensor(msg.mrope_positions) if msg.mrope_positions is not None else None
                 ),
@@ -250,7 +259,23 @@ class EngineCore:
         self._last_prompt_tokens = st.prompt_tokens_computed
 
 
-def _mm_item(m: MMItemMsg):  # noqa: ANN202 - processors.types.MultiModalItem
+_RECENT_PAYLOADS = 8  # children of one prompt arrive right after it
+
+
+def _mm_items(items: list[MMItemMsg], recent: OrderedDict[str, torch.Tensor]) -> list:
+    """Items with their pixels; on any failure, payload files not yet read are deleted."""
+    out = []
+    try:
+        for m in items:
+            out.append(_mm_item(m, recent))
+    except BaseException:
+        discard_payloads([n for n in payload_names(items[len(out) :]) if n not in recent])
+        raise
+    return out
+
+
+def _mm_item(m: MMItemMsg, recent: OrderedDict[str, torch.Tensor]):  # noqa: ANN202
+    """A processors.types.MultiModalItem from its wire form."""
     from processors.types import MultiModalItem, PixelNorm, PlaceholderRange
 
     norm = None
@@ -260,10 +285,24 @@ def _mm_item(m: MMItemMsg):  # noqa: ANN202 - processors.types.MultiModalItem
     return MultiModalItem(
         modality=m.modality,
         content_hash=m.content_hash,
-        pixel_values=msg_to_tensor(m.pixel_values),
+        pixel_values=_pixels(m, recent),
         num_tokens=m.length,
         grid_thw=tuple(m.grid_thw) if m.grid_thw else None,  # type: ignore[arg-type]
         second_per_grid_t=m.second_per_grid_t,
         placeholder=PlaceholderRange(m.offset, m.length),
         pixel_norm=norm,
     )
+
+
+def _pixels(m: MMItemMsg, recent: OrderedDict[str, torch.Tensor]) -> torch.Tensor:
+    name = m.pixel_values.shm
+    if not name:
+        return msg_to_tensor(m.pixel_values)
+    if name in recent:
+        recent.move_to_end(name)
+        return recent[name]
+    pixels = msg_to_tensor(m.pixel_values)
+    recent[name] = pixels
+    while len(recent) > _RECENT_PAYLOADS:
+        recent.popitem(last=False)
+    return pixels

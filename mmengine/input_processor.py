@@ -54,6 +54,7 @@ class InputProcessor:
         media_config: MediaConfig | None = None,
         limit_mm_per_prompt: dict[str, int] | None = None,
         pixel_dtype: torch.dtype = torch.float32,
+        payload_prefix: str | None = None,
     ) -> None:
         from processors.hf_config import read_processor_configs
 
@@ -61,6 +62,8 @@ class InputProcessor:
         self.media = media_config or MediaConfig()
         self.limits = dict(limit_mm_per_prompt or {"image": 16, "video": 2})
         self.pixel_dtype = pixel_dtype
+        # Pixels go to shared-memory payload files with this name prefix (None: inline).
+        self.payload_prefix = payload_prefix
         cfgs = read_processor_configs(model_path)
         tc = text_config(hf_config)
         vc = hf_config.get("vision_config") or {}
@@ -229,7 +232,8 @@ class InputProcessor:
                     pixel_values=tensor_to_msg(
                         it.pixel_values
                         if it.pixel_norm is not None
-                        else it.pixel_values.to(self.pixel_dtype)
+                        else it.pixel_values.to(self.pixel_dtype),
+                        self.payload_prefix,
                     ),
                     grid_thw=list(it.grid_thw) if it.grid_thw else None,
                     second_per_grid_t=it.second_per_grid_t,
@@ -310,12 +314,18 @@ class InputWorkers:
         import dataclasses
         import multiprocessing as mp
 
+        from mmengine.shm_payloads import PayloadSession, shm_enabled
+
+        # Pixels cross to the engine core as shared-memory files, not through the pool's
+        # result pipe (see mmengine/shm_payloads.py); inline where /dev/shm is unusable.
+        self.payloads = PayloadSession() if shm_enabled() else None
         args = {
             "model_path": str(model_path),
             "hf_config": hf_config,
             "media": dataclasses.asdict(media_config) if media_config else None,
             "limit_mm_per_prompt": limit_mm_per_prompt,
             "pixel_dtype": pixel_dtype,
+            "payload_prefix": self.payloads.prefix if self.payloads is not None else None,
         }
         self._decoder = msgspec.msgpack.Decoder(ProcessedMsg)
         if num_workers <= 0:
@@ -339,6 +349,8 @@ class InputWorkers:
         mm_uuids: dict[str, Any] | None = None,
         trusted: bool = False,
     ):  # noqa: ANN201 - concurrent.futures.Future[bytes]
+        if self.payloads is not None:
+            self.payloads.maybe_sweep()
         return self._pool.submit(_run_in_worker, prompt_token_ids, mm_data, mm_uuids, trusted)
 
     def decode(self, raw: bytes) -> ProcessedMsg:
@@ -346,3 +358,14 @@ class InputWorkers:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.payloads is not None:
+            self.payloads.close()
+
+
+def discard_processed(msg: ProcessedMsg | None) -> None:
+    """Deletes the payload files of a processed prompt that will not reach the engine."""
+    if msg is not None and msg.mm_items:
+        from mmengine.messages import payload_names
+        from mmengine.shm_payloads import discard_payloads
+
+        discard_payloads(payload_names(msg.mm_items))

@@ -14,11 +14,13 @@ from tqdm.auto import tqdm
 
 from mmengine.config import EngineConfig
 from mmengine.core_client import EngineDeadError, make_client
-from mmengine.messages import EngineCoreRequest, SamplingParamsMsg
+from mmengine.input_processor import discard_processed
+from mmengine.messages import EngineCoreRequest, SamplingParamsMsg, payload_names
 from mmengine.model_loader import resolve_model_path
 from mmengine.output_processor import OutputProcessor
 from mmengine.outputs import RequestOutput
 from mmengine.sampling_params import SamplingParams
+from mmengine.shm_payloads import discard_payloads
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +276,14 @@ class LLM:
             out.append((text, ids, self._inputs.submit(ids, mm[0], mm[1], trusted=True)))
         return out
 
+    def _discard_media_result(self, fut: Any) -> None:
+        if fut.cancelled() or fut.exception() is not None or self._inputs is None:
+            return
+        try:
+            discard_processed(self._inputs.decode(fut.result()))
+        except Exception:  # a malformed result names no files
+            pass
+
     def _resolve_media(self, index: int, fut: Any) -> tuple[list[int], Any]:
         msg = self._inputs.decode(fut.result())
         if msg.error is not None:
@@ -316,15 +326,18 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm, unit="req")
         start, out_tokens = time.perf_counter(), 0
+        batch: list[EngineCoreRequest] = []  # built, not yet sent to the engine
         try:
             while to_add or processor.has_unfinished():
-                batch: list[EngineCoreRequest] = []
+                batch = []
                 while to_add:
                     rid, (text, ids, mm), p = to_add[0]
                     if mm is not None and not isinstance(mm, msgspec.Struct):
                         if not mm.done() and (batch or processor.has_unfinished()):
                             break  # not ready: serve what we have meanwhile
                         ids, mm = self._resolve_media(index_of[rid], mm)
+                        # A refusal here leaves this prompt's future in to_add: the
+                        # except path below deletes its payload files.
                         validate_prompt(ids, p, self.max_model_len, self.vocab_size)
                     core_ids, reqs = self._core_requests(rid, ids, p, mm)
                     processor.add_request(rid, text, ids, p, core_ids)
@@ -332,6 +345,7 @@ class LLM:
                     to_add.pop(0)
                 if batch:
                     self._client.add_requests(batch)
+                    batch = []
                 if not to_add and getattr(self, "_media_t0", None) is not None:
                     # When the last prompt went to the engine: its media was all ready.
                     self.last_media_time_s = time.perf_counter() - self._media_t0
@@ -354,13 +368,17 @@ class LLM:
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"output {out_tokens / elapsed:.1f} tok/s", refresh=False)
         except BaseException:
-            # Interrupted or failed: leave nothing running in the engine for this batch.
+            # Interrupted or failed: leave nothing running in the engine for this batch,
+            # and no pixel payloads of prompts that never reached it.
+            discard_payloads([n for r in batch for n in payload_names(r.mm_items)])
             pending = [
                 c for rid in order if rid not in results for c in processor.abort_request(rid)
             ]
             for _, (_, _, mm), _ in to_add:
                 if mm is not None and hasattr(mm, "cancel"):
                     mm.cancel()
+                    # A result that comes anyway (or came already) is deleted unread.
+                    mm.add_done_callback(self._discard_media_result)
             try:
                 self._client.abort(pending)
             except EngineDeadError:

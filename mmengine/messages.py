@@ -5,6 +5,13 @@ from __future__ import annotations
 import msgspec
 import torch
 
+from mmengine.shm_payloads import (
+    MIN_PAYLOAD_BYTES,
+    discard_payloads,
+    read_payload,
+    write_payload,
+)
+
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
     """Logprobs at one position: the chosen token first, then the top-k by rank."""
@@ -34,11 +41,13 @@ class SamplingParamsMsg(msgspec.Struct, array_like=True):
 
 
 class TensorMsg(msgspec.Struct, array_like=True):
-    """A tensor as raw bytes (no pickle): dtype name, shape, contiguous data."""
+    """A tensor as raw bytes (no pickle): dtype name, shape, contiguous data; or, for big
+    tensors, the name of a shared-memory payload file holding them (``shm_payloads``)."""
 
     dtype: str
     shape: list[int]
     data: bytes
+    shm: str = ""  # payload file name; data is empty then
 
 
 class MMItemMsg(msgspec.Struct, array_like=True):
@@ -135,15 +144,41 @@ class ControlMsg(msgspec.Struct):
     call_id: int | None = None
 
 
-def tensor_to_msg(t: torch.Tensor) -> TensorMsg:
+def tensor_to_msg(t: torch.Tensor, payload_prefix: str | None = None) -> TensorMsg:
+    """Wire form of `t`; with a payload prefix, a big tensor goes to a shared-memory file
+    (falling back to inline bytes when that fails)."""
     t = t.detach().to("cpu").contiguous()
     raw = t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
-    return TensorMsg(str(t.dtype).replace("torch.", ""), list(t.shape), raw.numpy().tobytes())
+    dtype, shape = str(t.dtype).replace("torch.", ""), list(t.shape)
+    if payload_prefix is not None and raw.numel() >= MIN_PAYLOAD_BYTES:
+        name = write_payload(payload_prefix, memoryview(raw.numpy()))
+        if name is not None:
+            return TensorMsg(dtype, shape, b"", name)
+    return TensorMsg(dtype, shape, raw.numpy().tobytes())
 
 
 def msg_to_tensor(m: TensorMsg) -> torch.Tensor:
-    dtype = getattr(torch, m.dtype)
+    """The tensor of a TensorMsg; a payload file is read once and deleted.
+
+    Raises:
+        ValueError: an unknown dtype, or a payload file that is missing or of the wrong size.
+    """
+    dtype = getattr(torch, m.dtype, None)
     if not isinstance(dtype, torch.dtype):
+        if m.shm:
+            discard_payloads([m.shm])
         raise ValueError(f"bad tensor dtype {m.dtype!r}")
-    flat = torch.frombuffer(bytearray(m.data), dtype=torch.uint8)
+    if m.shm:
+        count = 1
+        for n in m.shape:
+            count *= int(n)
+        data = read_payload(m.shm, count * torch.empty((), dtype=dtype).element_size())
+    else:
+        data = bytearray(m.data)
+    flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     return flat.view(dtype).reshape(m.shape)
+
+
+def payload_names(items: list[MMItemMsg]) -> list[str]:
+    """The shared-memory payload files that multimodal items refer to."""
+    return [m.pixel_values.shm for m in items if m.pixel_values.shm]

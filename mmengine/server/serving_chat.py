@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mmengine.async_llm import EnginePrompt
 from mmengine.chat_utils import split_media
+from mmengine.input_processor import discard_processed
 from mmengine.outputs import CompletionOutput, Logprob, RequestOutput
 from mmengine.sampling_params import SamplingParams
 from mmengine.server.errors import APIError
@@ -79,8 +80,14 @@ class ChatService:
         if refs:
             prompt = await self._expand_media(text, ids, await state.media.load(refs))
             ids = prompt.prompt_token_ids
-            params = self._params(body, len(ids))
-        validate_prompt(state, ids, params, "messages")
+            try:
+                params = self._params(body, len(ids))
+                validate_prompt(state, ids, params, "messages")
+            except BaseException:
+                discard_processed(prompt.mm)  # its pixels will never reach the engine
+                raise
+        else:
+            validate_prompt(state, ids, params, "messages")
 
         rid = new_id("chatcmpl")
         gen = state.engine.generate(prompt, params, rid)
