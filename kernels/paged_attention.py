@@ -130,10 +130,12 @@ def _attend_tile(
 
 
 # Integers that change from step to step are not specialized: Triton would otherwise
-# compile a new variant (seconds of host time, mid-run) the first time a batch size or a
-# block-table width is 1 or a multiple of 16. The first W1 profile on an H100 showed
-# single steps stalling 0.3-2 s on such compiles.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq"])
+# compile a new variant (seconds of host time, mid-run) the first time a batch size is 1
+# or a multiple of 16. The first W1 profile on an H100 showed single steps stalling
+# 0.3-2 s on such compiles. The block-table row stride stays specialized (its 16-
+# divisibility lets block ids load as vectors): the engine pads the width to a multiple
+# of 16, and its decode graphs capture a fixed width.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_q_heads, head_size]
     part_acc_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS, HEAD_PAD] fp32, split path only

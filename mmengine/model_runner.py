@@ -220,7 +220,8 @@ class ModelRunner:
         self.graphs = CudaGraphRunner(
             self.forward_fn,
             max_num_seqs=max_num_seqs,
-            max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+            # Rounded up to 16 like the eager block tables (see prepare), so both fit.
+            max_blocks_per_seq=_round_up(-(-self.max_model_len // self.block_size), 16),
             max_model_len=self.max_model_len,
             mrope=self.spec.mrope_section is not None,
             device=self.device,
@@ -390,7 +391,10 @@ class ModelRunner:
             qsl.extend(range(qsl[-1] + 1, qsl[-1] + pad + 1))
             seq_lens.extend([1] * pad)
             tables.extend([[0]] * pad)
-        width = max(len(t) for t in tables)
+        # A multiple of 16: the attention kernel is specialized on the block-table row
+        # stride's 16-divisibility (aligned block-id loads), and a width that changed class
+        # from step to step would compile kernel variants mid-run.
+        width = _round_up(max(len(t) for t in tables), 16)
         table_arr = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
             table_arr[i, : len(t)] = t
@@ -562,3 +566,7 @@ class ModelRunner:
             prompt_token_ids=req.prompt_token_ids if penal else [],
             output_token_ids=req.output_token_ids if penal else [],
         )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
