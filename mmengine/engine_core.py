@@ -162,11 +162,17 @@ class EngineCore:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            # Requests that finished in the last step before going idle: nothing runs now,
+            # but the runner must still forget them.
+            self.runner.release(sched.finished_req_ids)
             return []
         t1 = time.perf_counter()
         result = self.runner.execute(sched)  # returns after the step's one host sync
         t2 = time.perf_counter()
         outputs = self.scheduler.update_from_output(sched, result)
+        # Forget finished requests' sampling state now, not at the next step (there may be
+        # none for a while). Aborts arrive through the next schedule's finished_req_ids.
+        self.runner.release([o.request_id for o in outputs if o.finish_reason is not None])
         t3 = time.perf_counter()
         tm = self._timing
         tm["schedule"] += t1 - t0

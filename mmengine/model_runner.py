@@ -80,6 +80,9 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = []
         self.num_kv_blocks = 0
         self.generators: dict[str, torch.Generator] = {}
+        # request id -> (request, min_tokens still blocking?, its SamplingRow); the rows
+        # refer to the request's live token lists, so penalties see every new token.
+        self._rows: dict[str, tuple[Request, bool, SamplingRow]] = {}
         self.graphs: CudaGraphRunner | None = None
         on_gpu = device.type == "cuda" and not config.enforce_eager
         self.compiled = on_gpu and bool(config.extra.get("torch_compile", True))
@@ -474,10 +477,15 @@ class ModelRunner:
         self._collect_encoder_time(wait=True)
         return self.time_encoder_s
 
+    def release(self, request_ids: list[str]) -> None:
+        """Forgets the per-request sampling state of finished requests."""
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+            self._rows.pop(rid, None)
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        for rid in sched.finished_req_ids:
-            self.generators.pop(rid, None)
+        self.release(sched.finished_req_ids)
         t0 = time.perf_counter()
         # Named ranges for torch.profiler (benchmarks/profile_w1.py); ~1 us each otherwise.
         with record_function("mm:encoder"):
@@ -540,6 +548,18 @@ class ModelRunner:
         return result
 
     def _row(self, req: Request) -> SamplingRow:
+        """The request's sampling row, built once and reused every step until min_tokens
+        is reached (the only change): building it took ~13 us per request per step, 2-3 ms
+        of host time per decode step at 256 requests on the dev CPU."""
+        blocking = req.num_output_tokens < req.sampling_params.min_tokens
+        cached = self._rows.get(req.request_id)
+        if cached is not None and cached[0] is req and cached[1] == blocking:
+            return cached[2]
+        row = self._build_row(req, blocking)
+        self._rows[req.request_id] = (req, blocking, row)
+        return row
+
+    def _build_row(self, req: Request, blocking: bool) -> SamplingRow:
         sp = req.sampling_params
         gen = None
         if sp.seed is not None and not sp.greedy:
@@ -549,7 +569,7 @@ class ModelRunner:
                 gen.manual_seed(sp.seed)
                 self.generators[req.request_id] = gen
         blocked: list[int] = []
-        if req.num_output_tokens < sp.min_tokens:
+        if blocking:
             blocked = list(sp.stop_token_ids) + ([] if sp.ignore_eos else req.eos_token_ids)
         penal = sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0
         return SamplingRow(

@@ -251,3 +251,30 @@ def test_shutdown_stops_the_core_process(qwen2_ckpt: Path) -> None:
     engine.shutdown()
     assert not _pid_alive(pid)
     engine.shutdown()  # idempotent
+
+
+def test_sampling_rows_are_reused_rebuilt_at_min_tokens_and_released(llm: LLM) -> None:
+    from mmengine.request import Request
+
+    runner = llm._client.core.runner  # in-process engine
+    params = SamplingParams(temperature=0.7, seed=3, min_tokens=2, presence_penalty=0.5)
+    req = Request("row-test", [5, 6, 7], params, eos_token_ids=[1])
+    first = runner._row(req)
+    assert first.blocked_token_ids == [1]  # EOS masked until min_tokens
+    assert runner._row(req) is first  # reused while nothing changes
+    req.append_output_token(9)
+    assert runner._row(req) is first
+    assert first.output_token_ids == [9]  # penalties see the live token list
+    req.append_output_token(10)
+    second = runner._row(req)  # min_tokens reached: rebuilt, nothing blocked
+    assert second is not first and second.blocked_token_ids == []
+    assert second.generator is first.generator  # the seeded stream goes on
+    other = Request("row-test", [5, 6, 7], params, eos_token_ids=[1])  # a reused id
+    assert runner._row(other) is not second
+    runner.release(["row-test"])
+    assert "row-test" not in runner._rows and "row-test" not in runner.generators
+    # Engine-side: after a batch (the last ones finish right before the engine idles),
+    # no per-request sampling state is left.
+    llm.generate(PROMPTS, SamplingParams(temperature=0.8, seed=1, max_tokens=5), use_tqdm=False)
+    llm.generate(PROMPTS[0], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert runner._rows == {} and runner.generators == {}
