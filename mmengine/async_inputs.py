@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from mmengine.config import EngineConfig
-from mmengine.input_processor import InputWorkers, ProcessedMsg, discard_processed
+from mmengine.input_processor import InputWorkers, ProcessedMsg
 from mmengine.model_loader import read_config, resolve_model_path
 from mmengine.shm_payloads import PayloadSession
 from processors.config import MediaConfig
@@ -185,10 +185,10 @@ class AsyncInputWorkers:
                 raw = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             # Nobody will take this result: when it comes, delete its pixel payloads.
-            future.add_done_callback(_discard_late_result(workers))
+            future.add_done_callback(workers.discard_result)
             raise
         except TimeoutError:
-            future.add_done_callback(_discard_late_result(workers))
+            future.add_done_callback(workers.discard_result)
             self._replace(workers, kill=True)
             raise MediaInputError("The media took too long to process.") from None
         except BrokenProcessPool:
@@ -253,20 +253,6 @@ def _executor(workers: InputWorkers) -> Any:
 def _processes(workers: InputWorkers) -> list[Any]:
     """The pool's live ``multiprocessing.Process`` objects (none for a thread pool)."""
     return list((getattr(_executor(workers), "_processes", None) or {}).values())
-
-
-def _discard_late_result(workers: InputWorkers) -> Callable[[Future[Any]], None]:
-    """A done-callback that deletes the payload files of a result nobody will read."""
-
-    def callback(future: Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        try:
-            discard_processed(workers.decode(future.result()))
-        except Exception:  # a malformed result has no files we could name
-            pass
-
-    return callback
 
 
 def _ignore_result(future: Future[Any]) -> None:

@@ -356,6 +356,16 @@ class InputWorkers:
     def decode(self, raw: bytes) -> ProcessedMsg:
         return self._decoder.decode(raw)
 
+    def discard_result(self, future: Any) -> None:
+        """Done-callback for a submitted prompt whose result nobody will use (cancelled,
+        timed out, refused): deletes its pixel payload files."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        try:
+            discard_processed(self.decode(future.result()))
+        except Exception:  # a malformed result names no files
+            pass
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.payloads is not None:

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from mmengine.config import EngineConfig
 from mmengine.core_client import EngineDeadError, make_client
-from mmengine.input_processor import discard_processed
 from mmengine.messages import EngineCoreRequest, SamplingParamsMsg, payload_names
 from mmengine.model_loader import resolve_model_path
 from mmengine.output_processor import OutputProcessor
@@ -276,14 +275,6 @@ class LLM:
             out.append((text, ids, self._inputs.submit(ids, mm[0], mm[1], trusted=True)))
         return out
 
-    def _discard_media_result(self, fut: Any) -> None:
-        if fut.cancelled() or fut.exception() is not None or self._inputs is None:
-            return
-        try:
-            discard_processed(self._inputs.decode(fut.result()))
-        except Exception:  # a malformed result names no files
-            pass
-
     def _resolve_media(self, index: int, fut: Any) -> tuple[list[int], Any]:
         msg = self._inputs.decode(fut.result())
         if msg.error is not None:
@@ -378,7 +369,7 @@ class LLM:
                 if mm is not None and hasattr(mm, "cancel"):
                     mm.cancel()
                     # A result that comes anyway (or came already) is deleted unread.
-                    mm.add_done_callback(self._discard_media_result)
+                    mm.add_done_callback(self._inputs.discard_result)
             try:
                 self._client.abort(pending)
             except EngineDeadError:

@@ -156,7 +156,6 @@ def test_refused_and_n_gt_1_requests_leave_no_files(
 def test_a_result_nobody_takes_has_its_payloads_deleted_and_shutdown_cleans_up(
     qwen2_vl_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mmengine.async_inputs import _discard_late_result
     from mmengine.input_processor import InputWorkers
     from mmengine.model_loader import read_config
 
@@ -172,7 +171,7 @@ def test_a_result_nobody_takes_has_its_payloads_deleted_and_shutdown_cleans_up(
         late = workers.submit(ids, {"image": [_img(1)]})
         late.result()
         assert len(_our_files()) == 1  # written, not yet read
-        _discard_late_result(workers)(late)  # the request was cancelled meanwhile
+        workers.discard_result(late)  # the request was cancelled meanwhile
         assert _our_files() == []
         workers.submit(ids, {"image": [_img(2)]}).result()
         assert len(_our_files()) == 1

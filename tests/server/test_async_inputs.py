@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from mmengine.async_inputs import AsyncInputWorkers, MediaInputError
-from mmengine.input_processor import ProcessedMsg
+from mmengine.input_processor import InputWorkers, ProcessedMsg
 from tests.server.harness import pid_alive, wait_for
 
 
@@ -45,6 +45,9 @@ class StandInWorkers:
 
     def decode(self, raw: bytes) -> ProcessedMsg:
         return msgspec.msgpack.decode(raw, type=ProcessedMsg)
+
+    def discard_result(self, future: Any) -> None:
+        InputWorkers.discard_result(self, future)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
