@@ -284,10 +284,8 @@ def _mm_item(m: MMItemMsg, recent: OrderedDict[str, torch.Tensor]):  # noqa: ANN
     """A processors.types.MultiModalItem from its wire form."""
     from processors.types import MultiModalItem, PixelNorm, PlaceholderRange
 
-    norm = None
-    if m.pixel_norm is not None:
-        mean, std, (axis,) = m.pixel_norm
-        norm = PixelNorm(tuple(mean), tuple(std), int(axis))
+    n = m.pixel_norm
+    norm = None if n is None else PixelNorm(tuple(n.mean), tuple(n.std), n.channel_axis)
     return MultiModalItem(
         modality=m.modality,
         content_hash=m.content_hash,

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import torch
 
-from mmengine.messages import MMItemMsg, TensorMsg, tensor_to_msg
+from mmengine.messages import MMItemMsg, PixelNormMsg, TensorMsg, tensor_to_msg
 from mmengine.model_loader import text_config
 from processors.config import MediaConfig
 from processors.errors import MediaError
@@ -239,11 +239,11 @@ class InputProcessor:
                     second_per_grid_t=it.second_per_grid_t,
                     pixel_norm=None
                     if it.pixel_norm is None
-                    else [
+                    else PixelNormMsg(
                         list(it.pixel_norm.mean),
                         list(it.pixel_norm.std),
-                        [float(it.pixel_norm.channel_axis)],
-                    ],
+                        it.pixel_norm.channel_axis,
+                    ),
                 )
             )
         return ProcessedMsg(

@@ -50,6 +50,14 @@ class TensorMsg(msgspec.Struct, array_like=True):
     shm: str = ""  # payload file name; data is empty then
 
 
+class PixelNormMsg(msgspec.Struct, array_like=True):
+    """Wire form of ``processors.types.PixelNorm`` (normalization left to the encoder)."""
+
+    mean: list[float]
+    std: list[float]
+    channel_axis: int
+
+
 class MMItemMsg(msgspec.Struct, array_like=True):
     """One preprocessed multimodal item and where its placeholders sit in the prompt."""
 
@@ -60,8 +68,7 @@ class MMItemMsg(msgspec.Struct, array_like=True):
     pixel_values: TensorMsg  # normalized in the engine dtype, or uint8 with pixel_norm
     grid_thw: list[int] | None = None
     second_per_grid_t: float | None = None
-    # uint8 pixels: [mean per channel, std per channel, [channel_axis]] (see PixelNorm).
-    pixel_norm: list[list[float]] | None = None
+    pixel_norm: PixelNormMsg | None = None  # set for uint8 pixels
 
 
 class EngineCoreRequest(msgspec.Struct):
