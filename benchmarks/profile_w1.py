@@ -244,9 +244,9 @@ def media_only(ck: Path, args: argparse.Namespace) -> None:
         # What the frontend and the engine core do with it: decode, then the pixels
         # (reading and deleting a shared-memory payload, or copying the inline bytes).
         for item in workers.decode(raw).mm_items:
-            nbytes += item.pixel_values.shm and msg_to_tensor(item.pixel_values).numel() or 0
-            if not item.pixel_values.shm:
-                msg_to_tensor(item.pixel_values)
+            pixels = msg_to_tensor(item.pixel_values)
+            if item.pixel_values.shm:  # inline pixels are already counted in len(raw)
+                nbytes += pixels.numel() * pixels.element_size()
     wall = time.perf_counter() - t0
     workers.shutdown()
     print(
