@@ -76,6 +76,7 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
         dtype="bfloat16",
         device="cuda",
         skip_tokenizer_init=True,
+        async_scheduling=args.async_scheduling,
         max_model_len=4096,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -127,7 +128,7 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
     s1 = llm.stats()
     llm.shutdown()
     return {
-        "system": f"mmengine ({'eager' if args.enforce_eager else 'compile+graphs'})",
+        "system": f"mmengine ({_mode(args)})",
         "wall_s": wall,
         "output_tokens": n_out,
         "prompt_tokens": n_prompt,
@@ -224,6 +225,13 @@ def cpu_preprocess_ms() -> dict:
     return res
 
 
+def _mode(args) -> str:
+    mode = "eager" if args.enforce_eager else "compile+graphs"
+    if args.async_scheduling is False:
+        mode += ", sync steps"
+    return mode
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -239,6 +247,12 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-cap-s", type=float, default=150.0)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan each step while the GPU runs the previous one (default: the engine's, on)",
+    )
     ap.add_argument(
         "--no-compile-encoder",
         dest="compile_encoder",

@@ -69,6 +69,7 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
         dtype="bfloat16",
         device="cuda",
         skip_tokenizer_init=True,
+        async_scheduling=args.async_scheduling,
         max_model_len=args.prompt_len + out_len + 64,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -101,7 +102,7 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
         if k.startswith(("time_", "num_prefill", "num_decode"))
     }
     return {
-        "system": f"mmengine ({'eager' if args.enforce_eager else 'compile+graphs'})",
+        "system": f"mmengine ({_mode(args)})",
         "wall_s": wall,
         "output_tokens": n_out,
         "startup_s": startup,
@@ -181,6 +182,13 @@ def bench_hf_generate_batch(cfg_dir: Path, reqs, out_len: int) -> dict:
     return {"system": "HF generate_batch (paged|sdpa)", "wall_s": wall, "output_tokens": n_out}
 
 
+def _mode(args) -> str:
+    mode = "eager" if args.enforce_eager else "compile+graphs"
+    if args.async_scheduling is False:
+        mode += ", sync steps"
+    return mode
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -192,6 +200,12 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan each step while the GPU runs the previous one (default: the engine's, on)",
+    )
     ap.add_argument("--systems", default="mmengine,hf_generate,hf_generate_batch")
     ap.add_argument("--hf-batch-sizes", default="16,32,64")
     args = ap.parse_args()

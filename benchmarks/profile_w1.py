@@ -267,6 +267,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="reuse a saved checkpoint")
     ap.add_argument("--trace", action="store_true", help="also save the gzipped trace")
     ap.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan each step while the GPU runs the previous one (default: the engine's, on)",
+    )
+    ap.add_argument(
         "--media-only",
         action="store_true",
         help="time the input workers alone on the W1 images (no GPU work)",
@@ -287,6 +293,7 @@ def main() -> None:
         dtype="bfloat16",
         device="cuda",
         skip_tokenizer_init=True,
+        async_scheduling=args.async_scheduling,
         max_model_len=4096,
         max_num_batched_tokens=8192,
         num_input_workers=args.input_workers,

@@ -30,6 +30,9 @@ class EngineConfig:
     num_input_workers: int = 1  # input-processing processes (0: in a frontend thread)
     seed: int = 0  # seed of unseeded sampling
     enforce_eager: bool = False  # GPU: no CUDA graphs, no torch.compile
+    # Plan and launch step N+1 before waiting for step N's tokens (None: on for GPUs, off
+    # on CPU, where nothing runs concurrently with the host anyway).
+    async_scheduling: bool | None = None
     multiprocess: bool = True  # engine core in its own process (False: in-process, to debug)
     # torch CPU threads of the engine-core process (None: the frontend's setting at start)
     cpu_threads: int | None = None

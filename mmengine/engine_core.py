@@ -1,4 +1,11 @@
-"""The engine core: owns the model and the scheduler; ``step()`` = schedule -> run -> update."""
+"""The engine core: owns the model and the scheduler; ``step()`` = schedule -> run -> update.
+
+With async scheduling (the default on GPUs) a step is: schedule and launch step N+1, then
+wait for step N's tokens and update from them. The host plans, prepares and launches one
+step while the GPU still computes the previous one, instead of leaving the GPU idle
+during every step's Python work. Outputs reach the caller one step later; a request that
+stops (EOS) at step N has one wasted token computed at N+1, which is dropped.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +26,10 @@ from mmengine.messages import (
     payload_names,
 )
 from mmengine.model_loader import load_model_spec, resolve_dtype, resolve_model_path
-from mmengine.model_runner import ModelRunner, kv_bytes_per_block
+from mmengine.model_runner import ModelRunner, PendingStep, kv_bytes_per_block
 from mmengine.request import MMPosition, Request
 from mmengine.sampling_params import SamplingParams
-from mmengine.scheduler import Scheduler, SchedulerConfig
+from mmengine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from mmengine.shm_payloads import discard_payloads
 
 logger = logging.getLogger(__name__)
@@ -93,6 +100,13 @@ class EngineCore:
         self._recent_payloads: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._last_gen_tokens = 0
         self._last_prompt_tokens = 0
+        self.async_scheduling = (
+            config.async_scheduling
+            if config.async_scheduling is not None
+            else self.device.type == "cuda"
+        )
+        self._in_flight: tuple[SchedulerOutput, PendingStep, float] | None = None
+        logger.info("async scheduling: %s", "on" if self.async_scheduling else "off")
 
     def _store_tokens(self) -> int:
         row_bytes = self.spec.hidden_size * torch.empty((), dtype=self.dtype).element_size()
@@ -156,34 +170,51 @@ class EngineCore:
         return [EngineCoreOutput(rid, [], finish_reason="abort") for rid in done]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """Runs one step; returns the outputs of the step whose tokens are now known (this
+        one, or with async scheduling the one before)."""
+        if self._in_flight is not None and self.scheduler.num_sync_requests:
+            # Some request needs exact host state to plan its next step (penalties,
+            # prompt logprobs): finish the step in flight first.
+            return self._finish_in_flight()
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            outputs = self._finish_in_flight()
             # Requests that finished in the last step before going idle: nothing runs now,
             # but the runner must still forget them.
             self.runner.release(sched.finished_req_ids)
-            return []
+            return outputs
         t1 = time.perf_counter()
-        result = self.runner.execute(sched)  # returns after the step's one host sync
+        self._timing["schedule"] += t1 - t0
+        pending = self.runner.execute(sched)  # launched; no wait for the GPU yet
+        outputs = self._finish_in_flight()
+        self._in_flight = (sched, pending, t1)
+        if not self.async_scheduling:
+            outputs = self._finish_in_flight()
+        self._maybe_log()
+        return outputs
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        """Waits for the step in flight (if any) and updates the scheduler from it."""
+        if self._in_flight is None:
+            return []
+        sched, pending, t1 = self._in_flight
+        self._in_flight = None
+        result = pending.result()  # the step's one host sync
         t2 = time.perf_counter()
         outputs = self.scheduler.update_from_output(sched, result)
         # Forget finished requests' sampling state now, not at the next step (there may be
         # none for a while). Aborts arrive through the next schedule's finished_req_ids.
         self.runner.release([o.request_id for o in outputs if o.finish_reason is not None])
-        t3 = time.perf_counter()
         tm = self._timing
-        tm["schedule"] += t1 - t0
-        tm["update"] += t3 - t2
-        if all(s.num_tokens == 1 for s in sched.scheduled):
-            tm["decode"] += t2 - t1
-            tm["decode_steps"] += 1
-        else:
-            tm["prefill"] += t2 - t1
-            tm["prefill_steps"] += 1
-        self._maybe_log()
+        tm["update"] += time.perf_counter() - t2
+        # Launch to result: with async scheduling this overlaps the next step's planning.
+        kind = "decode" if all(s.num_tokens == 1 for s in sched.scheduled) else "prefill"
+        tm[kind] += t2 - t1
+        tm[kind + "_steps"] += 1
         return outputs
 
     # ---- introspection ---------------------------------------------------------------------

@@ -138,7 +138,13 @@ class KVCacheManager:
             return
         self._update_hashes(request)
         start = self._num_cached_blocks.get(request.request_id, 0)
-        end = min(request.num_computed_tokens // self.block_size, len(blocks))
+        # Only blocks of known token ids have hashes: with async scheduling the computed
+        # range can end in a token still in flight.
+        end = min(
+            request.num_computed_tokens // self.block_size,
+            len(blocks),
+            len(request.block_hashes),
+        )
         for i in range(start, end):
             self.pool.cache_block(blocks[i], request.block_hashes[i], request.block_hash_keys[i])
         self._num_cached_blocks[request.request_id] = max(start, end)

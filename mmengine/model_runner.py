@@ -24,7 +24,7 @@ from mmengine.model_loader import iter_weights, llm_weight_name
 from mmengine.models.decoder import DecoderModel, KVCache
 from mmengine.models.layers import set_kernel_mode
 from mmengine.request import Request
-from mmengine.sampler import SamplingRow, prompt_logprobs, sample
+from mmengine.sampler import PendingSample, SamplingRow, prompt_logprobs, sample_async
 from mmengine.scheduler import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class StepInputs:
     """The packed batch of one step, on the model's device."""
 
-    input_ids: torch.Tensor  # int64 [T]
+    input_ids: torch.Tensor  # int64 [T] (tokens still in flight are filled in on the device)
     positions: torch.Tensor  # int64 [T], or [3, T] for M-RoPE
     # Multimodal rows of this step: inputs_embeds[mm_rows] = cat(mm_slices) (None: none)
     mm_rows: torch.Tensor | None
@@ -44,6 +44,32 @@ class StepInputs:
     logits_rows: list[int]  # rows of the hidden states whose logits we need
     sample_reqs: list[tuple[Request, int]]  # (request, index into logits_rows) that sample
     prompt_lp_reqs: list[tuple[Request, int, int, int]]  # (req, first logits idx, first pos, n)
+
+
+class PendingStep:
+    """A launched step: ``result()`` waits for its sampled tokens to reach the host.
+
+    With async scheduling the engine plans and launches the next step before calling it,
+    so the host work of one step overlaps the GPU work of the other.
+    """
+
+    def __init__(
+        self, output: RunnerOutput, sample_ids: list[str], pending: PendingSample | None
+    ) -> None:
+        self._output = output
+        self._sample_ids = sample_ids
+        self._pending = pending
+
+    def result(self) -> RunnerOutput:
+        if self._pending is not None:
+            out = self._pending.result()
+            self._pending = None
+            res = self._output
+            for rid, tok, lp in zip(self._sample_ids, out.token_ids, out.logprobs):
+                res.sampled_token_ids[rid] = tok
+                if lp is not None:
+                    res.logprobs[rid] = lp
+        return self._output
 
 
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -84,6 +110,10 @@ class ModelRunner:
         # refer to the request's live token lists, so penalties see every new token.
         self._rows: dict[str, tuple[Request, bool, SamplingRow]] = {}
         self.graphs: CudaGraphRunner | None = None
+        # The last step's sampled tokens, on the device, and each request's row in them:
+        # the next step's input for a request whose token the host has not read yet.
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
         on_gpu = device.type == "cuda" and not config.enforce_eager
         self.compiled = on_gpu and bool(config.extra.get("torch_compile", True))
         self.use_cuda_graphs = on_gpu and bool(config.extra.get("cuda_graphs", True))
@@ -350,11 +380,23 @@ class ModelRunner:
         logits_rows: list[int] = []
         sample_reqs: list[tuple[Request, int]] = []
         plp_reqs: list[tuple[Request, int, int, int]] = []
+        fill_rows: list[int] = []  # rows whose token id is still on the device ...
+        fill_src: list[int] = []  # ... at this row of the last step's sampled tokens
         bs = self.block_size
         for item in sched.scheduled:
-            req, n = item.request, item.num_tokens
-            start = req.num_computed_tokens
-            ids.extend(req.all_token_ids[start : start + n])
+            req, n, start = item.request, item.num_tokens, item.start
+            known = req.all_token_ids[start : start + n]
+            ids.extend(known)
+            if len(known) < n:  # a decode of the token the previous step sampled
+                src = self._last_rows.get(req.request_id)
+                if n - len(known) != 1 or src is None:
+                    raise RuntimeError(
+                        f"request {req.request_id}: token {start + len(known)} is neither "
+                        "known nor sampled by the previous step"
+                    )
+                fill_rows.append(len(ids))
+                fill_src.append(src)
+                ids.append(0)
             p = self._positions(req, start, n)
             if self.spec.mrope_section is None:
                 pos.extend(p)  # type: ignore[arg-type]
@@ -375,7 +417,7 @@ class ModelRunner:
                 last = min(start + n, req.num_prompt_tokens - 1)
                 plp_reqs.append((req, len(logits_rows), start, last - start))
                 logits_rows.extend(range(row0, row0 + last - start))
-            if start + n == req.num_tokens:
+            if item.samples:
                 sample_reqs.append((req, len(logits_rows)))
                 logits_rows.append(row0 + n - 1)
         num_tokens = len(ids)
@@ -417,8 +459,13 @@ class ModelRunner:
         else:
             positions = self._to_device(pos, torch.long)
         self._mm_slices = mm_slices
+        input_ids = self._to_device(ids, torch.long)
+        if fill_rows:
+            assert self._last_tokens is not None
+            src_t = self._to_device(fill_src, torch.long)
+            input_ids[self._to_device(fill_rows, torch.long)] = self._last_tokens[src_t]
         return StepInputs(
-            input_ids=self._to_device(ids, torch.long),
+            input_ids=input_ids,
             positions=positions,
             mm_rows=self._to_device(mm_rows, torch.long) if mm_rows else None,
             meta=meta,
@@ -484,7 +531,8 @@ class ModelRunner:
             self._rows.pop(rid, None)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+    def execute(self, sched: SchedulerOutput) -> PendingStep:
+        """Launches the step; its sampled tokens reach the host in ``result()``."""
         self.release(sched.finished_req_ids)
         t0 = time.perf_counter()
         # Named ranges for torch.profiler (benchmarks/profile_w1.py); ~1 us each otherwise.
@@ -525,10 +573,11 @@ class ModelRunner:
         with forward_context(inputs.meta):
             return self.forward_embeds(embeds, inputs.positions)
 
-    def _logits_and_sample(self, inputs: StepInputs, hidden: torch.Tensor) -> RunnerOutput:
+    def _logits_and_sample(self, inputs: StepInputs, hidden: torch.Tensor) -> PendingStep:
         result = RunnerOutput()
+        self._last_tokens, self._last_rows = None, {}
         if not inputs.logits_rows:
-            return result
+            return PendingStep(result, [], None)
         rows = self._to_device(inputs.logits_rows, torch.long)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         for req, first, start, n in inputs.prompt_lp_reqs:
@@ -538,20 +587,24 @@ class ModelRunner:
             )
             chunk: list = [None] if start == 0 else []
             result.prompt_logprobs[req.request_id] = chunk + lps
-        if inputs.sample_reqs:
-            idx = self._to_device([i for _, i in inputs.sample_reqs], torch.long)
-            out = sample(logits.index_select(0, idx), [self._row(r) for r, _ in inputs.sample_reqs])
-            for (req, _), tok, lp in zip(inputs.sample_reqs, out.token_ids, out.logprobs):
-                result.sampled_token_ids[req.request_id] = tok
-                if lp is not None:
-                    result.logprobs[req.request_id] = lp
-        return result
+        if not inputs.sample_reqs:
+            return PendingStep(result, [], None)
+        idx = self._to_device([i for _, i in inputs.sample_reqs], torch.long)
+        rows = [self._row(r) for r, _ in inputs.sample_reqs]
+        pending = sample_async(logits.index_select(0, idx), rows)
+        ids = [r.request_id for r, _ in inputs.sample_reqs]
+        self._last_tokens = pending.token_ids
+        self._last_rows = {rid: i for i, rid in enumerate(ids)}
+        return PendingStep(result, ids, pending)
 
     def _row(self, req: Request) -> SamplingRow:
         """The request's sampling row, built once and reused every step until min_tokens
         is reached (the only change): building it took ~13 us per request per step, 2-3 ms
         of host time per decode step at 256 requests on the dev CPU."""
-        blocking = req.num_output_tokens < req.sampling_params.min_tokens
+        # The token sampled now is output number num_output_tokens + placeholders - 1
+        # (placeholders count it, and any earlier one still in flight).
+        index = req.num_output_tokens + req.num_output_placeholders - 1
+        blocking = index < req.sampling_params.min_tokens
         cached = self._rows.get(req.request_id)
         if cached is not None and cached[0] is req and cached[1] == blocking:
             return cached[2]

@@ -62,6 +62,10 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens sampled by a step whose results the host has not read yet (async scheduling:
+    # the next step is planned while the previous one still runs on the GPU). The
+    # scheduler counts them as already there; their ids live on the device until then.
+    num_output_placeholders: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first scheduling (-1: not yet)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
@@ -80,6 +84,11 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def num_planned_tokens(self) -> int:
+        """Tokens once every step in flight has landed: known ones plus placeholders."""
+        return len(self.all_token_ids) + self.num_output_placeholders
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
@@ -93,3 +102,15 @@ class Request:
 
     def wants_prompt_logprobs(self) -> bool:
         return self.sampling_params.prompt_logprobs is not None
+
+    def needs_sync_steps(self) -> bool:
+        """No step may be planned before the previous one's results are on the host:
+        penalties read every earlier output token there, and prompt logprobs come in
+        chunks that a preemption must not see twice."""
+        sp = self.sampling_params
+        return bool(
+            sp.presence_penalty
+            or sp.frequency_penalty
+            or sp.repetition_penalty != 1.0
+            or sp.prompt_logprobs is not None
+        )

@@ -134,6 +134,56 @@ def _exponential(rows: list[SamplingRow], vocab: int, device: torch.device) -> t
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     """Sample one token per row of ``logits`` ([B, V], float32)."""
+    return sample_async(logits, rows).result()
+
+
+class PendingSample:
+    """Tokens (and logprobs) sampled on the device, on their way to the host.
+
+    ``token_ids`` stays on the device (a later step may read it there); the one
+    device-to-host copy is started at once into pinned memory, and ``result()`` waits
+    for it only when called: the host can plan the next step meanwhile.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, rows: list[SamplingRow]):
+        self.token_ids = token_ids  # [B] int64, on the device
+        self._rows = [r.num_logprobs for r in rows]
+        self._k = max((n or 0 for n in self._rows), default=0)
+        self._event = None
+        if packed.device.type == "cuda":
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = packed
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        packed = self._host
+        if packed.dim() == 1:  # tokens only
+            return SamplerOutput(packed.tolist(), [None] * len(self._rows))
+        k = self._k
+        tok = packed[:, 0].long().tolist()
+        lp = packed[:, 1].tolist()
+        rank = packed[:, 2].long().tolist()
+        top_lp = packed[:, 3 : 3 + k].tolist() if k else None
+        top_ids = packed[:, 3 + k :].long().tolist() if k else None
+        out: list[TokenLogprobs | None] = []
+        for i, n in enumerate(self._rows):
+            if n is None:
+                out.append(None)
+                continue
+            ids = [tok[i]] + (top_ids[i][:n] if n else [])  # type: ignore[index]
+            lps = [lp[i]] + (top_lp[i][:n] if n else [])  # type: ignore[index]
+            out.append(TokenLogprobs(ids, lps, [rank[i]] + list(range(1, n + 1))))
+        return SamplerOutput(tok, out)
+
+
+def sample_async(logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
+    """``sample`` without waiting for the device: the tokens stay there until asked for."""
     logits = logits.float()
     want_lp = [r.num_logprobs is not None for r in rows]
     raw_logprobs = logits.log_softmax(-1) if any(want_lp) else None
@@ -154,33 +204,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         sampled = (probs / q).argmax(-1)
         tokens = torch.where(greedy, tokens, sampled)
 
-    logprob_out: list[TokenLogprobs | None] = [None] * len(rows)
-    if raw_logprobs is not None:
-        k = max(r.num_logprobs or 0 for r in rows)
-        chosen_lp = raw_logprobs.gather(1, tokens[:, None])
-        ranks = (raw_logprobs > chosen_lp).sum(-1) + 1
-        cols = [tokens[:, None].double(), chosen_lp.double(), ranks[:, None].double()]
-        if k:
-            top_lp, top_ids = raw_logprobs.topk(k, -1)
-            cols += [top_lp.double(), top_ids.double()]
-        # One device->host copy for everything (ids < 2**53 are exact in float64).
-        packed = torch.cat(cols, dim=1).cpu()
-        host = {
-            "tok": packed[:, 0].long().tolist(),
-            "lp": packed[:, 1].tolist(),
-            "rank": packed[:, 2].long().tolist(),
-            "top_lp": packed[:, 3 : 3 + k].tolist() if k else None,
-            "top_ids": packed[:, 3 + k :].long().tolist() if k else None,
-        }
-        for i, r in enumerate(rows):
-            if r.num_logprobs is None:
-                continue
-            n = r.num_logprobs
-            ids = [host["tok"][i]] + (host["top_ids"][i][:n] if n else [])
-            lps = [host["lp"][i]] + (host["top_lp"][i][:n] if n else [])
-            logprob_out[i] = TokenLogprobs(ids, lps, [host["rank"][i]] + list(range(1, n + 1)))
-        return SamplerOutput(host["tok"], logprob_out)
-    return SamplerOutput(tokens.tolist(), logprob_out)
+    if raw_logprobs is None:
+        return PendingSample(tokens, tokens, rows)
+    k = max(r.num_logprobs or 0 for r in rows)
+    chosen_lp = raw_logprobs.gather(1, tokens[:, None])
+    ranks = (raw_logprobs > chosen_lp).sum(-1) + 1
+    cols = [tokens[:, None].double(), chosen_lp.double(), ranks[:, None].double()]
+    if k:
+        top_lp, top_ids = raw_logprobs.topk(k, -1)
+        cols += [top_lp.double(), top_ids.double()]
+    # One device->host copy for everything (ids < 2**53 are exact in float64).
+    return PendingSample(tokens, torch.cat(cols, dim=1), rows)
 
 
 def prompt_logprobs(

@@ -6,6 +6,14 @@ tokens and ``max_num_seqs`` requests. There are no separate prefill and decode p
 every request's ``num_computed_tokens`` catches up with its ``num_tokens``. When KV blocks
 run out, the lowest-priority running request (latest arrival) is preempted and later
 recomputed.
+
+A plan is committed when it is made: ``schedule()`` advances each scheduled request's
+``num_computed_tokens``, and a chunk that reaches the end of a request's tokens adds an
+output placeholder (its sampled token). ``update_from_output()`` later swaps placeholders
+for the real tokens. So the engine may plan step N+1 while step N still runs on the GPU
+(async scheduling): a request whose token is still in flight is scheduled as a decode of
+that placeholder (the runner reads its id on the device), and one whose in-flight token
+must end it (``max_tokens``, ``max_model_len``) is not scheduled again.
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ class SchedulerConfig:
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_tokens: int  # tokens computed this step, from request.num_computed_tokens on
+    num_tokens: int  # tokens computed this step, positions [start, start + num_tokens)
     block_ids: list[int]  # the request's whole block table after allocation
+    start: int = 0  # the request's num_computed_tokens when it was scheduled
+    samples: bool = False  # the chunk reaches the end of the tokens: sample one more
 
 
 @dataclass
@@ -94,6 +104,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
+        # Live requests that need each step's results before the next is planned
+        # (Request.needs_sync_steps): while any exist, async scheduling pauses.
+        self.num_sync_requests = 0
 
     # ---- requests in and out ------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -113,6 +126,8 @@ class Scheduler:
                 )
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.needs_sync_steps():
+            self.num_sync_requests += 1
 
     def abort_requests(self, request_ids: list[str]) -> list[str]:
         """Finish the given requests as aborted; returns the ids that were still live."""
@@ -142,25 +157,34 @@ class Scheduler:
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
         self.stats.requests_finished += 1
+        if req.needs_sync_steps():
+            self.num_sync_requests -= 1
 
     # ---- planning ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         self._enc_budget = self.config.max_num_encoder_tokens
         self._encode_now: list[tuple[Request, int]] = []
+        self._starts: dict[str, int] = {}  # num_computed_tokens before this step
         scheduled: list[ScheduledRequest] = []
         scheduled_ids: set[str] = set()
         preempted: list[str] = []
 
         # 1) running requests: decodes first, then running prefills, in arrival order.
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        decodes, prefills = [], []
+        for r in self.running:
+            todo = r.num_planned_tokens - r.num_computed_tokens
+            if todo == 1:
+                if not (r.num_output_placeholders and self._ends_in_flight(r)):
+                    decodes.append(r)
+            elif todo > 1:
+                prefills.append(r)
         for req in decodes + prefills:
             if budget == 0:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_planned_tokens - req.num_computed_tokens, budget)
             n = self._fit_encoder(req, req.num_computed_tokens, n)
             if n == 0:
                 continue  # its next item's embeddings cannot be made this step
@@ -173,7 +197,7 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue
             self._commit_encoder(req, req.num_computed_tokens, n)
-            scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
+            scheduled.append(self._commit(req, n))
             scheduled_ids.add(req.request_id)
             budget -= n
 
@@ -181,12 +205,19 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
-            if req.request_id in preempted:
-                skipped.append(req)  # preempted this step: not back in the same step
+            if req.request_id in preempted or req.num_output_placeholders:
+                # Preempted this step (not back in the same step), or its last token is
+                # still in flight: recomputing needs every token id on the host.
+                skipped.append(req)
                 continue
             leader = self._prompt_leader(req)
-            if leader is not None and leader.num_computed_tokens < leader.num_prompt_tokens:
-                skipped.append(req)  # n > 1: wait for the first completion's prompt
+            if leader is not None and (
+                self._starts.get(leader.request_id, leader.num_computed_tokens)
+                < leader.num_prompt_tokens
+            ):
+                # n > 1: wait for the first completion's prompt, computed by an earlier
+                # step (one still in flight is fine: the GPU runs steps in order).
+                skipped.append(req)
                 continue
             hit = self.kv.find_prefix(req) if req.num_computed_tokens == 0 else PrefixHit()
             if leader is not None and req.num_computed_tokens == 0:
@@ -208,7 +239,7 @@ class Scheduler:
                 req.num_cached_tokens = hit.num_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
+            scheduled.append(self._commit(req, n))
             scheduled_ids.add(req.request_id)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
@@ -221,6 +252,24 @@ class Scheduler:
             finished_req_ids=finished,
             encoder_inputs=self._encode_now,
             freed_encoder_hashes=self.encoder_store.take_freed(),
+        )
+
+    def _commit(self, req: Request, n: int) -> ScheduledRequest:
+        """Advance the request past its scheduled chunk now (see the module docstring)."""
+        start = req.num_computed_tokens
+        self._starts[req.request_id] = start
+        req.num_computed_tokens = start + n
+        samples = req.num_computed_tokens == req.num_planned_tokens
+        if samples:
+            req.num_output_placeholders += 1
+        return ScheduledRequest(req, n, self.kv.block_ids(req.request_id), start, samples)
+
+    def _ends_in_flight(self, req: Request) -> bool:
+        """The token still in flight finishes the request by length: nothing to plan."""
+        sp = req.sampling_params
+        return req.num_planned_tokens >= self.config.max_model_len or (
+            sp.max_tokens is not None
+            and req.num_output_tokens + req.num_output_placeholders >= sp.max_tokens
         )
 
     # ---- encoder budget ---------------------------------------------------------------
@@ -298,25 +347,34 @@ class Scheduler:
         self.stats.num_steps += 1
         for item in sched.scheduled:
             req = item.request
-            if req.is_finished or req.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            was_prefill = req.num_computed_tokens < req.num_prompt_tokens
-            if was_prefill:
-                self.stats.prompt_tokens_computed += min(
-                    item.num_tokens, req.num_prompt_tokens - req.num_computed_tokens
-                )
-            req.num_computed_tokens += item.num_tokens
-            self.kv.cache_computed_blocks(req)
-            if req.mm_positions and was_prefill:
-                self._release_encoder(req, upto=req.num_computed_tokens)
+            if req.is_finished:
+                continue  # aborted or stopped while the step ran
             rid = req.request_id
+            token = result.sampled_token_ids.get(rid) if item.samples else None
+            if item.samples:
+                req.num_output_placeholders -= 1
+            was_prefill = item.start < req.num_prompt_tokens
+            if req.status == RequestStatus.RUNNING:
+                if was_prefill:
+                    self.stats.prompt_tokens_computed += min(
+                        item.num_tokens, req.num_prompt_tokens - item.start
+                    )
+                    if req.mm_positions:
+                        self._release_encoder(req, upto=item.start + item.num_tokens)
+            elif token is None:
+                continue  # preempted after this step was planned: it will recompute
+            # (A request preempted while its sampling step ran keeps that token: it was
+            # computed from the right state, and recomputing needs every token id.)
             prompt_lp = result.prompt_logprobs.get(rid)
-            token = result.sampled_token_ids.get(rid)
             if token is None:
+                if req.status == RequestStatus.RUNNING:
+                    self.kv.cache_computed_blocks(req)
                 if prompt_lp:
                     outputs.append(EngineCoreOutput(rid, [], prompt_logprobs=prompt_lp))
                 continue
             req.append_output_token(token)
+            if req.status == RequestStatus.RUNNING:
+                self.kv.cache_computed_blocks(req)
             self.stats.generation_tokens += 1
             status = self._check_stop(req)
             lp = result.logprobs.get(rid)

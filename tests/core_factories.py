@@ -81,14 +81,15 @@ def make_scheduler(
 def fake_runner_output(
     sched: SchedulerOutput, tokens: Mapping[str, int] | None = None
 ) -> RunnerOutput:
-    """What a model runner returns: a token for each request that finishes its chunk
-    at its last token (``tokens[request_id]``, default ``TOKEN``)."""
+    """What a model runner returns: a token for each request whose chunk reaches its
+    last token, i.e. that the scheduler marked as sampling (``tokens[request_id]``,
+    default ``TOKEN``)."""
     tokens = tokens or {}
     out = RunnerOutput()
     for item in sched.scheduled:
-        req = item.request
-        if req.num_computed_tokens + item.num_tokens == req.num_tokens:
-            out.sampled_token_ids[req.request_id] = tokens.get(req.request_id, TOKEN)
+        if item.samples:
+            rid = item.request.request_id
+            out.sampled_token_ids[rid] = tokens.get(rid, TOKEN)
     return out
 
 
@@ -131,3 +132,38 @@ def assert_all_blocks_free(kv: KVCacheManager) -> None:
     assert kv.num_used_blocks() == 0
     assert all(b.ref_cnt == 0 for b in pool.blocks[1:])
     assert not kv.req_blocks
+
+
+class PipelinedSteps:
+    """Async scheduling without a model: step N+1 is planned before step N's update.
+
+    ``step()`` schedules the next step, then updates from the one before it (whose fake
+    tokens come from ``tokens`` as they are at update time), like ``EngineCore.step``
+    with ``async_scheduling`` on.
+    """
+
+    def __init__(self, scheduler: Scheduler, tokens: Mapping[str, int] | None = None) -> None:
+        self.scheduler = scheduler
+        self.tokens = dict(tokens or {})
+        self.in_flight: SchedulerOutput | None = None
+
+    def step(self) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
+        sched = self.scheduler.schedule()
+        outputs = self.finish()
+        if not sched.is_empty:
+            self.in_flight = sched
+        return sched, outputs
+
+    def finish(self) -> list[EngineCoreOutput]:
+        if self.in_flight is None:
+            return []
+        prev, self.in_flight = self.in_flight, None
+        return self.scheduler.update_from_output(prev, fake_runner_output(prev, self.tokens))
+
+    def run_until_done(self, max_steps: int = 200) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for _ in range(max_steps):
+            if not self.scheduler.has_unfinished() and self.in_flight is None:
+                return outputs
+            outputs.extend(self.step()[1])
+        raise AssertionError(f"requests still unfinished after {max_steps} steps")

@@ -259,6 +259,7 @@ def test_sampling_rows_are_reused_rebuilt_at_min_tokens_and_released(llm: LLM) -
     runner = llm._client.core.runner  # in-process engine
     params = SamplingParams(temperature=0.7, seed=3, min_tokens=2, presence_penalty=0.5)
     req = Request("row-test", [5, 6, 7], params, eos_token_ids=[1])
+    req.num_output_placeholders = 1  # as in a step: the token being sampled is counted
     first = runner._row(req)
     assert first.blocked_token_ids == [1]  # EOS masked until min_tokens
     assert runner._row(req) is first  # reused while nothing changes
@@ -270,6 +271,7 @@ def test_sampling_rows_are_reused_rebuilt_at_min_tokens_and_released(llm: LLM) -
     assert second is not first and second.blocked_token_ids == []
     assert second.generator is first.generator  # the seeded stream goes on
     other = Request("row-test", [5, 6, 7], params, eos_token_ids=[1])  # a reused id
+    other.num_output_placeholders = 1
     assert runner._row(other) is not second
     runner.release(["row-test"])
     assert "row-test" not in runner._rows and "row-test" not in runner.generators

@@ -115,6 +115,14 @@ MODES = {
     "chunks_cut_through_images": {"max_num_batched_tokens": 7},
     "tiny_encoder_budget": {"max_num_encoder_tokens": 40, "max_num_batched_tokens": 64},
     "tiny_kv_pool_preempts": {"num_kv_blocks": 12, "block_size": 16, "max_model_len": 176},
+    # Async scheduling (the GPU default; tests/test_async_scheduling.py has the rest).
+    "async_chunks_cut_through_images": {"async_scheduling": True, "max_num_batched_tokens": 7},
+    "async_tiny_kv_pool_preempts": {
+        "async_scheduling": True,
+        "num_kv_blocks": 12,
+        "block_size": 16,
+        "max_model_len": 176,
+    },
 }
 
 
@@ -126,9 +134,9 @@ def test_mm_greedy_tokens_identical_to_hf(family_ckpt: tuple[str, Path], mode: s
     assert [o.prompt_token_ids for o in outs] == prompt_ids  # placeholders expanded as HF
     assert [o.outputs[0].token_ids for o in outs] == refs
     assert stats["kv_blocks_used"] == 0
-    if mode == "tiny_kv_pool_preempts":
+    if mode.endswith("tiny_kv_pool_preempts"):
         assert stats["num_preemptions"] > 0
-    if mode == "chunks_cut_through_images":
+    if mode.endswith("chunks_cut_through_images"):
         assert stats["num_steps"] > sum(len(p) for p in prompt_ids) / 7
 
 

@@ -39,6 +39,8 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "enable_prefix_caching": "Reuse the KV cache of identical prompt prefixes across requests.",
     "seed": "Seed for requests that do not set their own.",
     "enforce_eager": "GPU: run eagerly, without CUDA graphs or torch.compile (slower, for debugging).",
+    "async_scheduling": "Plan and launch each step while the GPU still runs the previous one "
+    "(default: on for GPUs, off on CPU).",
     "revision": "Model revision (branch, tag or commit) when the model is a hub id.",
     "log_stats_interval_s": "Seconds between the engine's periodic status log lines.",
     "max_num_encoder_tokens": "Most vision-encoder output rows computed in one step.",
