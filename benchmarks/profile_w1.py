@@ -267,6 +267,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="reuse a saved checkpoint")
     ap.add_argument("--trace", action="store_true", help="also save the gzipped trace")
     ap.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=8,
+        help="W1-style requests (16 text tokens) run before the profiled run",
+    )
+    ap.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -310,18 +316,27 @@ def main() -> None:
         ]
 
     p = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts(w1_requests(8, 16, seed=7)), p, use_tqdm=False)
+    llm.generate(prompts(w1_requests(args.warmup_requests, 16, seed=7)), p, use_tqdm=False)
     reqs = prompts(w1_requests(args.num_requests, args.text_len))
     from torch.profiler import ProfilerActivity, profile
 
     variants_before = triton_variants()
 
+    mem_before = torch.cuda.memory_stats()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         llm.generate(reqs, p, use_tqdm=False)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     stats = llm.stats()
+    mem_after = torch.cuda.memory_stats()
+    # Allocator churn during the run: retries (free every cached block, synchronize, try
+    # again) and fresh cudaMalloc/cudaFree calls each cost host time on every step.
+    churn = {
+        k: mem_after.get(k, 0) - mem_before.get(k, 0)
+        for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")
+    }
+    print(f"CUDA caching allocator during the run: {churn}", flush=True)
     variants_after = triton_variants()
     new_variants = {
         k: v - variants_before.get(k, 0)
