@@ -106,7 +106,9 @@ class EngineStats(msgspec.Struct):
     num_steps: int = 0
     requests_finished: int = 0
     # Where the engine-core time went (seconds, since start): schedule / update are host
-    # bookkeeping; prefill / decode steps are runner.execute (input prep + GPU + sampling).
+    # bookkeeping; prefill / decode steps run from a step's launch until its tokens are on
+    # the host (input prep + GPU + sampling). With async scheduling consecutive steps
+    # overlap, so these sums can exceed the wall time.
     time_schedule_s: float = 0.0
     time_update_s: float = 0.0
     time_prefill_steps_s: float = 0.0
