@@ -624,7 +624,7 @@ class ModelRunner:
         blocked: list[int] = []
         if blocking:
             blocked = list(sp.stop_token_ids) + ([] if sp.ignore_eos else req.eos_token_ids)
-        penal = sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0
+        penal = sp.has_penalties
         return SamplingRow(
             temperature=sp.temperature,
             top_k=sp.top_k,

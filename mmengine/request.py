@@ -108,9 +108,4 @@ class Request:
         penalties read every earlier output token there, and prompt logprobs come in
         chunks that a preemption must not see twice."""
         sp = self.sampling_params
-        return bool(
-            sp.presence_penalty
-            or sp.frequency_penalty
-            or sp.repetition_penalty != 1.0
-            or sp.prompt_logprobs is not None
-        )
+        return sp.has_penalties or sp.prompt_logprobs is not None

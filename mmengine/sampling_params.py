@@ -95,6 +95,13 @@ class SamplingParams:
                 raise bad("stop_token_ids", f"must be non-negative integers, got {t!r}")
 
     @property
+    def has_penalties(self) -> bool:
+        """Presence, frequency or repetition penalty on: sampling reads the token history."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 

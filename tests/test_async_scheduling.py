@@ -3,7 +3,9 @@
 Scheduler level (pure Python, ``PipelinedSteps``): placeholders, the one wasted step after
 a stop, length limits known in advance, preemption and aborts of requests in flight.
 Engine level (tiny float32 checkpoints on CPU, ``async_scheduling=True``): the same
-tokens as HF transformers and as the synchronous engine in every mode.
+tokens as the synchronous engine with every sampling feature. HF parity with async
+scheduling: ``test_hf_parity.py``, ``test_mm_parity.py``; serving:
+``tests/server/test_async_llm.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tests.core_factories import (
     running_ids,
     scheduled_tokens,
 )
-from tests.test_hf_parity import MAX_NEW, engine_greedy, hf_greedy, make_prompts
+from tests.test_hf_parity import MAX_NEW, hf_greedy, make_prompts
 
 torch.set_num_threads(1)
 
@@ -180,34 +182,6 @@ def test_sync_requests_are_counted_while_live() -> None:
 # ---- engine: tokens identical to HF and to the synchronous engine -------------------------
 
 
-@pytest.mark.parametrize(
-    "mode",
-    ["multiprocess", "in_process_chunked_16", "in_process_tiny_pool_preempts"],
-)
-def test_async_greedy_tokens_identical_to_hf(text_ckpt: Path, mode: str) -> None:
-    prompts = make_prompts()
-    refs = hf_greedy(text_ckpt, prompts)
-    kwargs: dict = {
-        "dtype": "float32",
-        "device": "cpu",
-        "max_model_len": 256,
-        "async_scheduling": True,
-    }
-    if mode == "multiprocess":
-        kwargs["multiprocess"] = True
-    elif mode == "in_process_chunked_16":
-        kwargs.update(multiprocess=False, max_num_batched_tokens=16)
-    else:
-        kwargs.update(multiprocess=False, num_kv_blocks=17, block_size=16)
-    with LLM(str(text_ckpt), **kwargs) as llm:
-        got = engine_greedy(llm, prompts)
-        stats = llm.stats()
-    assert got == refs
-    assert stats["kv_blocks_used"] == 0
-    if mode == "in_process_tiny_pool_preempts":
-        assert stats["num_preemptions"] > 0
-
-
 def _mixed_params(greedy_refs: list[list[int]]) -> list[SamplingParams]:
     """Per prompt: seeded sampling with logprobs, min_tokens, stop tokens that greedy
     decoding reaches (so requests stop early, one right when min_tokens lets it),
@@ -291,69 +265,3 @@ def test_async_matches_sync_for_every_sampling_feature(text_ckpt: Path) -> None:
             assert flat_a == pytest.approx(flat_b, abs=1e-4)
     # The stop-token requests really stopped early, so the wasted-step path ran.
     assert [r[2] for r in sync[:10]].count("stop") >= 3
-
-
-# ---- serving: streams, aborts and stop strings with async scheduling ------------------------
-
-
-def test_async_llm_streams_aborts_and_stop_strings_with_async_scheduling(
-    qwen2_ckpt: Path,
-) -> None:
-    import asyncio
-    import os
-
-    from tests.server.harness import ServerHarness, engine_argv
-
-    prompts = make_prompts(6)
-    refs = hf_greedy(qwen2_ckpt, prompts)
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        h = ServerHarness([*engine_argv(qwen2_ckpt), "--async-scheduling"])
-    finally:
-        if saved is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
-    engine = h.engine
-    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
-
-    async def final(prompt: str, params: SamplingParams, rid: str):  # noqa: ANN202
-        outs = [o async for o in engine.generate(prompt, params, rid)]
-        return outs[-1]
-
-    async def run() -> tuple[list, int, dict]:
-        outs = await asyncio.gather(*(final(p, greedy, f"g{i}") for i, p in enumerate(prompts)))
-        # An abort mid-stream, while other requests keep running.
-        forever = SamplingParams(temperature=0.0, max_tokens=3000, ignore_eos=True)
-        seen = 0
-        async for out in engine.generate("go on forever", forever, "to-abort"):
-            seen = len(out.outputs[0].token_ids)
-            if seen >= 3:
-                await engine.abort("to-abort")
-        await asyncio.sleep(0.2)
-        return outs, seen, await engine.stats()
-
-    try:
-        outs, seen, stats = h.call(run(), timeout=120)
-        assert [o.outputs[0].token_ids for o in outs] == refs
-        assert 3 <= seen < 3000
-        assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0
-        assert engine.num_unfinished == 0 and engine.is_healthy()
-        # A stop string ends the request in the frontend (an abort to the core) while the
-        # core already runs the next step for it.
-        text = outs[0].outputs[0].text
-        stop = text[len(text) // 2 :][:3]
-        if stop.strip():
-            cut = h.call(
-                final(
-                    prompts[0],
-                    SamplingParams(temperature=0.0, max_tokens=MAX_NEW, stop=[stop]),
-                    "s",
-                )
-            )
-            assert cut.outputs[0].finish_reason == "stop"
-            assert text.startswith(cut.outputs[0].text) and stop not in cut.outputs[0].text
-        assert h.call(engine.stats())["kv_blocks_used"] == 0
-    finally:
-        h.close()

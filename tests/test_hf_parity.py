@@ -93,14 +93,20 @@ def test_hf_refs_are_not_degenerate(text_ckpt: Path) -> None:
     assert len({tuple(r) for r in refs}) > 15
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize(
     "mode",
     ["multiprocess_default", "in_process_chunked_16", "in_process_tiny_pool_preempts"],
 )
-def test_greedy_tokens_identical_to_hf(text_ckpt: Path, mode: str) -> None:
+def test_greedy_tokens_identical_to_hf(text_ckpt: Path, mode: str, async_scheduling: bool) -> None:
     prompts = make_prompts()
     refs = hf_greedy(text_ckpt, prompts)
-    kwargs: dict = {"dtype": "float32", "device": "cpu", "max_model_len": 256}
+    kwargs: dict = {
+        "dtype": "float32",
+        "device": "cpu",
+        "max_model_len": 256,
+        "async_scheduling": async_scheduling,  # the GPU default (tests/test_async_scheduling.py)
+    }
     if mode == "multiprocess_default":
         kwargs["multiprocess"] = True
     elif mode == "in_process_chunked_16":

@@ -131,12 +131,14 @@ def media_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return allowed, secret
 
 
-def _start_harness(ckpt: Path, media_config: MediaConfig | None = None) -> ServerHarness:
+def _start_harness(
+    ckpt: Path, media_config: MediaConfig | None = None, extra_argv: tuple[str, ...] = ()
+) -> ServerHarness:
     # One thread in the engine-core child too (it inherits the environment at spawn).
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        return ServerHarness(engine_argv(ckpt), media_config)
+        return ServerHarness([*engine_argv(ckpt), *extra_argv], media_config)
     finally:
         if saved is None:
             del os.environ["OMP_NUM_THREADS"]
@@ -148,6 +150,14 @@ def _start_harness(ckpt: Path, media_config: MediaConfig | None = None) -> Serve
 def harness(qwen2_ckpt: Path) -> Iterator[ServerHarness]:
     """A text-only model (Qwen2 fixture)."""
     h = _start_harness(qwen2_ckpt)
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="session")
+def async_harness(qwen2_ckpt: Path) -> Iterator[ServerHarness]:
+    """The Qwen2 fixture with async scheduling (the GPU default) on the CPU."""
+    h = _start_harness(qwen2_ckpt, extra_argv=("--async-scheduling",))
     yield h
     h.close()
 
