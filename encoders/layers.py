@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from processors.transforms import host_to_device
+
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
@@ -126,8 +128,7 @@ class SegmentPlan:
             bounds = [0]
             for n in lengths:
                 bounds.append(bounds[-1] + n)
-            cu_seqlens = torch.tensor(bounds, dtype=torch.int32).pin_memory()
-            cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+            cu_seqlens = host_to_device(torch.tensor(bounds, dtype=torch.int32), device)
         max_len = max(lengths, default=0)
         distinct = sorted(set(lengths))
         if len(distinct) <= 1:
@@ -143,7 +144,7 @@ class SegmentPlan:
         gather = first + torch.arange(num_tokens) - group_start  # [N]
         counts = torch.unique_consecutive(sorted_sizes, return_counts=True)[1]
         groups = list(zip(distinct, counts.tolist()))
-        return cls(num_tokens, groups, gather.to(device), cu_seqlens, max_len)
+        return cls(num_tokens, groups, host_to_device(gather, device), cu_seqlens, max_len)
 
 
 def segment_attention(qkv: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 from encoders.base import VisionEncoder
 from encoders.clip import CLIP_FUSED, CLIPVisionConfig, CLIPVisionTower
 from encoders.layers import get_activation
+from encoders.staging import PinnedStaging, stage_pixels
 from encoders.weights import WeightLayout
 from processors.types import MultiModalItem
 
@@ -78,6 +79,8 @@ class LlavaProjector(nn.Module):
 class LlavaVisionEncoder(VisionEncoder):
     """CLIP tower + projector; images are batched (all share CLIP's fixed input size)."""
 
+    _staging: PinnedStaging | None = None  # created on first use
+
     def __init__(self, cfg: LlavaVisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -127,8 +130,11 @@ class LlavaVisionEncoder(VisionEncoder):
             return []
         for item in items:
             self._check(item)
-        pixels = torch.stack([item.normalized_pixels(self.device) for item in items])
-        pixels = pixels.to(dtype=self.dtype)  # [B, C, S, S]
+        # One pinned host buffer and one asynchronous copy (per-item `.to(device)` copies
+        # of pageable memory would each make the host wait for the GPU).
+        if self._staging is None:
+            self._staging = PinnedStaging()
+        pixels = stage_pixels(self._staging, items, self.device, self.dtype, stack=True)
         return list(self.forward(pixels).unbind(0))
 
 

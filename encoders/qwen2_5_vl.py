@@ -24,6 +24,7 @@ from encoders.qwen_vision import (
     frame_lengths,
     patch_positions,
 )
+from processors.transforms import host_to_device
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ class Qwen2_5_VLVisionEncoder(QwenVisionEncoder):
         )
         # Token-level permutation moving whole merge blocks into window order; frames stay
         # contiguous, so the per-frame segments of the full-attention blocks still hold.
-        token_order = (order[:, None] * unit + torch.arange(unit)).flatten().to(device)  # [N]
+        token_order = (order[:, None] * unit + torch.arange(unit)).flatten()  # [N]
+        token_order = host_to_device(token_order, device)
         cos, sin = self.rotary.tables(patch_positions(grids, self.patch.spatial_merge_size), device)
         cos, sin = cos[token_order], sin[token_order]
         full_plan = SegmentPlan.from_lengths(frame_lengths(grids), device)
@@ -161,4 +163,4 @@ class Qwen2_5_VLVisionEncoder(QwenVisionEncoder):
         merged = self.merger(x)  # [N / m^2, out], window order
         restore = torch.empty_like(order)
         restore[order] = torch.arange(order.numel())
-        return merged[restore.to(device)]
+        return merged[host_to_device(restore, device)]

@@ -14,6 +14,7 @@ from torch import nn
 from encoders.base import VisionEncoder
 from encoders.layers import PatchLinear, RMSNorm, SegmentPlan, apply_rotary, segment_attention
 from encoders.staging import PinnedStaging, stage_pixels
+from processors.transforms import host_to_device
 from processors.types import MultiModalItem
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
@@ -87,7 +88,9 @@ class VisionRotary:
         self, positions: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns float32 (cos, sin), each [N, head_dim], for `positions` [N, 2]."""
-        freqs = positions.to(device)[..., None].float() * self.inv_freq.to(device)  # [N, 2, hd/4]
+        # Both through pinned memory: a pageable copy would make the host wait for the GPU.
+        pos = host_to_device(positions, device)
+        freqs = pos[..., None].float() * host_to_device(self.inv_freq, device)  # [N, 2, hd/4]
         freqs = freqs.flatten(1)  # [N, hd/2]: row frequencies then column frequencies
         angles = torch.cat([freqs, freqs], dim=-1)  # [N, hd]
         return angles.cos(), angles.sin()

@@ -11,6 +11,7 @@ asynchronous copy, removes both costs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -59,14 +60,18 @@ def stage_pixels(
     items: Sequence[MultiModalItem],
     device: torch.device,
     dtype: torch.dtype,
+    stack: bool = False,
 ) -> torch.Tensor:
-    """The items' pixels concatenated on `device` as normalized `dtype`.
+    """The items' pixels on `device` as normalized `dtype`: concatenated along dim 0
+    (Qwen patches, [sum N, patch_dim]), or with `stack` stacked along a new dim 0 (equal
+    shapes, CLIP images: [B, C, H, W]).
 
     uint8 items sharing one PixelNorm (what the engine's input workers send) travel as
     uint8 and are normalized on the device: a quarter of float32's bytes through the
     pinned buffer and the host-to-device copy. Anything else is normalized per item on
-    the host first.
+    the host first. Nothing here waits for the GPU.
     """
+    shape = (len(items), *items[0].pixel_values.shape) if stack else None
     norms = {item.pixel_norm for item in items}
     if (
         len(norms) == 1
@@ -77,5 +82,9 @@ def stage_pixels(
 
         (norm,) = norms
         raw = staging.to_device([item.pixel_values for item in items], device, torch.uint8)
+        if shape is not None:
+            raw = raw.view(shape)
+            norm = replace(norm, channel_axis=norm.channel_axis + 1)  # the new batch dim
         return apply_pixel_norm(raw, norm).to(dtype)
-    return staging.to_device([item.normalized_pixels() for item in items], device, dtype)
+    out = staging.to_device([item.normalized_pixels() for item in items], device, dtype)
+    return out if shape is None else out.view(shape)

@@ -80,3 +80,53 @@ def test_mm_fp32_greedy_identical_to_hf_on_gpu(family_ckpt: tuple[str, Path]) ->
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def _mm_requests(ckpt: Path, family: str, invert: bool) -> list:
+    """The parity cases as engine requests; `invert` gives the same shapes with other
+    pixels (so the embedding and prefix caches miss and nothing compiles anew)."""
+    from PIL import ImageOps
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(ckpt)
+    reqs = []
+    for c in cases(family):
+        text = proc.apply_chat_template(_messages(c["parts"]), add_generation_prompt=True)
+        images = [ImageOps.invert(i) if invert else i for i in c["images"]]
+        videos = [255 - v if invert else v for v in c["videos"]]
+        mm = {k: v for k, v in (("image", images), ("video", videos)) if v}
+        reqs.append({"prompt": text, "multi_modal_data": mm} if mm else text)
+    return reqs
+
+
+def test_engine_steps_never_make_the_host_wait_for_the_gpu(
+    family_ckpt: tuple[str, Path],
+) -> None:
+    """With async scheduling the host plans and launches step N+1 while the GPU runs step
+    N. Any pageable host-to-device copy in a step (encoder inputs, index tensors, pixel
+    normalization constants) or a `.item()` would stall the host until the GPU drains,
+    and the pipeline with it. torch's sync debug mode turns each of them into an error;
+    the one wait per step the engine means to make (the sampled tokens' event) is not
+    one of them."""
+    family, ckpt = family_ckpt
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    with LLM(
+        str(ckpt),
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=1024,
+        max_num_seqs=16,
+        num_kv_blocks=2048,
+        multiprocess=False,  # the checked steps must run in this process
+        async_scheduling=True,
+    ) as llm:
+        # Compiles, autotunes and captures outside the checked region (those may wait).
+        llm.generate(_mm_requests(ckpt, family, invert=False), params, use_tqdm=False)
+        checked = _mm_requests(ckpt, family, invert=True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = llm.generate(checked, params, use_tqdm=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert llm.stats()["encoder_runs"] >= 2  # the checked run encoded its own images
+    assert [len(o.outputs[0].token_ids) for o in outs] == [MAX_NEW] * len(checked)
