@@ -14,7 +14,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -25,9 +24,6 @@ from mmengine.shm_payloads import PayloadSession
 from processors.config import MediaConfig
 
 logger = logging.getLogger(__name__)
-
-# A prompt the workers accept without media: running it starts and initializes them.
-_WARM_UP_IDS = [0]
 
 
 class MediaInputError(ValueError):
@@ -117,16 +113,10 @@ class AsyncInputWorkers:
         Raises:
             RuntimeError: a worker could not start (its initializer failed).
         """
-        workers = self._live()
-        futures = [
-            asyncio.wrap_future(workers.submit(_WARM_UP_IDS, {}, None))
-            for _ in range(max(self._num_workers, 1))
-        ]
-        try:
-            async with asyncio.timeout(timeout_s):
-                await asyncio.gather(*futures)
-        except (BrokenProcessPool, TimeoutError) as e:
-            raise RuntimeError(f"the input-processing workers did not start: {e!r}") from None
+        seconds = await asyncio.to_thread(self._live().start, timeout_s)
+        logger.info(
+            "input processing: %d worker process(es) ready in %.1f s", self._num_workers, seconds
+        )
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Stops the pool; workers still busy after ``timeout_s`` are killed.
@@ -237,8 +227,8 @@ class AsyncInputWorkers:
             timer.daemon = True
             timer.start()
         self._workers = self._factory()
-        # Start the new processes now rather than on the next request.
-        _ignore_result(self._workers.submit(_WARM_UP_IDS, {}, None))
+        # Start the new processes now rather than during the next requests.
+        threading.Thread(target=_start_quietly, args=(self._workers,), daemon=True).start()
 
 
 _RETIRED_PAYLOADS_S = 30.0  # grace before a replaced pool's payload files are deleted
@@ -255,5 +245,9 @@ def _processes(workers: InputWorkers) -> list[Any]:
     return list((getattr(_executor(workers), "_processes", None) or {}).values())
 
 
-def _ignore_result(future: Future[Any]) -> None:
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+def _start_quietly(workers: InputWorkers) -> None:
+    """Starts a replacement pool; a failure shows on the requests that use it instead."""
+    try:
+        workers.start()
+    except Exception as e:
+        logger.error("the replacement input-processing workers did not start: %r", e)

@@ -149,7 +149,7 @@ class LLM:
         cfg = read_config(path)
         if "vision_config" not in cfg:
             return None
-        return InputWorkers(
+        workers = InputWorkers(
             path,
             cfg,
             None,
@@ -157,6 +157,17 @@ class LLM:
             getattr(torch, self._client.info.dtype),
             self.config.num_input_workers,
         )
+        try:
+            seconds = workers.start()
+        except BaseException:
+            workers.shutdown()
+            raise
+        logger.info(
+            "input processing: %d worker process(es) ready in %.1f s",
+            workers.num_workers,
+            seconds,
+        )
+        return workers
 
     # ---- public API --------------------------------------------------------------------------
     def get_tokenizer(self) -> Any:

@@ -35,10 +35,15 @@ class StandInWorkers:
     """``InputWorkers``' interface over a real one-process pool; ``mm_data["mode"]`` says
     what the worker does with the request."""
 
+    num_workers = 1
+
     def __init__(self) -> None:
         self._pool = concurrent.futures.ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("fork")
         )
+
+    def start(self, timeout_s: float = 120.0) -> float:
+        return InputWorkers.start(self, timeout_s)  # type: ignore[arg-type]
 
     def submit(self, ids: list[int], mm_data: dict[str, Any], uuids: Any, trusted: bool = False):  # noqa: ANN201
         return self._pool.submit(_answer, mm_data.get("mode", "ok"))

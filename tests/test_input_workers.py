@@ -1,0 +1,45 @@
+"""InputWorkers start-up: every worker process is running and initialized before the
+first request, also when the pool spawns its processes (the default once CUDA is up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmengine.input_processor import InputWorkers
+from mmengine.model_loader import read_config
+
+
+def _pool_processes(workers: InputWorkers) -> dict:
+    return dict(workers._pool._processes or {})  # noqa: SLF001
+
+
+def test_start_brings_up_every_spawned_worker_before_the_first_request(
+    monkeypatch: pytest.MonkeyPatch, qwen2_vl_ckpt: Path
+) -> None:
+    # The engine spawns (not forks) its workers once CUDA is initialized; a spawned pool
+    # only starts a process when a task finds no idle one, so without start() the first
+    # requests pay for interpreters importing torch.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    workers = InputWorkers(qwen2_vl_ckpt, read_config(qwen2_vl_ckpt), None, None, torch.float32, 3)
+    try:
+        assert workers._pool._mp_context.get_start_method() == "spawn"  # noqa: SLF001
+        assert _pool_processes(workers) == {}
+        workers.start(timeout_s=180)
+        procs = _pool_processes(workers)
+        assert len(procs) == 3 and all(p.is_alive() for p in procs.values())
+    finally:
+        workers.shutdown()
+
+
+def test_start_reports_a_worker_that_cannot_initialize(tmp_path: Path) -> None:
+    # A folder with no processor files: the workers' initializer raises.
+    cfg = {"model_type": "qwen2_vl", "vision_config": {}}
+    workers = InputWorkers(tmp_path, cfg, None, None, torch.float32, 1)
+    try:
+        with pytest.raises(RuntimeError, match="did not start"):
+            workers.start(timeout_s=60)
+    finally:
+        workers.shutdown()
