@@ -2,10 +2,12 @@
 
 The GPU waits while the host schedules, builds the next step's inputs and applies the last
 step's outputs (one synchronization per step), so this time adds directly to wall time.
-Runs 256 requests x 900 prompt tokens x 64 output tokens in-process under cProfile and
-prints the cumulative seconds of the per-step host functions, per decode step.
+Runs 256 requests x 900 prompt tokens x 64 output tokens in-process and prints the seconds
+of the per-step host functions, per step: measured with timers around each function
+(default), or under cProfile (`--cprofile`, which inflates call-heavy code ~2x but shows
+where inside the time goes with `--top N`).
 
-    python benchmarks/bench_host_overhead.py [--requests 256]
+    python benchmarks/bench_host_overhead.py [--requests 256] [--cprofile [--top 30]]
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=900)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--cprofile", action="store_true", help="profile instead of timing")
+    ap.add_argument("--top", type=int, default=0, help="with --cprofile: top N by own time")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from mmengine import LLM, SamplingParams
@@ -60,23 +64,63 @@ def main() -> None:
     ]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     before = llm.stats()
+    timers = None if args.cprofile else _install_timers()
     prof = cProfile.Profile()
     t0 = time.perf_counter()
-    prof.enable()
+    if args.cprofile:
+        prof.enable()
     llm.generate(reqs, params, use_tqdm=False)
-    prof.disable()
+    if args.cprofile:
+        prof.disable()
     wall = time.perf_counter() - t0
     after = llm.stats()
     llm.shutdown()
     steps = after["num_decode_steps"] - before["num_decode_steps"]
     all_steps = after["num_steps"] - before["num_steps"]
-    stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+    how = "cProfile cumulative" if args.cprofile else "timers"
     print(f"{args.requests} requests, {all_steps} steps ({steps} decode), wall {wall:.1f} s")
-    print("| host function | s in the run | ms per step |\n|---|---|---|")
+    print(f"| host function ({how}) | s in the run | ms per step |\n|---|---|---|")
+    if timers is not None:
+        for label, seconds in timers.items():
+            print(f"| {label} | {seconds:.3f} | {1e3 * seconds / max(all_steps, 1):.2f} |")
+        return
+    stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
     for label, (file, func) in FUNCS.items():
         cum = sum(v[3] for k, v in stats.items() if k[0].endswith(file) and k[2] == func)
         print(f"| {label} | {cum:.3f} | {1e3 * cum / max(all_steps, 1):.2f} |")
+    if args.top:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
 
+
+def _install_timers() -> dict[str, float]:
+    """Wraps the per-step host functions with wall-clock timers (seconds per label)."""
+    import functools
+
+    from mmengine.model_runner import ModelRunner
+    from mmengine.output_processor import OutputProcessor
+    from mmengine.scheduler import Scheduler
+
+    totals: dict[str, float] = {}
+    targets = {
+        "schedule": (Scheduler, "schedule"),
+        "update_from_output": (Scheduler, "update_from_output"),
+        "prepare": (ModelRunner, "prepare"),
+        "sampling rows": (ModelRunner, "_row"),
+        "output processing (frontend)": (OutputProcessor, "process"),
+    }
+    for label, (cls, name) in targets.items():
+        fn = getattr(cls, name)
+        totals[label] = 0.0
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                totals[_label] += time.perf_counter() - t
+
+        setattr(cls, name, functools.wraps(fn)(timed))
+    return totals
 
 if __name__ == "__main__":
     main()

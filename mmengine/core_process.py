@@ -12,6 +12,7 @@ import ctypes
 import json
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -44,36 +45,75 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def serve(core, in_sock: zmq.Socket, out_sock: zmq.Socket) -> None:  # noqa: ANN001
+    """The engine loop: apply what the input thread queued, then step.
+
+    The input thread receives, decodes and builds requests (reading their pixel payloads,
+    milliseconds per large image) while this loop steps: a burst of image prompts then no
+    longer holds back the next step while the GPU waits.
+    """
     enc = msgspec.msgpack.Encoder()
+    inbox: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    reader = threading.Thread(
+        target=_receive, args=(core, in_sock, inbox, stop), daemon=True, name="core-input"
+    )
+    reader.start()
+    try:
+        while True:
+            pending: list[EngineCoreOutput] = []
+            wait = not core.has_unfinished()
+            while True:
+                try:
+                    kind, payload = inbox.get(timeout=0.2) if wait else inbox.get_nowait()
+                except queue.Empty:
+                    break
+                wait = False
+                if kind == "add":
+                    for req in payload:
+                        err = req if isinstance(req, EngineCoreOutput) else core.add_prepared(req)
+                        if err is not None:
+                            pending.append(err)
+                elif kind == "abort":
+                    pending.extend(core.abort_requests(payload.abort_ids))
+                elif kind == "stats":
+                    out = EngineCoreOutputs(stats=core.stats(), call_id=payload.call_id)
+                    out_sock.send(enc.encode(out))
+                elif kind == "reset_prefix_cache":
+                    ok = core.reset_prefix_cache()
+                    out_sock.send(enc.encode(EngineCoreOutputs(ok=ok, call_id=payload.call_id)))
+                elif kind == "shutdown":
+                    return
+                elif kind == "failed":
+                    raise payload  # the input thread could not go on: the core dies loudly
+            if core.has_unfinished():
+                pending.extend(core.step())
+            if pending:
+                out_sock.send(enc.encode(EngineCoreOutputs(outputs=pending)))
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+
+
+def _receive(core, in_sock: zmq.Socket, inbox: queue.Queue, stop: threading.Event) -> None:  # noqa: ANN001
+    """Input thread: owns `in_sock`; queues (kind, payload) for the engine loop, in order.
+
+    "add" carries built requests (or their error outputs); any failure other than a bad
+    request is queued as "failed" and ends the thread.
+    """
     dec = msgspec.msgpack.Decoder(ControlMsg)
-    poller = zmq.Poller()
-    poller.register(in_sock, zmq.POLLIN)
-    while True:
-        pending: list[EngineCoreOutput] = []
-        timeout = 0 if core.has_unfinished() else 200
-        while poller.poll(timeout):
-            timeout = 0
+    try:
+        while not stop.is_set():
+            if not in_sock.poll(100):
+                continue
             msg = dec.decode(in_sock.recv())
             if msg.kind == "add":
-                for r in msg.requests:
-                    err = core.add_request(r)
-                    if err is not None:
-                        pending.append(err)
-            elif msg.kind == "abort":
-                pending.extend(core.abort_requests(msg.abort_ids))
-            elif msg.kind == "stats":
-                out_sock.send(
-                    enc.encode(EngineCoreOutputs(stats=core.stats(), call_id=msg.call_id))
-                )
-            elif msg.kind == "reset_prefix_cache":
-                ok = core.reset_prefix_cache()
-                out_sock.send(enc.encode(EngineCoreOutputs(ok=ok, call_id=msg.call_id)))
-            elif msg.kind == "shutdown":
+                inbox.put(("add", [core.make_request(r) for r in msg.requests]))
+            else:
+                inbox.put((msg.kind, msg))
+            if msg.kind == "shutdown":
                 return
-        if core.has_unfinished():
-            pending.extend(core.step())
-        if pending:
-            out_sock.send(enc.encode(EngineCoreOutputs(outputs=pending)))
+    except BaseException as e:
+        inbox.put(("failed", e))
 
 
 def main() -> None:

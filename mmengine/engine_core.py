@@ -115,6 +115,26 @@ class EngineCore:
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, msg: EngineCoreRequest) -> EngineCoreOutput | None:
         """Queue a request; a bad one is answered with an error output, nothing else."""
+        req = self.make_request(msg)
+        if isinstance(req, EngineCoreOutput):
+            return req
+        return self.add_prepared(req)
+
+    def add_prepared(self, req: Request) -> EngineCoreOutput | None:
+        """Hands a request built by ``make_request`` to the scheduler."""
+        try:
+            self.scheduler.add_request(req)
+        except ValueError as e:
+            return EngineCoreOutput(req.request_id, [], finish_reason="error", error=str(e))
+        return None
+
+    def make_request(self, msg: EngineCoreRequest) -> Request | EngineCoreOutput:
+        """Validates a request and reads its pixels; a bad one becomes an error output.
+
+        Touches no scheduler state, so the engine-core process runs it on its input thread
+        (reading the shared-memory pixel payloads there overlaps the GPU steps); only that
+        one thread may call it, since it keeps the recently read payloads.
+        """
         try:
             # Pixels first: reading a shared-memory payload deletes its file, so a request
             # refused below leaves nothing behind in /dev/shm.
@@ -160,10 +180,9 @@ class EngineCore:
                 ),
                 mrope_delta=msg.mrope_delta,
             )
-            self.scheduler.add_request(req)
         except ValueError as e:
             return EngineCoreOutput(msg.request_id, [], finish_reason="error", error=str(e))
-        return None
+        return req
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         done = self.scheduler.abort_requests(request_ids)
