@@ -122,5 +122,6 @@ def _install_timers() -> dict[str, float]:
         setattr(cls, name, functools.wraps(fn)(timed))
     return totals
 
+
 if __name__ == "__main__":
     main()

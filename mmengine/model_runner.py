@@ -367,6 +367,20 @@ class ModelRunner:
             rows = [r + tail for r in rows]
         return rows
 
+    def _fill_from_last_step(
+        self, req: Request, token: int, row: int, fill_rows: list[int], fill_src: list[int]
+    ) -> None:
+        """Input row `row` takes the token the previous step sampled for `req` (its ids are
+        still on the device: async scheduling planned this step before they landed)."""
+        src = self._last_rows.get(req.request_id)
+        if src is None:
+            raise RuntimeError(
+                f"request {req.request_id}: token {token} is neither known nor sampled by "
+                "the previous step"
+            )
+        fill_rows.append(row)
+        fill_src.append(src)
+
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         ids: list[int] = []
         pos: list[int] = []
@@ -383,28 +397,50 @@ class ModelRunner:
         fill_rows: list[int] = []  # rows whose token id is still on the device ...
         fill_src: list[int] = []  # ... at this row of the last step's sampled tokens
         bs = self.block_size
+        mrope = self.spec.mrope_section is not None
         for item in sched.scheduled:
             req, n, start = item.request, item.num_tokens, item.start
-            known = req.all_token_ids[start : start + n]
-            ids.extend(known)
-            if len(known) < n:  # a decode of the token the previous step sampled
-                src = self._last_rows.get(req.request_id)
-                if n - len(known) != 1 or src is None:
-                    raise RuntimeError(
-                        f"request {req.request_id}: token {start + len(known)} is neither "
-                        "known nor sampled by the previous step"
-                    )
-                fill_rows.append(len(ids))
-                fill_src.append(src)
-                ids.append(0)
-            p = self._positions(req, start, n)
-            if self.spec.mrope_section is None:
-                pos.extend(p)  # type: ignore[arg-type]
-            else:
-                for r in range(3):
-                    pos3[r].extend(p[r])  # type: ignore[index]
             table = item.block_ids
-            slots.extend(table[i // bs] * bs + i % bs for i in range(start, start + n))
+            tokens = req.all_token_ids
+            if n == 1:  # decodes: the common case, kept to a few list appends
+                if start < len(tokens):
+                    ids.append(tokens[start])
+                else:
+                    self._fill_from_last_step(req, start, len(ids), fill_rows, fill_src)
+                    ids.append(0)
+                slots.append(table[start // bs] * bs + start % bs)
+                if not mrope:
+                    pos.append(start)
+                elif start >= req.num_prompt_tokens or req.mrope_positions is None:
+                    p1 = start + req.mrope_delta if req.mrope_positions is not None else start
+                    pos3[0].append(p1)
+                    pos3[1].append(p1)
+                    pos3[2].append(p1)
+                else:
+                    for r, v in enumerate(req.mrope_positions[:, start].tolist()):
+                        pos3[r].append(v)
+            else:
+                known = tokens[start : start + n]
+                ids.extend(known)
+                if len(known) < n:
+                    if n - len(known) != 1:
+                        raise RuntimeError(
+                            f"request {req.request_id}: tokens {start + len(known)}.. are "
+                            "neither known nor sampled by the previous step"
+                        )
+                    self._fill_from_last_step(
+                        req, start + len(known), len(ids), fill_rows, fill_src
+                    )
+                    ids.append(0)
+                p = self._positions(req, start, n)
+                if not mrope:
+                    pos.extend(p)  # type: ignore[arg-type]
+                else:
+                    for r in range(3):
+                        pos3[r].extend(p[r])  # type: ignore[index]
+                offs = np.arange(start, start + n)
+                blocks = np.asarray(table, dtype=np.int64)[offs // bs]
+                slots.extend((blocks * bs + offs % bs).tolist())
             row0 = qsl[-1]
             if req.mm_positions and start < req.num_prompt_tokens:
                 self._gather_mm(req, start, n, row0, mm_rows, mm_slices)
