@@ -3,7 +3,10 @@
 Builds the tower with random bf16 weights, encodes one W1-sized batch (13 images of
 1288x728 = 4784 patches each, ~62k patches: what `max_num_encoder_tokens=16384` admits),
 eager and compiled, and prints wall ms, the FLOP floor (linear layers + attention at the
-measured bf16 matmul rate) and the top CUDA kernels of the compiled run.
+measured bf16 matmul rate) and the top CUDA kernels of the compiled run. Then, for 1 and
+for --images images: the host time of one `encode` call (launching, no synchronize) next to
+its GPU time (CUDA events), eager and compiled, and the compiled run's top host-side ops:
+when host > GPU, the tower is launch-bound and the GPU waits for it.
 
     python3 benchmarks/profile_encoder.py [--images 13] [--out encoder_profile.md]
 """
@@ -52,6 +55,23 @@ def timed(fn, reps: int = 5) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
+def host_vs_gpu(fn, reps: int = 5) -> tuple[float, float]:
+    """Median (host ms to return, GPU ms between events) of `fn`, after one warm call."""
+    fn()
+    torch.cuda.synchronize()
+    host, gpu = [], []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append(1e3 * (time.perf_counter() - t0))
+        end.record()
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return sorted(host)[reps // 2], sorted(gpu)[reps // 2]
+
+
 def flops(cfg: Qwen2_5_VLVisionConfig, n_patches: int, window_len: int, frame_len: int) -> float:
     d, f = cfg.hidden_size, cfg.intermediate_size
     per_token_linear = 2 * (d * 3 * d + d * d + 3 * d * f)  # qkv, proj, gate/up/down
@@ -88,11 +108,36 @@ def main() -> None:
     ]
     eager_ms = timed(lambda: enc.encode(items))
     lines.append(f"- eager: {eager_ms:.1f} ms ({floor_ms / eager_ms:.0%} of floor)")
+    launch = [
+        ("eager", k, *host_vs_gpu(lambda k=k: enc.encode(items[:k]))) for k in (1, len(items))
+    ]
     enc.compile_blocks()
     for _ in range(2):
         enc.encode(items)
+        enc.encode(items[:1])
     comp_ms = timed(lambda: enc.encode(items))
     lines.append(f"- compiled: {comp_ms:.1f} ms ({floor_ms / comp_ms:.0%} of floor)")
+    launch += [
+        ("compiled", k, *host_vs_gpu(lambda k=k: enc.encode(items[:k]))) for k in (1, len(items))
+    ]
+    lines += ["", "| blocks | images | host ms (launch) | GPU ms |", "|---|---|---|---|"]
+    lines += [f"| {m} | {k} | {h:.1f} | {g:.1f} |" for m, k, h, g in launch]
+    from torch.profiler import ProfilerActivity as PA
+    from torch.profiler import profile as host_profile
+
+    with host_profile(activities=[PA.CPU]) as hprof:
+        enc.encode(items[:1])
+    torch.cuda.synchronize()
+    host_table = hprof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70
+    )
+    lines += [
+        "",
+        "Host side of one compiled 1-image encode (self CPU time):",
+        "```",
+        host_table,
+        "```",
+    ]
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
