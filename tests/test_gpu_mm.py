@@ -18,6 +18,19 @@ pytestmark = [
 ]
 
 
+def _gpu_llm(ckpt: Path, dtype: str, **kw: object) -> LLM:
+    """The engine of these tests: a fixed small KV pool, so several fit on one card."""
+    return LLM(
+        str(ckpt),
+        dtype=dtype,
+        device="cuda",
+        max_model_len=1024,
+        max_num_seqs=16,
+        num_kv_blocks=2048,
+        **kw,
+    )
+
+
 @pytest.fixture(params=FAMILIES)
 def family_ckpt(request: pytest.FixtureRequest) -> tuple[str, Path]:
     return request.param, request.getfixturevalue(f"{request.param}_ckpt")
@@ -35,14 +48,7 @@ def test_mm_bf16_prompt_logprobs_close_to_hf(family_ckpt: tuple[str, Path]) -> N
     with torch.no_grad():
         ref = model(**inputs).logits[0].float().log_softmax(-1)
     ids = inputs["input_ids"][0].tolist()
-    with LLM(
-        str(ckpt),
-        dtype="bfloat16",
-        device="cuda",
-        max_model_len=1024,
-        max_num_seqs=16,
-        num_kv_blocks=2048,
-    ) as llm:
+    with _gpu_llm(ckpt, "bfloat16") as llm:
         out = llm.generate(
             {"prompt": text, "multi_modal_data": {"image": c["images"]}},
             SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
@@ -66,14 +72,7 @@ def test_mm_fp32_greedy_identical_to_hf_on_gpu(family_ckpt: tuple[str, Path]) ->
         for text, c in zip(texts, cases(family)):
             mm = {k: v for k, v in (("image", c["images"]), ("video", c["videos"])) if v}
             reqs.append({"prompt": text, "multi_modal_data": mm} if mm else text)
-        with LLM(
-            str(ckpt),
-            dtype="float32",
-            device="cuda",
-            max_model_len=1024,
-            max_num_seqs=16,
-            num_kv_blocks=2048,
-        ) as llm:
+        with _gpu_llm(ckpt, "float32") as llm:
             outs = llm.generate(
                 reqs, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False
             )
@@ -110,16 +109,8 @@ def test_engine_steps_never_make_the_host_wait_for_the_gpu(
     one of them."""
     family, ckpt = family_ckpt
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-    with LLM(
-        str(ckpt),
-        dtype="bfloat16",
-        device="cuda",
-        max_model_len=1024,
-        max_num_seqs=16,
-        num_kv_blocks=2048,
-        multiprocess=False,  # the checked steps must run in this process
-        async_scheduling=True,
-    ) as llm:
+    # In-process: the checked steps must run in this process.
+    with _gpu_llm(ckpt, "bfloat16", multiprocess=False, async_scheduling=True) as llm:
         # Compiles, autotunes and captures outside the checked region (those may wait).
         llm.generate(_mm_requests(ckpt, family, invert=False), params, use_tqdm=False)
         checked = _mm_requests(ckpt, family, invert=True)
