@@ -68,7 +68,7 @@ def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> t
         for i, x in enumerate(lists):
             if x:
                 ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        ids = ids.to(device, non_blocking=True)
+        ids = ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab]
 
@@ -188,11 +188,14 @@ def sample_async(logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample
     want_lp = [r.num_logprobs is not None for r in rows]
     raw_logprobs = logits.log_softmax(-1) if any(want_lp) else None
 
-    blocked = [(i, r.blocked_token_ids) for i, r in enumerate(rows) if r.blocked_token_ids]
+    vocab = logits.shape[1]
+    blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids if t < vocab]
     if blocked:
-        logits = logits.clone()
-        for i, ids in blocked:
-            logits[i, [t for t in ids if t < logits.shape[1]]] = float("-inf")
+        # One (row, id) index for the whole batch, through pinned memory: indexing with
+        # Python lists would copy them to the device synchronously, row by row.
+        rows_t = _dev([i for i, _ in blocked], logits.device, torch.long)
+        ids_t = _dev([t for _, t in blocked], logits.device, torch.long)
+        logits = logits.index_put((rows_t, ids_t), logits.new_full((), float("-inf")))
     if any(r.needs_penalties for r in rows):
         logits = apply_penalties(logits, rows)
 

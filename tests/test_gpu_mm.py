@@ -108,7 +108,8 @@ def test_engine_steps_never_make_the_host_wait_for_the_gpu(
     the one wait per step the engine means to make (the sampled tokens' event) is not
     one of them."""
     family, ckpt = family_ckpt
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    # min_tokens = max_tokens: EOS stays blocked every step (the sampler's masking path).
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
     # In-process: the checked steps must run in this process.
     with _gpu_llm(ckpt, "bfloat16", multiprocess=False, async_scheduling=True) as llm:
         # Compiles, autotunes and captures outside the checked region (those may wait).
