@@ -83,7 +83,10 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
         max_num_encoder_tokens=args.max_num_encoder_tokens,
         num_input_workers=args.input_workers,
         enforce_eager=args.enforce_eager,
-        extra={"compile_encoder": args.compile_encoder},
+        extra={
+            "compile_encoder": args.compile_encoder,
+            "vision_segment_kernel": args.vision_segment_kernel,
+        },
         multiprocess=not args.inprocess,
     )
     startup = time.perf_counter() - t0
@@ -229,6 +232,8 @@ def _mode(args) -> str:
     mode = "eager" if args.enforce_eager else "compile+graphs"
     if args.async_scheduling is False:
         mode += ", sync steps"
+    if args.vision_segment_kernel:
+        mode += ", vision segment kernel"
     return mode
 
 
@@ -248,8 +253,9 @@ def main() -> None:
         "--warmup-requests",
         type=int,
         default=4,
-        help="W1-style requests (16 text tokens) run before the timed W1 run; with 8 the "
-        "timed run was 25-40%% faster on an H100 (benchmarks/RESULTS.md, session 4)",
+        help="W1-style requests (16 text tokens) run before the timed W1 run (since the "
+        "input workers all start with the engine, 1, 4 and 8 give the same figure within "
+        "noise: benchmarks/RESULTS.md, session 5)",
     )
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-cap-s", type=float, default=150.0)
@@ -265,6 +271,12 @@ def main() -> None:
         dest="compile_encoder",
         action="store_false",
         help="run the ViT blocks eagerly (default: torch.compile them, as the engine does)",
+    )
+    ap.add_argument(
+        "--vision-segment-kernel",
+        action="store_true",
+        help="window attention of the vision tower through kernels/segment_attention.py "
+        "(the engine's extra={'vision_segment_kernel': True}; off by default until measured)",
     )
     ap.add_argument("--systems", default="mmengine,hf")
     ap.add_argument(

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import segment_attention as short_segments
 from processors.transforms import host_to_device
 
 
@@ -117,9 +118,14 @@ class SegmentPlan:
     # call (fp16/bf16); the grouped SDPA path above serves CPU and float32.
     cu_seqlens: torch.Tensor | None = None
     max_len: int = 0
+    # On CUDA, segments of at most kernels.segment_attention.MAX_SEGMENT tokens go to that
+    # kernel instead of the variable-length flash call (opt-in until measured end to end).
+    short_kernel: bool = False
 
     @classmethod
-    def from_lengths(cls, lengths: Sequence[int], device: torch.device) -> SegmentPlan:
+    def from_lengths(
+        cls, lengths: Sequence[int], device: torch.device, short_kernel: bool = False
+    ) -> SegmentPlan:
         """Plans attention for consecutive segments of the given lengths (zeros are skipped)."""
         lengths = [int(n) for n in lengths if n > 0]
         num_tokens = sum(lengths)
@@ -133,7 +139,7 @@ class SegmentPlan:
         distinct = sorted(set(lengths))
         if len(distinct) <= 1:
             groups = [(distinct[0], len(lengths))] if distinct else []
-            return cls(num_tokens, groups, None, cu_seqlens, max_len)
+            return cls(num_tokens, groups, None, cu_seqlens, max_len, short_kernel)
         sizes = torch.tensor(lengths)  # [S]
         starts = sizes.cumsum(0) - sizes  # [S] first token of each segment
         by_size = torch.argsort(sizes, stable=True)  # segments grouped by length, in order
@@ -144,7 +150,8 @@ class SegmentPlan:
         gather = first + torch.arange(num_tokens) - group_start  # [N]
         counts = torch.unique_consecutive(sorted_sizes, return_counts=True)[1]
         groups = list(zip(distinct, counts.tolist()))
-        return cls(num_tokens, groups, host_to_device(gather, device), cu_seqlens, max_len)
+        gather_t = host_to_device(gather, device)
+        return cls(num_tokens, groups, gather_t, cu_seqlens, max_len, short_kernel)
 
 
 def segment_attention(qkv: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
@@ -159,6 +166,8 @@ def segment_attention(qkv: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
     """
     num_tokens, _, num_heads, head_dim = qkv.shape
     if plan.cu_seqlens is not None and _varlen_ok(qkv):
+        if plan.short_kernel and short_segments.supports(plan.max_len, head_dim):
+            return short_segments.segment_attention(qkv, plan.cu_seqlens, plan.max_len)
         return _varlen_attention(qkv, plan)
     gather = plan.gather_index
     if gather is None:

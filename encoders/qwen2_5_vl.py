@@ -154,7 +154,9 @@ class Qwen2_5_VLVisionEncoder(QwenVisionEncoder):
         cos, sin = self.rotary.tables(patch_positions(grids, self.patch.spatial_merge_size), device)
         cos, sin = cos[token_order], sin[token_order]
         full_plan = SegmentPlan.from_lengths(frame_lengths(grids), device)
-        window_plan = SegmentPlan.from_lengths(window_lengths, device)
+        window_plan = SegmentPlan.from_lengths(
+            window_lengths, device, short_kernel=self.short_segment_kernel
+        )
 
         x = self.patch_embed.proj(patches)[token_order]  # [N, hidden], window order
         for i, block in enumerate(self.blocks):

@@ -152,6 +152,12 @@ class ModelRunner:
             and hasattr(encoder, "compile_blocks")
         ):
             encoder.compile_blocks()
+        if self.config.extra.get("vision_segment_kernel", False) and hasattr(
+            encoder, "short_segment_kernel"
+        ):
+            # Opt-in until measured end to end: short window segments through a Triton
+            # kernel instead of the variable-length flash call (kernels/segment_attention.py).
+            encoder.short_segment_kernel = True
         cache = EmbeddingCache(int(self.config.mm_embedding_cache_gib * (1 << 30)))
         logger.info("loaded the vision encoder in %.1fs", time.perf_counter() - t0)
         return EncoderRunner(encoder, cache)
