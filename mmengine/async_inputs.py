@@ -227,8 +227,9 @@ class AsyncInputWorkers:
             timer.daemon = True
             timer.start()
         self._workers = self._factory()
-        # Start the new processes now rather than during the next requests.
-        threading.Thread(target=_start_quietly, args=(self._workers,), daemon=True).start()
+        # Start the new processes now rather than during the next requests (not waiting
+        # for them here: this runs on the event loop).
+        self._workers.launch()
 
 
 _RETIRED_PAYLOADS_S = 30.0  # grace before a replaced pool's payload files are deleted
@@ -243,11 +244,3 @@ def _executor(workers: InputWorkers) -> Any:
 def _processes(workers: InputWorkers) -> list[Any]:
     """The pool's live ``multiprocessing.Process`` objects (none for a thread pool)."""
     return list((getattr(_executor(workers), "_processes", None) or {}).values())
-
-
-def _start_quietly(workers: InputWorkers) -> None:
-    """Starts a replacement pool; a failure shows on the requests that use it instead."""
-    try:
-        workers.start()
-    except Exception as e:
-        logger.error("the replacement input-processing workers did not start: %r", e)

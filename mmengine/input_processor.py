@@ -351,6 +351,12 @@ class InputWorkers:
                 initargs=(args,),
             )
 
+    def launch(self) -> list[Any]:
+        """Starts every worker process without waiting for them: one task per worker, each
+        finding no idle process, so a spawned pool starts a process for each (a forked one
+        starts them all at the first). Returns the tasks' futures (worker pids)."""
+        return [self._pool.submit(_worker_pid) for _ in range(max(self.num_workers, 0))]
+
     def start(self, timeout_s: float = 120.0) -> float:
         """Starts every worker process now and waits until each has initialized.
 
@@ -375,7 +381,7 @@ class InputWorkers:
             while len(started) < self.num_workers:
                 # One task per worker; a worker that is up takes several while the others
                 # still import, so repeat until every process has answered.
-                futures = [self._pool.submit(_worker_pid) for _ in range(self.num_workers)]
+                futures = self.launch()
                 for f in futures:
                     left = timeout_s - (time.monotonic() - t0)
                     started.add(f.result(timeout=max(left, 0.0)))

@@ -42,6 +42,9 @@ class StandInWorkers:
             1, mp_context=multiprocessing.get_context("fork")
         )
 
+    def launch(self) -> list[Any]:
+        return InputWorkers.launch(self)  # type: ignore[arg-type]
+
     def start(self, timeout_s: float = 120.0) -> float:
         return InputWorkers.start(self, timeout_s)  # type: ignore[arg-type]
 
