@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders.staging import host_to_device
 from kernels import segment_attention as short_segments
-from processors.transforms import host_to_device
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:

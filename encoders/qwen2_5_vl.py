@@ -24,7 +24,7 @@ from encoders.qwen_vision import (
     frame_lengths,
     patch_positions,
 )
-from processors.transforms import host_to_device
+from encoders.staging import host_to_device
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from torch import nn
 
 from encoders.base import VisionEncoder
 from encoders.layers import PatchLinear, RMSNorm, SegmentPlan, apply_rotary, segment_attention
-from encoders.staging import PinnedStaging, stage_pixels
-from processors.transforms import host_to_device
+from encoders.staging import PinnedStaging, host_to_device, stage_pixels
 from processors.types import MultiModalItem
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches

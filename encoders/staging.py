@@ -18,6 +18,19 @@ import torch
 from processors.types import MultiModalItem
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Moves a small host tensor to `device` without making the host wait for the GPU.
+
+    A plain `.to("cuda")` of pageable memory synchronizes with the stream: the host stalls
+    until every kernel queued before the copy has run. With async scheduling the host
+    should be preparing the next step meanwhile, so index tensors and the like go through
+    pinned memory and an asynchronous copy. Non-CUDA devices get a plain `.to`.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class PinnedStaging:
     """Packs CPU tensors into a pinned buffer and moves them to the GPU in one copy."""
 

@@ -149,18 +149,11 @@ def fused_norm(
     return PixelNorm(tuple(mean_t.tolist()), tuple(std_t.tolist()), channel_axis)
 
 
-def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Moves a host tensor to `device` without making the host wait for the GPU.
-
-    A plain `.to("cuda")` (or `torch.tensor(..., device="cuda")`) of pageable memory
-    synchronizes with the stream: the host stalls until every kernel queued before the
-    copy has run. On the engine's hot path that undoes async scheduling (the host should
-    be preparing the next step meanwhile), so small tensors go through pinned memory and
-    an asynchronous copy instead. Non-CUDA devices get a plain `.to`.
-    """
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+def _constants(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """float32 constants on `device` without a host-GPU sync (pinned, asynchronous copy):
+    `torch.tensor(values, device="cuda")` would wait for everything queued on the GPU."""
+    t = torch.tensor(values, dtype=torch.float32)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def apply_pixel_norm(pixels: torch.Tensor, norm: PixelNorm) -> torch.Tensor:
@@ -176,7 +169,7 @@ def apply_pixel_norm(pixels: torch.Tensor, norm: PixelNorm) -> torch.Tensor:
     x = pixels.to(torch.float32) if pixels.dtype != torch.float32 else pixels.clone()
     rows = x.reshape(*shape[: norm.channel_axis], channels, -1)
     view = (channels, 1)
-    mean = host_to_device(torch.tensor(norm.mean, dtype=torch.float32), x.device).view(view)
-    std = host_to_device(torch.tensor(norm.std, dtype=torch.float32), x.device).view(view)
+    mean = _constants(norm.mean, x.device).view(view)
+    std = _constants(norm.std, x.device).view(view)
     rows.sub_(mean).div_(std)
     return rows.view(shape)
