@@ -385,6 +385,9 @@ class InputWorkers:
                 for f in futures:
                     left = timeout_s - (time.monotonic() - t0)
                     started.add(f.result(timeout=max(left, 0.0)))
+                if len(started) < self.num_workers and time.monotonic() - t0 > timeout_s:
+                    # The others answer every task: one worker is stuck in its start.
+                    raise FutureTimeout()
         except (BrokenProcessPool, FutureTimeout) as e:
             raise RuntimeError(
                 f"the input-processing workers did not start ({len(started)} of "

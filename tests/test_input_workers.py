@@ -43,3 +43,32 @@ def test_start_reports_a_worker_that_cannot_initialize(tmp_path: Path) -> None:
             workers.start(timeout_s=60)
     finally:
         workers.shutdown()
+
+
+def test_start_gives_up_when_one_worker_never_comes_up_while_the_others_answer(
+    monkeypatch: pytest.MonkeyPatch, qwen2_vl_ckpt: Path
+) -> None:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    workers = InputWorkers(qwen2_vl_ckpt, read_config(qwen2_vl_ckpt), None, None, torch.float32, 2)
+    workers._pool.shutdown()  # noqa: SLF001 - replaced by a pool whose second worker hangs
+    hung = mp.get_context("fork").Event()
+
+    def init(_args: dict) -> None:
+        import time
+
+        if hung.is_set():
+            time.sleep(3600)  # the second process never finishes starting
+        hung.set()
+
+    workers._pool = cf.ProcessPoolExecutor(  # noqa: SLF001
+        2, mp_context=mp.get_context("fork"), initializer=init, initargs=({},)
+    )
+    try:
+        with pytest.raises(RuntimeError, match="1 of 2 within 3 s"):
+            workers.start(timeout_s=3)
+    finally:
+        for proc in (workers._pool._processes or {}).values():  # noqa: SLF001
+            proc.kill()
+        workers.shutdown()
