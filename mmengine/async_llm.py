@@ -28,6 +28,7 @@ from mmengine.async_inputs import (
 )
 from mmengine.config import EngineConfig
 from mmengine.core_client import EngineDeadError
+from mmengine.gc_heap import freeze_startup_heap, release_startup_heap
 from mmengine.input_processor import ProcessedMsg, discard_processed
 from mmengine.llm import PromptType, load_tokenizer, params_to_msg, validate_prompt
 from mmengine.messages import ControlMsg, EngineCoreOutput, EngineCoreRequest, EngineInfo
@@ -133,6 +134,9 @@ class AsyncLLM:
         self.vocab_size = self.info.vocab_size
         self._processor = OutputProcessor(self.tokenizer)
         self._output_task = asyncio.create_task(self._output_loop(), name="engine-outputs")
+        # The start-up heap out of the GC's full passes until shutdown (mmengine/gc_heap.py).
+        freeze_startup_heap()
+        self._frozen = True
 
     def shutdown(self) -> None:
         """Stops the output task, the input workers and the engine-core process
@@ -148,6 +152,9 @@ class AsyncLLM:
             self._client.shutdown()
         if self._dead is None:
             self._fail_all(EngineDeadError("the engine has been shut down"))
+        if getattr(self, "_frozen", False):
+            release_startup_heap()
+            self._frozen = False
 
     @property
     def closed(self) -> bool:

@@ -23,6 +23,7 @@ import msgspec
 import zmq
 
 from mmengine.config import EngineConfig
+from mmengine.gc_heap import freeze_startup_heap
 from mmengine.messages import ControlMsg, EngineCoreOutput, EngineCoreOutputs
 
 logger = logging.getLogger("mmengine.core")
@@ -146,6 +147,7 @@ def main() -> None:
 
             torch.set_num_threads(config.cpu_threads)
         core = EngineCore(config)
+        freeze_startup_heap()  # this process lives as long as its engine (mmengine/gc_heap.py)
         out_sock.send(enc.encode(EngineCoreOutputs(info=core.info(), call_id=0)))
         serve(core, in_sock, out_sock)
     except Exception as e:  # report, then exit non-zero: the frontend raises EngineDeadError

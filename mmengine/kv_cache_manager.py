@@ -136,8 +136,10 @@ class KVCacheManager:
         blocks = self.req_blocks.get(request.request_id)
         if not blocks:
             return
-        self._update_hashes(request)
         start = self._num_cached_blocks.get(request.request_id, 0)
+        if request.num_computed_tokens // self.block_size <= start:
+            return  # no newly full block (most decode steps): nothing to hash or cache
+        self._update_hashes(request)
         # Only blocks of known token ids have hashes: with async scheduling the computed
         # range can end in a token still in flight.
         end = min(

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from mmengine.config import EngineConfig
 from mmengine.core_client import EngineDeadError, make_client
+from mmengine.gc_heap import freeze_startup_heap, release_startup_heap
 from mmengine.messages import EngineCoreRequest, SamplingParamsMsg, payload_names
 from mmengine.model_loader import resolve_model_path
 from mmengine.output_processor import OutputProcessor
@@ -138,6 +139,9 @@ class LLM:
         self._media_t0: float | None = None
         if self._inputs is not None:
             weakref.finalize(self, self._inputs.shutdown)
+        # The start-up heap out of the GC's full passes until shutdown (mmengine/gc_heap.py).
+        freeze_startup_heap()
+        self._unfreeze = weakref.finalize(self, release_startup_heap)
 
     def _start_input_workers(self) -> Any:
         import torch
@@ -232,6 +236,8 @@ class LLM:
     def shutdown(self) -> None:
         """Stop the engine core (also done automatically at exit)."""
         self._finalizer()
+        if hasattr(self, "_unfreeze"):
+            self._unfreeze()
 
     close = shutdown
 

@@ -280,3 +280,24 @@ def test_sampling_rows_are_reused_rebuilt_at_min_tokens_and_released(llm: LLM) -
     llm.generate(PROMPTS, SamplingParams(temperature=0.8, seed=1, max_tokens=5), use_tqdm=False)
     llm.generate(PROMPTS[0], SamplingParams(max_tokens=2), use_tqdm=False)
     assert runner._rows == {} and runner.generators == {}
+
+
+def test_the_start_up_heap_is_frozen_until_shutdown_and_a_dropped_engine_is_collected(
+    qwen2_ckpt: Path,
+) -> None:
+    import gc
+    import weakref
+
+    gc.unfreeze()
+    engine = LLM(
+        str(qwen2_ckpt), dtype="float32", device="cpu", max_model_len=64, multiprocess=False
+    )
+    # Full GC passes no longer traverse the start-up heap (mmengine/gc_heap.py) ...
+    assert gc.get_freeze_count() > 10_000
+    model = weakref.ref(engine._client.core.runner.model)
+    engine.shutdown()
+    # ... and shutdown hands it back, so a dropped engine is collected like any object.
+    assert gc.get_freeze_count() == 0
+    del engine
+    gc.collect()
+    assert model() is None
