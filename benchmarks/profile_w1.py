@@ -60,6 +60,26 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def gc_pause_recorder() -> dict[int, list]:
+    """Times every cyclic-GC pass from now on: {generation: [passes, seconds]}. The engine
+    core runs in this process here, so a long pass is a stall of the engine loop."""
+    import gc
+
+    pauses: dict[int, list] = {}
+    started: list[float] = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        entry = pauses.setdefault(info["generation"], [0, 0.0])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+    return pauses
+
+
 def union_length(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):
@@ -321,6 +341,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     variants_before = triton_variants()
+    gc_pauses = gc_pause_recorder()
 
     mem_before = torch.cuda.memory_stats()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -337,6 +358,10 @@ def main() -> None:
         for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")
     }
     print(f"CUDA caching allocator during the run: {churn}", flush=True)
+    gc_line = "Python GC during the run (generation: passes, total pause ms): " + ", ".join(
+        f"gen{g}: {n}, {1e3 * t:.0f}" for g, (n, t) in sorted(gc_pauses.items())
+    )
+    print(gc_line, flush=True)
     variants_after = triton_variants()
     new_variants = {
         k: v - variants_before.get(k, 0)
@@ -358,6 +383,7 @@ def main() -> None:
         + ", ".join(
             f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()
         ),
+        gc_line,
         f"Triton kernel variants compiled during the run (JIT specializations): "
         f"{new_variants or 'none'}; before it: {variants_before}",
         f"(trace export + analysis {time.perf_counter() - t1:.0f} s)",
