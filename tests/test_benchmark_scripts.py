@@ -50,3 +50,41 @@ def test_w1_profile_analysis_counts_busy_time_phases_and_steps() -> None:
     assert "| mm:encoder | 2 |" in text and "| mm:forward | 1 |" in text
     assert "| GEMM (cuBLAS) |" in text and "| paged attention (Triton) |" in text
     assert "over 2 steps" in text
+
+
+def test_serving_benchmark_serves_the_default_model_and_reports_every_rate(
+    tmp_path: Path,
+) -> None:
+    import json
+    import os
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_serving.py"),
+            "--rates",
+            "inf,20",
+            "--num-requests",
+            "4",
+            "--text-len",
+            "6",
+            "--output-len",
+            "3",
+            "--image-sizes",
+            "64x64,96x64",
+            "--warmup-requests",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "serving.json").read_text())
+    assert [r["rate"] for r in rows] == [float("inf"), 20.0]
+    for r in rows:
+        assert r["failed"] == 0 and r["requests"] == 4, r["errors"]
+        assert r["output_tok_per_s"] > 0 and r["ttft_ms"]["p50"] > 0
+    assert "| inf | 4 | 0 |" in (tmp_path / "serving.md").read_text()
