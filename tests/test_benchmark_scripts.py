@@ -88,3 +88,47 @@ def test_serving_benchmark_serves_the_default_model_and_reports_every_rate(
         assert r["failed"] == 0 and r["requests"] == 4, r["errors"]
         assert r["output_tok_per_s"] > 0 and r["ttft_ms"]["p50"] > 0
     assert "| inf | 4 | 0 |" in (tmp_path / "serving.md").read_text()
+
+
+def test_cache_reuse_benchmark_shows_hits_with_caches_on_and_none_with_them_off(
+    tmp_path: Path,
+) -> None:
+    import json
+    import os
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_cache_reuse.py"),
+            "--device",
+            "cpu",
+            "--images",
+            "2",
+            "--questions",
+            "2",
+            "--conversations",
+            "2",
+            "--turns",
+            "3",
+            "--max-tokens",
+            "3",
+            "--image-size",
+            "96x96",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {
+        (r["workload"], r["caching"]): r
+        for r in json.loads((tmp_path / "cache_reuse.json").read_text())
+    }
+    on, off = rows[("multi turn", "on")], rows[("multi turn", "off")]
+    # Later turns resend the image and the history: both caches hit with caching on.
+    assert on["embedding_cache_hits"] > 0 and on["prefix_cache_hit_tokens"] > 0
+    assert on["encoder_runs"] < off["encoder_runs"]
+    assert off["embedding_cache_hits"] == 0 and off["prefix_cache_hit_tokens"] == 0
+    assert "| multi turn | on | 6 |" in (tmp_path / "cache_reuse.md").read_text()
