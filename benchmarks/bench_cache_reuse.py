@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_serving import WORDS  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
 
 COUNTERS = (
     "prefix_cache_queried_tokens",
@@ -165,11 +165,7 @@ def main() -> None:
                 f"| {r['encoder_runs']} | {speedup} |"
             )
     text = "\n".join(lines)
-    print(text)
-    out = Path(os.environ.get("OUT", "."))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cache_reuse.md").write_text(text + "\n")
-    (out / "cache_reuse.json").write_text(json.dumps(rows, indent=1))
+    write_report("cache_reuse", text, rows)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import write_report  # noqa: E402
 
 # Common English words: the random user text (about one token each for BPE tokenizers).
 WORDS = [
@@ -429,11 +432,7 @@ def main() -> None:
         f"{args.text_len} words, {args.output_len} output tokens (ignore_eos, greedy), "
         "streamed chat completions.\n\n" + table(rows)
     )
-    print(text)
-    out = Path(os.environ.get("OUT", "."))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.md").write_text(text + "\n")
-    (out / "serving.json").write_text(json.dumps(rows, indent=1))
+    write_report("serving", text, rows)
 
 
 if __name__ == "__main__":

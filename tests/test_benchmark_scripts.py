@@ -52,16 +52,29 @@ def test_w1_profile_analysis_counts_busy_time_phases_and_steps() -> None:
     assert "over 2 steps" in text
 
 
+def _run_in(folder: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """Runs benchmarks/<argv[0]> with its results ($OUT) and working folder in `folder`."""
+    import os
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=folder,
+        env={**os.environ, "OUT": str(folder)},
+    )
+
+
 def test_serving_benchmark_serves_the_default_model_and_reports_every_rate(
     tmp_path: Path,
 ) -> None:
     import json
-    import os
 
-    out = subprocess.run(
+    out = _run_in(
+        tmp_path,
         [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_serving.py"),
+            "bench_serving.py",
             "--rates",
             "inf,20",
             "--num-requests",
@@ -75,11 +88,6 @@ def test_serving_benchmark_serves_the_default_model_and_reports_every_rate(
             "--warmup-requests",
             "1",
         ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "OUT": str(tmp_path)},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "serving.json").read_text())
@@ -94,12 +102,11 @@ def test_cache_reuse_benchmark_shows_hits_with_caches_on_and_none_with_them_off(
     tmp_path: Path,
 ) -> None:
     import json
-    import os
 
-    out = subprocess.run(
+    out = _run_in(
+        tmp_path,
         [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_cache_reuse.py"),
+            "bench_cache_reuse.py",
             "--device",
             "cpu",
             "--images",
@@ -115,11 +122,6 @@ def test_cache_reuse_benchmark_shows_hits_with_caches_on_and_none_with_them_off(
             "--image-size",
             "96x96",
         ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "OUT": str(tmp_path)},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {
