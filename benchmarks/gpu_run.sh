@@ -3,11 +3,8 @@
 # Usage (on the GPU machine, repo root):
 #   bash benchmarks/gpu_run.sh [tests|mmtests|bench|kernels|all]
 # tests: engine + kernel GPU tests; mmtests: multimodal GPU tests (bf16 vs HF bf16).
-# The device machine lacks msgspec, pyzmq, av and blake3: fetch wheels on the dev machine
-# first (.whl/ is git-ignored via .git/info/exclude) and carry ".whl" with the call:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .whl msgspec pyzmq av blake3
+# The device machine lacks msgspec, pyzmq, av, blake3 and the server's packages: run
+# `bash benchmarks/fetch_device_wheels.sh` on the dev machine first and carry ".whl".
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
