@@ -100,6 +100,7 @@ class EngineCore:
         self._recent_payloads: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._last_gen_tokens = 0
         self._last_prompt_tokens = 0
+        self._last_encoder_items = 0
         self.async_scheduling = (
             config.async_scheduling
             if config.async_scheduling is not None
@@ -310,6 +311,17 @@ class EngineCore:
             (st.generation_tokens - self._last_gen_tokens) / dt,
             st.num_preemptions,
         )
+        if self.runner.encoder_runner is not None:
+            looked_up = st.embedding_cache_hits + st.embedding_cache_misses
+            logger.info(
+                "vision encoder: %d items encoded (%.1f/s) | embedding-cache hit %.1f%% | "
+                "prefix-cache tokens from multimodal blocks %d",
+                st.encoder_items,
+                (st.encoder_items - self._last_encoder_items) / dt,
+                100 * st.embedding_cache_hits / max(looked_up, 1),
+                st.mm_prefix_cache_hit_tokens,
+            )
+            self._last_encoder_items = st.encoder_items
         self._last_log = now
         self._last_gen_tokens = st.generation_tokens
         self._last_prompt_tokens = st.prompt_tokens_computed

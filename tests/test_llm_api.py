@@ -301,3 +301,39 @@ def test_the_start_up_heap_is_frozen_until_shutdown_and_a_dropped_engine_is_coll
     del engine
     gc.collect()
     assert model() is None
+
+
+def test_the_periodic_log_reports_the_vision_encoder_and_its_cache(
+    qwen2_vl_ckpt: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_mm_parity import _messages
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), np.uint8))
+    conv = _messages(["image", "what is this?"])
+    conv[0]["content"][0]["image"] = image
+    with (
+        caplog.at_level(logging.INFO, logger="mmengine.engine_core"),
+        LLM(
+            str(qwen2_vl_ckpt),
+            dtype="float32",
+            device="cpu",
+            multiprocess=False,
+            log_stats_interval_s=0.0,
+        ) as llm,
+    ):
+        params = SamplingParams(temperature=0, max_tokens=2)
+        llm.chat([conv, conv], params, use_tqdm=False)  # the same image twice
+        # Text before the image: no KV prefix to share, the embeddings are reused.
+        other = _messages(["first some words", "image", "and a question"])
+        other[0]["content"][1]["image"] = image
+        llm.chat(other, params, use_tqdm=False)
+    lines = [r.getMessage() for r in caplog.records if "vision encoder" in r.getMessage()]
+    assert lines, "no vision-encoder line in the engine's periodic log"
+    # One image encoded once (the first batch looks it up once: a miss), then a hit.
+    assert "vision encoder: 1 items encoded" in lines[-1]
+    assert "embedding-cache hit 50.0%" in lines[-1]
