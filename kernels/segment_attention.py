@@ -104,6 +104,7 @@ def segment_attention(
     num_segments = cu_seqlens.numel() - 1
     if num_tokens == 0 or num_segments == 0:
         return out
+    block_n = max(16, next_power_of_2(max_len))
     _segment_attention_kernel[(num_segments, num_heads)](
         qkv,
         out,
@@ -114,9 +115,10 @@ def segment_attention(
         math.log2(math.e) / math.sqrt(head_dim),
         num_heads,
         HEAD_DIM=head_dim,
-        BLOCK_N=max(16, next_power_of_2(max_len)),
+        BLOCK_N=block_n,
         BLOCK_D=max(16, next_power_of_2(head_dim)),
-        num_warps=4,
+        # A 128 x 128 float32 score tile needs twice the threads to stay in registers.
+        num_warps=4 if block_n <= 64 else 8,
     )
     return out
 
