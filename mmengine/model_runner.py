@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from encoders.staging import host_to_device
 from mmengine.attention import AttentionMetadata, forward_context
 from mmengine.config import EngineConfig, ModelSpec
 from mmengine.cuda_graphs import CudaGraphRunner
@@ -199,10 +200,7 @@ class ModelRunner:
         return self.forward_embeds(self.model.embed(input_ids), positions)
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return host_to_device(torch.tensor(values, dtype=dtype), self.device)
 
     def _load_model(self, path: Path, max_model_len: int) -> DecoderModel:
         with torch.device("meta"):
@@ -485,9 +483,7 @@ class ModelRunner:
         table_arr = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
             table_arr[i, : len(t)] = t
-        table_t = torch.from_numpy(table_arr)
-        if self.device.type == "cuda":
-            table_t = table_t.pin_memory().to(self.device, non_blocking=True)
+        table_t = host_to_device(torch.from_numpy(table_arr), self.device)
         meta = AttentionMetadata(
             query_start_loc=self._to_device(qsl, torch.int32),
             seq_lens=self._to_device(seq_lens, torch.int32),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from encoders.staging import host_to_device
 from mmengine.messages import TokenLogprobs
 
 
@@ -53,10 +54,7 @@ class SamplerOutput:
 
 def _dev(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Host list -> device tensor without a blocking copy (pinned staging on CUDA)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -68,7 +66,7 @@ def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> t
         for i, x in enumerate(lists):
             if x:
                 ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        ids = ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids
+        ids = host_to_device(ids, device)
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab]
 
