@@ -70,6 +70,8 @@ def build_checkpoint(tmp: Path) -> Path:
 def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
     from mmengine import LLM, SamplingParams
 
+    if args.step_trace:
+        os.environ["MMENGINE_STEP_TRACE"] = str(args.step_trace)  # mmengine/step_trace.py
     t0 = time.perf_counter()
     llm = LLM(
         str(ck),
@@ -108,6 +110,7 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
     outs = llm.generate(prompts(reqs), p, use_tqdm=False)
     wall = time.perf_counter() - t0
     after = llm.stats()
+    traced = (int(before["num_steps"]), int(after["num_steps"]))
     media_s = llm.last_media_time_s
     profile = {k: round(after[k] - before[k], 3) for k in after if k.startswith("time_")}
     profile["last_prompt_submitted_at_s"] = round(media_s, 3)
@@ -130,6 +133,13 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
     w3_wall = time.perf_counter() - t0
     s1 = llm.stats()
     llm.shutdown()
+    if args.step_trace:
+        os.environ.pop("MMENGINE_STEP_TRACE", None)
+        from benchmarks.step_trace_report import load, report
+
+        lines = report(load(args.step_trace)[traced[0] : traced[1]])
+        print("step trace of the W1 run:\n" + "\n".join(lines), flush=True)
+        (Path(args.step_trace).with_suffix(".md")).write_text("\n".join(lines) + "\n")
     return {
         "system": f"mmengine ({_mode(args)})",
         "wall_s": wall,
@@ -277,6 +287,13 @@ def main() -> None:
         action="store_true",
         help="window attention of the vision tower through kernels/segment_attention.py "
         "(the engine's extra={'vision_segment_kernel': True}; off by default until measured)",
+    )
+    ap.add_argument(
+        "--step-trace",
+        type=Path,
+        default=None,
+        help="record the engine's per-step timeline (MMENGINE_STEP_TRACE) to this .jsonl "
+        "file and print its summary for the W1 run (benchmarks/step_trace_report.py)",
     )
     ap.add_argument("--systems", default="mmengine,hf")
     ap.add_argument(

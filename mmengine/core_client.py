@@ -160,7 +160,7 @@ class InprocClient:
         return self.core.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        pass
+        self.core.close()
 
 
 class MPClient:

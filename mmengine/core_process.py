@@ -149,7 +149,10 @@ def main() -> None:
         core = EngineCore(config)
         freeze_startup_heap()  # this process lives as long as its engine (mmengine/gc_heap.py)
         out_sock.send(enc.encode(EngineCoreOutputs(info=core.info(), call_id=0)))
-        serve(core, in_sock, out_sock)
+        try:
+            serve(core, in_sock, out_sock)
+        finally:
+            core.close()
     except Exception as e:  # report, then exit non-zero: the frontend raises EngineDeadError
         logger.error("engine core failed:\n%s", traceback.format_exc())
         out_sock.send(enc.encode(EngineCoreOutputs(dead=f"{type(e).__name__}: {e}")))

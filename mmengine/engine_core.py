@@ -31,6 +31,7 @@ from mmengine.request import MMPosition, Request
 from mmengine.sampling_params import SamplingParams
 from mmengine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from mmengine.shm_payloads import discard_payloads
+from mmengine.step_trace import StepRecord, StepTrace
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,12 @@ class EngineCore:
         )
         self._in_flight: tuple[SchedulerOutput, PendingStep, float] | None = None
         logger.info("async scheduling: %s", "on" if self.async_scheduling else "off")
+        self.trace = StepTrace.from_env(self.device)  # MMENGINE_STEP_TRACE (step_trace.py)
+
+    def close(self) -> None:
+        """Writes the step trace, if one is being recorded."""
+        if self.trace is not None:
+            self.trace.dump()
 
     def _store_tokens(self) -> int:
         row_bytes = self.spec.hidden_size * torch.empty((), dtype=self.dtype).element_size()
@@ -209,20 +216,25 @@ class EngineCore:
             return outputs
         t1 = time.perf_counter()
         self._timing["schedule"] += t1 - t0
+        rec = self.trace.begin(t0, t1 - t0, sched) if self.trace is not None else None
         pending = self.runner.execute(sched)  # launched; no wait for the GPU yet
-        outputs = self._finish_in_flight()
+        if rec is not None:
+            self.trace.launched(rec, time.perf_counter() - t1)
+        outputs = self._finish_in_flight(rec)
         self._in_flight = (sched, pending, t1)
         if not self.async_scheduling:
-            outputs = self._finish_in_flight()
+            outputs = self._finish_in_flight(rec)
         self._maybe_log()
         return outputs
 
-    def _finish_in_flight(self) -> list[EngineCoreOutput]:
-        """Waits for the step in flight (if any) and updates the scheduler from it."""
+    def _finish_in_flight(self, rec: StepRecord | None = None) -> list[EngineCoreOutput]:
+        """Waits for the step in flight (if any) and updates the scheduler from it.
+        ``rec``: the trace record of the step during whose planning this runs."""
         if self._in_flight is None:
             return []
         sched, pending, t1 = self._in_flight
         self._in_flight = None
+        tw = time.perf_counter()
         result = pending.result()  # the step's one host sync
         t2 = time.perf_counter()
         outputs = self.scheduler.update_from_output(sched, result)
@@ -231,6 +243,8 @@ class EngineCore:
         self.runner.release([o.request_id for o in outputs if o.finish_reason is not None])
         tm = self._timing
         tm["update"] += time.perf_counter() - t2
+        if rec is not None:
+            rec.wait_s, rec.update_s = t2 - tw, time.perf_counter() - t2
         # Launch to result: with async scheduling this overlaps the next step's planning.
         kind = "decode" if all(s.num_tokens == 1 for s in sched.scheduled) else "prefill"
         tm[kind] += t2 - t1

@@ -1,0 +1,85 @@
+"""The engine's per-step trace (MMENGINE_STEP_TRACE): one record per executed step, from the
+engine-core process too, written at shutdown, and the report built from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.step_trace_report import kind_of, report
+from mmengine import LLM, SamplingParams
+from mmengine.step_trace import ENV
+
+torch.set_num_threads(1)
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["inprocess", "core-process"])
+def test_trace_has_one_record_per_step_with_what_it_ran(
+    qwen2_vl_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, multiprocess: bool
+) -> None:
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(ENV, str(path))
+    prompts = [
+        {
+            "prompt": f"<|vision_start|><|image_pad|><|vision_end|>describe {i}",
+            "multi_modal_data": {"image": _image(i)},
+        }
+        for i in range(3)
+    ] + ["a text prompt"]
+    llm = LLM(
+        str(qwen2_vl_ckpt),
+        dtype="float32",
+        device="cpu",
+        max_model_len=512,
+        max_num_batched_tokens=64,  # several prefill chunks, then decodes
+        multiprocess=multiprocess,
+        num_input_workers=0,
+    )
+    try:
+        llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+        steps = int(llm.stats()["num_steps"])
+        assert not path.exists()  # written at shutdown, not while serving
+    finally:
+        llm.shutdown()
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(recs) == steps > 0
+    assert [r["t"] for r in recs] == sorted(r["t"] for r in recs)
+    kinds = [kind_of(r) for r in recs]
+    assert kinds[0] == "encoder+llm" and kinds[-1] == "decode only"
+    assert sum(r["encoder_items"] for r in recs) == 3  # each image encoded once
+    assert sum(r["encoder_tokens"] for r in recs) > 0
+    # Every prompt token is prefilled once; each request decodes 5 tokens after its first.
+    assert sum(r["decode_rows"] for r in recs) == 4 * 5
+    assert all(r["launch_s"] > 0 and r["schedule_s"] >= 0 for r in recs)
+    assert all(r["gpu_start_s"] is None for r in recs)  # no CUDA events on the CPU
+    table = "\n".join(report(recs))
+    for kind in ("encoder+llm", "decode only"):
+        assert f"| {kind} | {kinds.count(kind)} |" in table
+
+
+def test_report_finds_the_gpu_idle_gaps_between_steps() -> None:
+    def step(start: float, end: float, rows: int, enc: int = 0) -> dict:
+        return {
+            "t": start, "schedule_s": 0.001, "launch_s": 0.002, "wait_s": 0.0,
+            "update_s": 0.003, "decode_rows": rows, "prefill_tokens": 0 if not enc else 100,
+            "encoder_items": enc, "encoder_tokens": 64 * enc,
+            "gpu_start_s": start, "gpu_end_s": end,
+        }  # fmt: skip
+
+    recs = [step(0.0, 0.5, 0, enc=2), step(0.6, 0.7, 8), step(0.7, 1.0, 8)]
+    lines = report(recs, top=1, tenths=2)
+    assert lines[0].startswith("3 steps; GPU span 1.000 s, busy 0.900 s (90%)")
+    assert "idle between steps 0.100 s" in lines[0]
+    assert lines[1] == "GPU busy per tenth: 100% 80%"
+    gap_rows = [ln for ln in lines if ln.startswith("| 0.600 | 100.0 | decode only")]
+    assert len(gap_rows) == 1
