@@ -67,6 +67,44 @@ def build_checkpoint(tmp: Path) -> Path:
     return ck
 
 
+def start_py_spy(llm, path: Path):  # noqa: ANN001, ANN201 - LLM, subprocess.Popen
+    """Samples the engine-core process with py-spy (no pauses: --nonblocking) into `path`."""
+    import shutil
+    import subprocess
+
+    pid = llm._client._proc.pid  # the engine-core child process (multiprocess engine)
+    exe = shutil.which("py-spy") or "/tmp/site/bin/py-spy"
+    cmd = [exe, "record", "--pid", str(pid), "--rate", "500", "--format", "raw", "--idle"]
+    spy = subprocess.Popen(
+        cmd + ["--nonblocking", "-o", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # attached and sampling before the run starts
+    return spy
+
+
+def stop_py_spy(spy, path: Path) -> None:  # noqa: ANN001
+    import signal
+
+    from benchmarks.pyspy_summary import parse, summarize
+
+    spy.send_signal(signal.SIGINT)
+    try:
+        _, err = spy.communicate(timeout=60)
+    except Exception:
+        spy.kill()
+        err = ""
+    if not Path(path).exists():
+        print(f"py-spy wrote nothing: {err[-500:]}", flush=True)
+        return
+    lines = summarize(parse(path), 30, "serve (")
+    text = "py-spy of the engine-core loop during the W1 run:\n" + "\n".join(lines)
+    print(text, flush=True)
+    Path(path).with_suffix(".md").write_text(text + "\n")
+
+
 def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
     from mmengine import LLM, SamplingParams
 
@@ -106,9 +144,21 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
     warm = w1_requests(args.warmup_requests, 16, seed=7)
     llm.generate(prompts(warm), p, use_tqdm=False)
     before = llm.stats()
+    if args.torch_profile:
+        llm.start_profile(args.torch_profile)
+    spy = start_py_spy(llm, args.py_spy) if args.py_spy else None
     t0 = time.perf_counter()
     outs = llm.generate(prompts(reqs), p, use_tqdm=False)
     wall = time.perf_counter() - t0
+    if spy is not None:
+        stop_py_spy(spy, args.py_spy)
+    if args.torch_profile:
+        llm.stop_profile()
+        from benchmarks.profile_w1 import analyse, load_trace
+
+        text = analyse(load_trace(args.torch_profile), wall, None)
+        print("torch.profiler of the engine core during the W1 run:\n" + text, flush=True)
+        Path(str(args.torch_profile).split(".json")[0] + ".md").write_text(text)
     after = llm.stats()
     traced = (int(before["num_steps"]), int(after["num_steps"]))
     media_s = llm.last_media_time_s
@@ -294,6 +344,20 @@ def main() -> None:
         default=None,
         help="record the engine's per-step timeline (MMENGINE_STEP_TRACE) to this .jsonl "
         "file and print its summary for the W1 run (benchmarks/step_trace_report.py)",
+    )
+    ap.add_argument(
+        "--torch-profile",
+        type=Path,
+        default=None,
+        help="profile the engine core (LLM.start_profile) during the W1 run into this "
+        ".json.gz trace and print its summary (benchmarks/profile_w1.py --analyse)",
+    )
+    ap.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        help="sample the engine-core process with py-spy during the W1 run into this raw "
+        "file and print where its loop spends its time (benchmarks/pyspy_summary.py)",
     )
     ap.add_argument("--systems", default="mmengine,hf")
     ap.add_argument(

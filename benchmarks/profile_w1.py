@@ -112,7 +112,8 @@ def analyse(trace: dict, wall_s: float, t_begin_us: float | None) -> str:
     busy = union_length(k_iv)
     lines = [
         f"- wall (generate call): {wall_s:.2f} s; traced span first range -> last kernel "
-        f"{span / 1e6:.2f} s",
+        if wall_s
+        else f"- traced span first range -> last kernel {span / 1e6:.2f} s",
         f"- GPU busy (union of kernels): {busy / 1e6:.2f} s = {100 * busy / span:.0f}% of the "
         f"span; idle {(span - busy) / 1e6:.2f} s",
         "",
@@ -178,6 +179,13 @@ def analyse(trace: dict, wall_s: float, t_begin_us: float | None) -> str:
     for name, (d, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
         lines.append(f"| `{name[:90]}` | {n} | {d:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def load_trace(path: Path) -> dict:
+    """A Chrome trace as torch.profiler writes it, plain or gzipped."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
 
 
 def step_table(cpu_ranges: list[dict], k_sorted: list, starts: list) -> list[dict]:
@@ -303,7 +311,18 @@ def main() -> None:
         action="store_true",
         help="time the input workers alone on the W1 images (no GPU work)",
     )
+    ap.add_argument(
+        "--analyse",
+        type=Path,
+        default=None,
+        metavar="TRACE",
+        help="only summarize a saved trace (.json or .json.gz, e.g. from LLM.start_profile / "
+        "bench_mm_throughput.py --torch-profile) and exit",
+    )
     args = ap.parse_args()
+    if args.analyse is not None:
+        print(analyse(load_trace(args.analyse), 0.0, None))
+        return
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp())

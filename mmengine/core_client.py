@@ -159,6 +159,12 @@ class InprocClient:
     def reset_prefix_cache(self) -> bool:
         return self.core.reset_prefix_cache()
 
+    def start_profile(self, path: str) -> None:
+        self.core.start_profile(path)
+
+    def stop_profile(self) -> None:
+        self.core.stop_profile()
+
     def shutdown(self) -> None:
         self.core.close()
 
@@ -240,10 +246,12 @@ class MPClient:
             self._pending.extend(msg.outputs)
         raise TimeoutError(f"the engine core did not answer within {timeout_s:.0f}s")
 
-    def _call(self, kind: str) -> EngineCoreOutputs:
+    def _call(
+        self, kind: str, path: str | None = None, timeout_s: float = 60.0
+    ) -> EngineCoreOutputs:
         call_id = next(self._call_ids)
-        self._send(ControlMsg(kind=kind, call_id=call_id))
-        return self._wait_for_call(call_id, 60.0)
+        self._send(ControlMsg(kind=kind, call_id=call_id, path=path))
+        return self._wait_for_call(call_id, timeout_s)
 
     def stats(self) -> EngineStats:
         reply = self._call("stats")
@@ -252,6 +260,17 @@ class MPClient:
 
     def reset_prefix_cache(self) -> bool:
         return self._call("reset_prefix_cache").ok
+
+    def start_profile(self, path: str) -> None:
+        reply = self._call("start_profile", path=path)
+        if not reply.ok:
+            raise RuntimeError(reply.error)
+
+    def stop_profile(self) -> None:
+        # Writing a trace of many steps' kernels takes a while.
+        reply = self._call("stop_profile", timeout_s=600.0)
+        if not reply.ok:
+            raise RuntimeError(reply.error)
 
     # ---- shutdown --------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = 10.0) -> None:

@@ -82,6 +82,16 @@ def serve(core, in_sock: zmq.Socket, out_sock: zmq.Socket) -> None:  # noqa: ANN
                 elif kind == "reset_prefix_cache":
                     ok = core.reset_prefix_cache()
                     out_sock.send(enc.encode(EngineCoreOutputs(ok=ok, call_id=payload.call_id)))
+                elif kind in ("start_profile", "stop_profile"):
+                    reply = EngineCoreOutputs(call_id=payload.call_id, ok=True)
+                    try:
+                        if kind == "start_profile":
+                            core.start_profile(payload.path)
+                        else:
+                            core.stop_profile()
+                    except Exception as e:  # a bad path or no profile: the caller's error
+                        reply = EngineCoreOutputs(call_id=payload.call_id, ok=False, error=str(e))
+                    out_sock.send(enc.encode(reply))
                 elif kind == "shutdown":
                     return
                 elif kind == "failed":

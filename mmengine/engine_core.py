@@ -111,10 +111,41 @@ class EngineCore:
         logger.info("async scheduling: %s", "on" if self.async_scheduling else "off")
         self.trace = StepTrace.from_env(self.device)  # MMENGINE_STEP_TRACE (step_trace.py)
 
+        self._profiler: tuple[torch.profiler.profile, str] | None = None
+
     def close(self) -> None:
-        """Writes the step trace, if one is being recorded."""
+        """Writes the step trace, if one is being recorded, and an unfinished profile."""
+        if self._profiler is not None:
+            self.stop_profile()
         if self.trace is not None:
             self.trace.dump()
+
+    # ---- torch.profiler of the engine core (LLM.start_profile) ------------------------------
+    def start_profile(self, path: str) -> None:
+        """Starts torch.profiler (host ranges and, on a GPU, every kernel) in this process;
+        `stop_profile` writes a Chrome trace to `path` (gzipped if it ends in .gz)."""
+        if self._profiler is not None:
+            raise RuntimeError("a profile is already being recorded")
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        prof = torch.profiler.profile(activities=acts)
+        prof.start()
+        self._profiler = (prof, path)
+        logger.info("profiling the engine core into %s", path)
+
+    def stop_profile(self) -> str:
+        """Stops the profiler started by `start_profile`; returns the trace's path."""
+        if self._profiler is None:
+            raise RuntimeError("no profile is being recorded (call start_profile first)")
+        prof, path = self._profiler
+        self._profiler = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        prof.stop()
+        prof.export_chrome_trace(path)
+        logger.info("profile written to %s", path)
+        return path
 
     def _store_tokens(self) -> int:
         row_bytes = self.spec.hidden_size * torch.empty((), dtype=self.dtype).element_size()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -232,6 +234,16 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         return self._client.reset_prefix_cache()
+
+    def start_profile(self, path: str | os.PathLike) -> None:
+        """Starts torch.profiler inside the engine core (host ranges and every GPU kernel);
+        `stop_profile()` writes a Chrome/Perfetto trace to `path` (gzipped if it ends in
+        .gz). `benchmarks/profile_w1.py --analyse` summarizes one."""
+        self._client.start_profile(str(Path(path).resolve()))
+
+    def stop_profile(self) -> None:
+        """Stops the profile started by `start_profile` and writes its trace."""
+        self._client.stop_profile()
 
     def shutdown(self) -> None:
         """Stop the engine core (also done automatically at exit)."""

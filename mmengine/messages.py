@@ -142,15 +142,18 @@ class EngineCoreOutputs(msgspec.Struct):
     ok: bool = True  # answer to a yes/no call (reset_prefix_cache)
     call_id: int | None = None
     dead: str | None = None  # the engine core failed and is exiting: why
+    error: str | None = None  # why a call failed (ok=False), for the caller to raise
 
 
 class ControlMsg(msgspec.Struct):
-    """Frontend -> core: one of add / abort / stats / reset_prefix_cache / shutdown."""
+    """Frontend -> core: one of add / abort / stats / reset_prefix_cache / start_profile /
+    stop_profile / shutdown."""
 
     kind: str
     requests: list[EngineCoreRequest] = []
     abort_ids: list[str] = []
     call_id: int | None = None
+    path: str | None = None  # start_profile: where the trace goes
 
 
 def tensor_to_msg(t: torch.Tensor, payload_prefix: str | None = None) -> TensorMsg:

@@ -1,8 +1,10 @@
-"""The engine's per-step trace (MMENGINE_STEP_TRACE): one record per executed step, from the
-engine-core process too, written at shutdown, and the report built from it."""
+"""Looking inside a running engine: the per-step trace (MMENGINE_STEP_TRACE: one record per
+executed step, from the engine-core process too, written at shutdown, and its report) and
+torch.profiler of the engine core (LLM.start_profile / stop_profile)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -83,3 +85,33 @@ def test_report_finds_the_gpu_idle_gaps_between_steps() -> None:
     assert lines[1] == "GPU busy per tenth: 100% 80%"
     gap_rows = [ln for ln in lines if ln.startswith("| 0.600 | 100.0 | decode only")]
     assert len(gap_rows) == 1
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["inprocess", "core-process"])
+def test_profile_of_the_engine_core_covers_the_steps_between_start_and_stop(
+    qwen2_ckpt: Path, tmp_path: Path, multiprocess: bool
+) -> None:
+    path = tmp_path / "prof.json.gz"
+    p = SamplingParams(max_tokens=4, ignore_eos=True)
+    with LLM(
+        str(qwen2_ckpt), dtype="float32", device="cpu", max_model_len=128,
+        multiprocess=multiprocess,
+    ) as llm:  # fmt: skip
+        with pytest.raises(RuntimeError, match="no profile"):
+            llm.stop_profile()
+        llm.start_profile(path)
+        with pytest.raises(RuntimeError, match="already"):
+            llm.start_profile(tmp_path / "other.json")
+        llm.generate(["one prompt", "another prompt"], p, use_tqdm=False)
+        llm.stop_profile()
+        with gzip.open(path, "rt") as f:
+            events = json.load(f)["traceEvents"]
+        names = [e.get("name") for e in events if e.get("cat") == "user_annotation"]
+        # One forward per step: a prefill and 3 decodes (both prompts fit one step).
+        assert names.count("mm:forward") == 4
+        # Profiling again works, and the engine served normally meanwhile.
+        llm.start_profile(tmp_path / "again.json")
+        out = llm.generate(["a third"], p, use_tqdm=False)
+        llm.stop_profile()
+        assert len(out[0].outputs[0].token_ids) == 4
+        assert (tmp_path / "again.json").stat().st_size > 0
