@@ -162,7 +162,7 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
     after = llm.stats()
     traced = (int(before["num_steps"]), int(after["num_steps"]))
     media_s = llm.last_media_time_s
-    profile = {k: round(after[k] - before[k], 3) for k in after if k.startswith("time_")}
+    profile = {k: round(after[k] - before[k], 3) for k in after if k.startswith(("time_", "cuda_"))}
     profile["last_prompt_submitted_at_s"] = round(media_s, 3)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_prompt = sum(len(o.prompt_token_ids) for o in outs)

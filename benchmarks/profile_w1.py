@@ -175,10 +175,37 @@ def analyse(trace: dict, wall_s: float, t_begin_us: float | None) -> str:
         )
     tot_gap = sum(r["gap"] for r in steps) / 1e3
     lines.append(f"\nsum of gaps between steps: {tot_gap:.2f} s over {len(steps)} steps")
+    lines += ["", *runtime_calls_table(events, start, span)]
     lines += ["", "| top kernels | calls | GPU s |", "|---|---|---|"]
     for name, (d, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
         lines.append(f"| `{name[:90]}` | {n} | {d:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def runtime_calls_table(events: list[dict], start: float, span: float, top: int = 12) -> list[str]:
+    """Host time in CUDA runtime/driver calls by name, over the whole span and over its
+    first fifth (where a run's first steps allocate, pin memory or synchronize)."""
+    calls = [
+        e for e in events if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")
+    ]
+    if not calls:
+        return ["(no CUDA runtime calls in the trace)"]
+    early_end = start + span / 5
+    whole: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    early: dict[str, float] = defaultdict(float)
+    for e in calls:
+        d = float(e["dur"]) / 1e3
+        whole[e["name"]][0] += 1
+        whole[e["name"]][1] += d
+        if float(e["ts"]) < early_end:
+            early[e["name"]] += d
+    lines = [
+        "| CUDA runtime call | calls | host ms (whole span) | host ms (first fifth) |",
+        "|---|---|---|---|",
+    ]
+    for name, (n, d) in sorted(whole.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"| `{name}` | {n} | {d:.1f} | {early.get(name, 0.0):.1f} |")
+    return lines
 
 
 def load_trace(path: Path) -> dict:

@@ -294,6 +294,7 @@ class EngineCore:
             prefix_cache_hit_tokens=kv.stats.hit_tokens,
             mm_prefix_cache_hit_tokens=kv.stats.mm_hit_tokens,
             **self._encoder_stats(),
+            **self._allocator_stats(),
             time_schedule_s=self._timing["schedule"],
             time_update_s=self._timing["update"],
             time_prefill_steps_s=self._timing["prefill"],
@@ -308,6 +309,15 @@ class EngineCore:
             num_steps=s.num_steps,
             requests_finished=s.requests_finished,
         )
+
+    def _allocator_stats(self) -> dict[str, int]:
+        if self.device.type != "cuda":
+            return {}
+        m = torch.cuda.memory_stats(self.device)
+        return {
+            "cuda_malloc_calls": int(m.get("num_device_alloc", 0)),
+            "cuda_alloc_retries": int(m.get("num_alloc_retries", 0)),
+        }
 
     def _encoder_stats(self) -> dict[str, int]:
         er = self.runner.encoder_runner

@@ -121,6 +121,10 @@ class EngineStats(msgspec.Struct):
     encoder_items: int = 0
     embedding_cache_hits: int = 0
     embedding_cache_misses: int = 0
+    # CUDA caching allocator since start: cudaMalloc calls and retries (a retry frees
+    # every cached block and synchronizes). Growth of either during serving stalls steps.
+    cuda_malloc_calls: int = 0
+    cuda_alloc_retries: int = 0
 
 
 class EngineInfo(msgspec.Struct):

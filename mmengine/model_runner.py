@@ -166,27 +166,35 @@ class ModelRunner:
     def dummy_encoder_items(self, max_tokens: int) -> list:
         """Synthetic items worth ``max_tokens`` embedding rows: the biggest encoder batch
         one step may run (for memory profiling)."""
-        from processors.types import MultiModalItem
+        from processors.types import MultiModalItem, PixelNorm
 
         enc = self.encoder_runner.encoder if self.encoder_runner is not None else None
         if enc is None or max_tokens < 1:
             return []
+        # uint8 pixels with a deferred normalization, as the input workers send them: the
+        # profile then stages and normalizes exactly as a real step does.
         if hasattr(enc, "patch"):  # Qwen2-VL family: one image of ~max_tokens tokens
             m = enc.patch.spatial_merge_size
             a = max(1, int(max_tokens**0.5))
             b = max(1, max_tokens // a)
             grid = (1, a * m, b * m)
-            pixels = torch.randn(a * b * m * m, enc.patch.patch_dim)
-            return [MultiModalItem("image", "profile", pixels, a * b, grid_thw=grid)]
+            pixels = torch.randint(0, 256, (a * b * m * m, enc.patch.patch_dim), dtype=torch.uint8)
+            norm = PixelNorm((127.5,) * enc.patch.in_channels, (127.5,) * enc.patch.in_channels, 1)
+            return [
+                MultiModalItem("image", "profile", pixels, a * b, grid_thw=grid, pixel_norm=norm)
+            ]
         per = enc.tokens_per_image  # LLaVA: fixed-size images
         v = enc.cfg.vision
         n = max(1, min(64, max_tokens // per))
+        size = (v.num_channels, v.image_size, v.image_size)
+        norm = PixelNorm((127.5,) * v.num_channels, (127.5,) * v.num_channels, 0)
         return [
             MultiModalItem(
                 "image",
                 f"profile-{i}",
-                torch.randn(v.num_channels, v.image_size, v.image_size),
+                torch.randint(0, 256, size, dtype=torch.uint8),
                 per,
+                pixel_norm=norm,
             )
             for i in range(n)
         ]
@@ -242,13 +250,25 @@ class ModelRunner:
     # ---- KV memory -------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(self.spec.num_layers)
-        ]
+
+        def allocate() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [
+                (
+                    torch.zeros(shape, dtype=self.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.dtype, device=self.device),
+                )
+                for _ in range(self.spec.num_layers)
+            ]
+
+        try:
+            self.kv_caches = allocate()
+        except torch.OutOfMemoryError:
+            # The activation blocks kept cached after profiling (see profile_num_kv_blocks)
+            # leave too little unreserved memory at a high gpu_memory_utilization: give
+            # them back and try again (the first large steps then allocate afresh).
+            self.kv_caches = []
+            torch.cuda.empty_cache()
+            self.kv_caches = allocate()
         self.num_kv_blocks = num_blocks
 
     def capture_cuda_graphs(self, max_num_seqs: int) -> None:
@@ -320,7 +340,9 @@ class ModelRunner:
         scratch_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
         self.kv_caches = []
         del hidden, logits
-        torch.cuda.empty_cache()
+        # The worst-case step's activation blocks stay in the caching allocator (no
+        # empty_cache): the first large steps of a run reuse them instead of calling
+        # cudaMalloc mid-run. They count in memory_reserved(), so `others` stays right.
         free, total_mem = torch.cuda.mem_get_info()
         others = total_mem - free - torch.cuda.memory_reserved()  # CUDA context, other processes
         graph_reserve = 512 << 20 if self.use_cuda_graphs else 0

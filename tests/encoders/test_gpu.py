@@ -83,6 +83,29 @@ def test_pinned_staging_packs_like_cat_and_a_reused_buffer_leaves_earlier_result
     assert torch.equal(third.cpu(), torch.ones(3, 12))
 
 
+def test_pinned_staging_never_waits_for_the_gpu_work_queued_before_it() -> None:
+    """With async scheduling an encoder step stages its pixels while the previous step still
+    runs: staging must not wait for that step (the old single buffer waited for its copy)."""
+    import time
+
+    from encoders.staging import PinnedStaging
+
+    staging = PinnedStaging()
+    dev = torch.device("cuda")
+    staging.to_device([torch.zeros(64, 12)], dev, torch.float32)  # pins both buffers
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued ahead of the next copies
+    t0 = time.perf_counter()
+    outs = [
+        staging.to_device([torch.full((8, 12), float(i))], dev, torch.float32) for i in range(2)
+    ]
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert host_s < 0.1, f"staging waited {host_s:.3f} s for the GPU"
+    for i, out in enumerate(outs):
+        assert torch.equal(out.cpu(), torch.full((8, 12), float(i)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_varlen_flash_path_equals_block_diagonal_attention(dtype) -> None:
     from encoders.layers import segment_attention
