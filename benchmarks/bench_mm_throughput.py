@@ -128,6 +128,7 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
             "vision_segment_kernel": args.vision_segment_kernel,
         },
         multiprocess=not args.inprocess,
+        cpu_threads=args.core_threads,
     )
     startup = time.perf_counter() - t0
 
@@ -147,9 +148,11 @@ def run_mmengine(ck: Path, reqs, out_len: int, args) -> dict:
     if args.torch_profile:
         llm.start_profile(args.torch_profile)
     spy = start_py_spy(llm, args.py_spy) if args.py_spy else None
+    print(f"timed W1 run starts ({time.strftime('%H:%M:%S')})", flush=True)
     t0 = time.perf_counter()
     outs = llm.generate(prompts(reqs), p, use_tqdm=False)
     wall = time.perf_counter() - t0
+    print(f"timed W1 run ends ({time.strftime('%H:%M:%S')})", flush=True)
     if spy is not None:
         stop_py_spy(spy, args.py_spy)
     if args.torch_profile:
@@ -294,6 +297,8 @@ def _mode(args) -> str:
         mode += ", sync steps"
     if args.vision_segment_kernel:
         mode += ", vision segment kernel"
+    if args.core_threads is not None:
+        mode += f", {args.core_threads} core threads"
     return mode
 
 
@@ -358,6 +363,12 @@ def main() -> None:
         default=None,
         help="sample the engine-core process with py-spy during the W1 run into this raw "
         "file and print where its loop spends its time (benchmarks/pyspy_summary.py)",
+    )
+    ap.add_argument(
+        "--core-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads of the engine-core process (the engine's cpu_threads)",
     )
     ap.add_argument("--systems", default="mmengine,hf")
     ap.add_argument(
