@@ -10,6 +10,7 @@ import uuid
 
 import msgspec
 import pytest
+import torch
 import zmq
 
 from mmengine.core_process import serve
@@ -160,3 +161,21 @@ def test_a_failure_on_the_input_thread_ends_the_loop_with_that_error(sockets) ->
     loop.join(10)
     assert not loop.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], msgspec.DecodeError)
+
+
+def test_core_process_threads_default_to_few_on_a_gpu_and_the_frontends_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mmengine.config import EngineConfig
+    from mmengine.core_client import GPU_CORE_THREADS, default_core_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert default_core_threads(EngineConfig(model="m", device="cuda")) == GPU_CORE_THREADS
+    assert default_core_threads(EngineConfig(model="m", device="cuda:1")) == GPU_CORE_THREADS
+    assert default_core_threads(EngineConfig(model="m", device="cpu")) == 16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_core_threads(EngineConfig(model="m", device="auto")) == 16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_core_threads(EngineConfig(model="m", device="auto")) == GPU_CORE_THREADS
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert default_core_threads(EngineConfig(model="m", device="cuda")) == 2
