@@ -6,6 +6,12 @@ GPU, and per kind of step (with encoder work / prefill / decode only) the mean G
 beside the mean host time of each phase. A step whose host work (schedule + launch +
 update) is longer than the GPU time of the step before it leaves the GPU idle.
 
+A step's GPU span runs from its start event to its end event, so it also counts GPU time
+idle *inside* the step while the host is still launching it: a busy figure near 100% says the
+stream always had a step in progress, not that kernels ran all the time. For kernel-level
+busy time use a profile (`bench_mm_throughput.py --torch-profile`). What the trace does show
+directly: the host phases per step, and when the host waited for the GPU (wait ms).
+
     python3 benchmarks/step_trace_report.py trace.jsonl [--top 10] [--steps FIRST:END]
 """
 
@@ -41,7 +47,7 @@ def report(steps: list[dict], top: int = 10, tenths: int = 10) -> list[str]:
         span = timed[-1]["gpu_end_s"] - timed[0]["gpu_start_s"]
         busy = sum(s["gpu_end_s"] - s["gpu_start_s"] for s in timed)
         lines.append(
-            f"{len(steps)} steps; GPU span {span:.3f} s, busy {busy:.3f} s "
+            f"{len(steps)} steps; GPU span {span:.3f} s, inside steps {busy:.3f} s "
             f"({100 * busy / max(span, 1e-9):.0f}%), idle between steps {sum(gaps):.3f} s"
         )
         # Busy fraction per equal slice of the GPU span.
@@ -54,10 +60,10 @@ def report(steps: list[dict], top: int = 10, tenths: int = 10) -> list[str]:
                 if hi > lo:
                     per[i] += hi - lo
         width = span / tenths if span > 0 else 1.0
-        lines.append("GPU busy per tenth: " + " ".join(f"{100 * p / width:.0f}%" for p in per))
+        lines.append("GPU inside a step per tenth: " + " ".join(f"{100 * p / width:.0f}%" for p in per))
     lines += [
         "",
-        "| kind of step | steps | GPU ms | idle before ms (sum s) | schedule ms | launch ms | "
+        "| kind of step | steps | GPU span ms | idle before ms (sum s) | schedule ms | launch ms | "
         "wait ms | update ms | rows | prefill tok | enc items |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -8,8 +8,10 @@ their embedding rows), and two CUDA events around its launches. The file is writ
 shuts down: one JSON line per step, with the GPU start and end of each step read from the
 events then (so recording costs no host-GPU synchronization while serving).
 
-``benchmarks/step_trace_report.py`` turns the file into a table: GPU busy per tenth of the
-run, the idle gaps and which host phase each one sat in.
+``benchmarks/step_trace_report.py`` turns the file into a table: per kind of step the host
+phases beside the GPU span, the gaps between steps on the GPU, and when the host waited. A
+step's GPU span also holds GPU idle time inside the step while the host still launches it;
+kernel-level busy time needs a profile (`LLM.start_profile`).
 """
 
 from __future__ import annotations

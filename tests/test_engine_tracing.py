@@ -80,9 +80,9 @@ def test_report_finds_the_gpu_idle_gaps_between_steps() -> None:
 
     recs = [step(0.0, 0.5, 0, enc=2), step(0.6, 0.7, 8), step(0.7, 1.0, 8)]
     lines = report(recs, top=1, tenths=2)
-    assert lines[0].startswith("3 steps; GPU span 1.000 s, busy 0.900 s (90%)")
+    assert lines[0].startswith("3 steps; GPU span 1.000 s, inside steps 0.900 s (90%)")
     assert "idle between steps 0.100 s" in lines[0]
-    assert lines[1] == "GPU busy per tenth: 100% 80%"
+    assert lines[1] == "GPU inside a step per tenth: 100% 80%"
     gap_rows = [ln for ln in lines if ln.startswith("| 0.600 | 100.0 | decode only")]
     assert len(gap_rows) == 1
 
