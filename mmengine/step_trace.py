@@ -49,6 +49,8 @@ class StepRecord:
 class StepTrace:
     """Collects `StepRecord`s; `dump()` resolves the CUDA events and writes JSON lines."""
 
+    MAX_STEPS = 200_000  # a debugging aid: bounded memory (and CUDA events) in a long run
+
     def __init__(self, path: str, device: torch.device) -> None:
         self.path = path
         self.cuda = device.type == "cuda"
@@ -61,7 +63,13 @@ class StepTrace:
         path = os.environ.get(ENV, "")
         return StepTrace(path, device) if path else None
 
-    def begin(self, t_start: float, schedule_s: float, sched: Any) -> StepRecord:  # noqa: ANN401
+    def begin(self, t_start: float, schedule_s: float, sched: Any) -> StepRecord | None:  # noqa: ANN401
+        """A record of the step about to launch (None once MAX_STEPS are recorded)."""
+        if len(self.steps) >= self.MAX_STEPS:
+            if len(self.steps) == self.MAX_STEPS:
+                logger.warning("step trace: %d steps recorded, no more", self.MAX_STEPS)
+                self.steps.append(StepRecord(t=-1.0))  # marks the warning as given
+            return None
         rec = StepRecord(t=t_start - self.t0, schedule_s=schedule_s)
         for s in sched.scheduled:
             if s.num_tokens == 1 and s.start >= s.request.num_prompt_tokens:
@@ -96,6 +104,8 @@ class StepTrace:
             first = self.steps[0].events[0] if self.steps[0].events else None
         with open(self.path, "w") as f:
             for rec in self.steps:
+                if rec.t < 0:
+                    continue  # the end-of-recording mark
                 if first is not None and rec.events is not None and rec.events[1] is not None:
                     rec.gpu_start_s = first.elapsed_time(rec.events[0]) / 1e3
                     rec.gpu_end_s = first.elapsed_time(rec.events[1]) / 1e3

@@ -115,3 +115,20 @@ def test_profile_of_the_engine_core_covers_the_steps_between_start_and_stop(
         llm.stop_profile()
         assert len(out[0].outputs[0].token_ids) == 4
         assert (tmp_path / "again.json").stat().st_size > 0
+
+
+def test_trace_stops_recording_at_its_step_cap(
+    qwen2_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmengine.step_trace import StepTrace
+
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(ENV, str(path))
+    monkeypatch.setattr(StepTrace, "MAX_STEPS", 3)
+    with LLM(
+        str(qwen2_ckpt), dtype="float32", device="cpu", max_model_len=128, multiprocess=False
+    ) as llm:
+        out = llm.generate(["a prompt"], SamplingParams(max_tokens=6, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 6  # serving goes on past the cap
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(recs) == 3 and all(r["t"] >= 0 for r in recs)
