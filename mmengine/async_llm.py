@@ -260,18 +260,42 @@ class AsyncLLM:
             self._queues[rid].put_nowait(_ABORTED)
         return ids
 
-    async def stats(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        """The engine's counters (KV blocks, queues, prefix cache...), plus the frontend's."""
+    async def _control(self, kind: str, timeout_s: float, path: str | None = None) -> Any:  # noqa: ANN401
+        """Sends a control call to the engine core and awaits its reply."""
         self._check_alive()
         assert self._client is not None
         call_id = next(self._call_ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = fut
         try:
-            self._client.send(ControlMsg(kind="stats", call_id=call_id))
-            reply = await asyncio.wait_for(fut, timeout_s)
+            self._client.send(ControlMsg(kind=kind, call_id=call_id, path=path))
+            return await asyncio.wait_for(fut, timeout_s)
         finally:
             self._calls.pop(call_id, None)
+
+    async def start_profile(self, path: str) -> None:
+        """torch.profiler in the engine core until `stop_profile` writes its trace to `path`.
+
+        Raises:
+            RuntimeError: a profile is already being recorded.
+        """
+        reply = await self._control("start_profile", 30.0, path=path)
+        if not reply.ok:
+            raise RuntimeError(reply.error)
+
+    async def stop_profile(self) -> None:
+        """Stops the engine core's profile and writes its trace (this can take a while).
+
+        Raises:
+            RuntimeError: no profile is being recorded.
+        """
+        reply = await self._control("stop_profile", 600.0)
+        if not reply.ok:
+            raise RuntimeError(reply.error)
+
+    async def stats(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """The engine's counters (KV blocks, queues, prefix cache...), plus the frontend's."""
+        reply = await self._control("stats", timeout_s)
         stats = msgspec.structs.asdict(reply.stats)
         stats["num_frontend_requests"] = len(self._queues)
         stats["input_worker_restarts"] = 0 if self._inputs is None else self._inputs.restarts

@@ -15,11 +15,13 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mmengine import __version__
@@ -127,6 +129,9 @@ def build_app(
     async def prometheus() -> Response:
         return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    if getattr(args, "profiler_dir", None):
+        _add_profiler_routes(app, engine, Path(args.profiler_dir))
+
     install_error_handlers(app)
     # Added innermost first; see middleware.py for the order and why.
     app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes)
@@ -136,6 +141,30 @@ def build_app(
     app.add_middleware(ApiKeyMiddleware, api_key=args.api_key or os.environ.get("MMENGINE_API_KEY"))
     app.add_middleware(AccountingMiddleware, record=metrics.record_http)
     return app
+
+
+def _add_profiler_routes(app: FastAPI, engine: AsyncLLM, out_dir: Path) -> None:
+    """POST /start_profile and /stop_profile (vLLM's paths), only with --profiler-dir."""
+
+    async def start(request: Request) -> Response:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"mmengine-core-{time.strftime('%Y%m%d-%H%M%S')}.json.gz"
+        try:
+            await engine.start_profile(str(path.resolve()))
+        except RuntimeError as e:
+            raise APIError(409, str(e)) from None
+        logger.info("profiling the engine core into %s", path)
+        return JSONResponse({"status": "started", "trace": str(path)})
+
+    async def stop(request: Request) -> Response:
+        try:
+            await engine.stop_profile()
+        except RuntimeError as e:
+            raise APIError(409, str(e)) from None
+        return JSONResponse({"status": "stopped"})
+
+    app.add_api_route("/start_profile", _guarded(start), methods=["POST"])
+    app.add_api_route("/stop_profile", _guarded(stop), methods=["POST"])
 
 
 def _guarded(handler: Handler) -> Handler:

@@ -186,6 +186,15 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="Seconds loading the model may take (default: %(default)s).",
     )
     p.add_argument(
+        "--profiler-dir",
+        default=None,
+        metavar="DIR",
+        help="Enable POST /start_profile and /stop_profile: torch.profiler of the engine "
+        "core (host ranges and every GPU kernel), each trace written to DIR as "
+        "mmengine-core-<time>.json.gz. Off by default: profiling slows serving. With "
+        "--api-key these routes need the key too.",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],

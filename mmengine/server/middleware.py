@@ -55,8 +55,13 @@ class AccountingMiddleware:
             self.record(scope["path"], status)
 
 
+# Routes outside /v1/ that still need the key: they change what the engine does.
+KEYED_ROUTES = frozenset({"/start_profile", "/stop_profile"})
+
+
 class ApiKeyMiddleware:
-    """With a key configured, every ``/v1/*`` route needs ``Authorization: Bearer <key>``."""
+    """With a key configured, every ``/v1/*`` route (and the profiler's) needs
+    ``Authorization: Bearer <key>``."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
@@ -66,7 +71,7 @@ class ApiKeyMiddleware:
         if (
             self.expected is None
             or scope["type"] != "http"
-            or not scope["path"].startswith("/v1/")
+            or not (scope["path"].startswith("/v1/") or scope["path"] in KEYED_ROUTES)
             or scope["method"] == "OPTIONS"
         ):
             await self.app(scope, receive, send)
