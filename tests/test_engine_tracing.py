@@ -132,3 +132,24 @@ def test_trace_stops_recording_at_its_step_cap(
         assert len(out[0].outputs[0].token_ids) == 6  # serving goes on past the cap
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(recs) == 3 and all(r["t"] >= 0 for r in recs)
+
+
+def test_pyspy_summary_attributes_samples_to_the_innermost_project_frame(tmp_path: Path) -> None:
+    from benchmarks.pyspy_summary import parse, summarize
+
+    raw = tmp_path / "raw.txt"
+    loop = "serve (/x/mmengine/core_process.py:68)"
+    step = "step (/x/mmengine/engine_core.py:250)"
+    raw.write_text(
+        f"main (/x/mmengine/core_process.py:160);{loop} 5\n"
+        f"main (/x/mmengine/core_process.py:160);{loop};{step};"
+        "to (/usr/lib/site-packages/torch/x.py:1) 3\n"
+        "reader (/x/mmengine/core_process.py:110);recv (/usr/lib/zmq/s.py:3) 2\n"
+    )
+    stacks = parse(raw)
+    assert sum(n for _, n in stacks) == 10
+    lines = summarize(stacks, top=5, only="serve (")
+    assert lines[0] == "8 samples"  # the input thread's stack is left out
+    assert "| 37.5 | `step (mmengine/engine_core.py)` |" in lines
+    assert "| 62.5 | `serve (mmengine/core_process.py) line 68` |" in lines
+    assert "| 37.5 | `step (mmengine/engine_core.py) line 250` |" in lines
