@@ -34,7 +34,8 @@ class EngineConfig:
     # on CPU, where nothing runs concurrently with the host anyway).
     async_scheduling: bool | None = None
     multiprocess: bool = True  # engine core in its own process (False: in-process, to debug)
-    # torch CPU threads of the engine-core process (None: the frontend's setting at start)
+    # torch CPU threads of the engine-core process (None: min(4, the frontend's setting) on
+    # a GPU, the frontend's setting on the CPU; see core_client.default_core_threads)
     cpu_threads: int | None = None
     revision: str | None = None
     log_stats_interval_s: float = 10.0  # how often the engine core logs its state

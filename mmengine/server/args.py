@@ -33,7 +33,8 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "num_kv_blocks": "KV-cache size in blocks. Default: sized from free memory.",
     "gpu_memory_utilization": "Fraction of GPU memory the engine may use (weights + KV cache).",
     "cpu_kv_cache_gib": "KV-cache budget in GiB when running on CPU and num-kv-blocks is unset.",
-    "cpu_threads": "torch CPU threads of the engine-core process. Default: this process's setting.",
+    "cpu_threads": "torch CPU threads of the engine-core process. Default: 4 on a GPU (more "
+    "only competed with the input workers for the cores), this process's setting on the CPU.",
     "max_num_seqs": "Most requests processed together in one engine step.",
     "max_num_batched_tokens": "Most tokens per step; longer prefills are chunked to fit.",
     "enable_prefix_caching": "Reuse the KV cache of identical prompt prefixes across requests.",
