@@ -50,10 +50,10 @@ def build_cos_sin_cache(
 
 @triton.jit
 def _rotate_heads(
-    x_ptr,  # [num_tokens, num_heads, head_size], rotated in place
-    token,
-    stride_tok,
-    stride_head,
+    src_ptr,  # the token's first head: [num_heads, head_size] at src_stride_head
+    dst_ptr,  # where the rotated heads go (src_ptr itself to rotate in place)
+    src_stride_head,
+    dst_stride_head,
     cos,  # [HALF_PAD] fp32
     sin,  # [HALF_PAD] fp32
     NUM_HEADS: tl.constexpr,
@@ -61,11 +61,11 @@ def _rotate_heads(
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
 ):
-    dtype = x_ptr.dtype.element_ty
+    dtype = src_ptr.dtype.element_ty
     offs_h = tl.arange(0, HEADS_PAD)[:, None]
     offs_i = tl.arange(0, HALF_PAD)[None, :]
     mask = (offs_h < NUM_HEADS) & (offs_i < HALF)
-    first = x_ptr + token * stride_tok + offs_h * stride_head + offs_i  # [HEADS_PAD, HALF_PAD]
+    first = src_ptr + offs_h * src_stride_head + offs_i  # [HEADS_PAD, HALF_PAD]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
     # HF's cos.to(x.dtype): round the table values to the activation dtype first.
@@ -75,8 +75,39 @@ def _rotate_heads(
     # and the sum to the activation dtype, as eager torch does in bf16/fp16.
     o1 = (x1 * c).to(dtype).to(tl.float32) + (-x2 * s).to(dtype).to(tl.float32)
     o2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
-    tl.store(first, o1.to(dtype), mask=mask)
-    tl.store(first + HALF, o2.to(dtype), mask=mask)
+    out = dst_ptr + offs_h * dst_stride_head + offs_i
+    tl.store(out, o1.to(dtype).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, o2.to(dtype).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _token_cos_sin(
+    positions_ptr,  # [num_tokens] int64, or [3, num_tokens] (t, h, w rows) with IS_MROPE
+    cos_sin_ptr,  # [max_position, 2 * HALF] fp32: cos | sin
+    token,
+    stride_pos_row,
+    stride_cs_pos,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    IS_MROPE: tl.constexpr,
+    MROPE_END_T: tl.constexpr,
+    MROPE_END_H: tl.constexpr,
+):
+    """(cos, sin) of the token's position, [HALF_PAD] fp32 each; with M-RoPE frequency i
+    takes its position from the t, h or w row by the section it falls in."""
+    offs_i = tl.arange(0, HALF_PAD)
+    i_valid = offs_i < HALF
+    if IS_MROPE:
+        pos_t = tl.load(positions_ptr + token)
+        pos_h = tl.load(positions_ptr + stride_pos_row + token)
+        pos_w = tl.load(positions_ptr + 2 * stride_pos_row + token)
+        pos = tl.where(offs_i < MROPE_END_T, pos_t, tl.where(offs_i < MROPE_END_H, pos_h, pos_w))
+    else:
+        pos = tl.load(positions_ptr + token)
+    row = cos_sin_ptr + pos.to(tl.int64) * stride_cs_pos
+    cos = tl.load(row + offs_i, mask=i_valid, other=0.0).to(tl.float32)
+    sin = tl.load(row + HALF + offs_i, mask=i_valid, other=0.0).to(tl.float32)
+    return cos, sin
 
 
 # stride_pos_row is the token count of M-RoPE positions: left unspecialized, or each new
@@ -104,22 +135,24 @@ def _rotary_kernel(
     MROPE_END_H: tl.constexpr,  # [END_T, END_H) the height one, the rest the width one
 ):
     token = tl.program_id(0).to(tl.int64)
-    offs_i = tl.arange(0, HALF_PAD)
-    i_valid = offs_i < HALF
-    if IS_MROPE:
-        pos_t = tl.load(positions_ptr + token)
-        pos_h = tl.load(positions_ptr + stride_pos_row + token)
-        pos_w = tl.load(positions_ptr + 2 * stride_pos_row + token)
-        pos = tl.where(offs_i < MROPE_END_T, pos_t, tl.where(offs_i < MROPE_END_H, pos_h, pos_w))
-    else:
-        pos = tl.load(positions_ptr + token)
-    row = cos_sin_ptr + pos.to(tl.int64) * stride_cs_pos
-    cos = tl.load(row + offs_i, mask=i_valid, other=0.0).to(tl.float32)
-    sin = tl.load(row + HALF + offs_i, mask=i_valid, other=0.0).to(tl.float32)
-    _rotate_heads(
-        q_ptr,
+    cos, sin = _token_cos_sin(
+        positions_ptr,
+        cos_sin_ptr,
         token,
-        stride_q_tok,
+        stride_pos_row,
+        stride_cs_pos,
+        HALF,
+        HALF_PAD,
+        IS_MROPE,
+        MROPE_END_T,
+        MROPE_END_H,
+    )
+    q_row = q_ptr + token * stride_q_tok
+    k_row = k_ptr + token * stride_k_tok
+    _rotate_heads(
+        q_row,
+        q_row,
+        stride_q_head,
         stride_q_head,
         cos,
         sin,
@@ -129,9 +162,9 @@ def _rotary_kernel(
         HALF_PAD,
     )
     _rotate_heads(
-        k_ptr,
-        token,
-        stride_k_tok,
+        k_row,
+        k_row,
+        stride_k_head,
         stride_k_head,
         cos,
         sin,

@@ -61,10 +61,53 @@ def paged_attention_forward(
 ) -> torch.Tensor:  # [T, Hq, D]
     """Write this step's K/V into the cache, then attend over each sequence's pages."""
     from kernels.kv_cache import write_kv_cache
-    from kernels.paged_attention import paged_attention
 
     meta = current_metadata()
     write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+    return _attend(q, key_cache, value_cache, scale, meta)
+
+
+def rotary_paged_attention_forward(
+    qkv: torch.Tensor,  # [T, (Hq + 2 Hk) D]: the fused QKV projection's output
+    positions: torch.Tensor,  # [T], or [3, T] with mrope_section
+    cos_sin_cache: torch.Tensor,  # [max_position, D] fp32
+    key_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+    value_cache: torch.Tensor,
+    scale: float,
+    num_heads: int,
+    mrope_section: list[int] | None,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Rotary on q and k, K/V into the cache (one fused kernel), then paged attention."""
+    from kernels.rotary_kv import rotary_write_kv
+
+    meta = current_metadata()
+    t, d, hk = qkv.shape[0], key_cache.shape[-1], key_cache.shape[2]
+    q = qkv[:, : num_heads * d].view(t, num_heads, d)
+    k = qkv[:, num_heads * d : (num_heads + hk) * d].view(t, hk, d)
+    v = qkv[:, (num_heads + hk) * d :].view(t, hk, d)
+    q = rotary_write_kv(
+        q,
+        k,
+        v,
+        positions,
+        cos_sin_cache,
+        key_cache,
+        value_cache,
+        meta.slot_mapping,
+        mrope_section=mrope_section,
+    )
+    return _attend(q, key_cache, value_cache, scale, meta)
+
+
+def _attend(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    scale: float,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    from kernels.paged_attention import paged_attention
+
     splits = (
         meta.num_kv_splits
         if meta.num_kv_splits is not None
@@ -134,3 +177,38 @@ def paged_attention_op(
 @paged_attention_op.register_fake
 def _paged_attention_fake(q, k, v, key_cache, value_cache, scale):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
+
+
+# The same with rotary and the cache write fused in front, taking the QKV projection's
+# output whole: views of it passed to a kernel that mutates them (the unfused rotary) made
+# the compiler copy them, five kernels per layer.
+@torch.library.custom_op(
+    "mmengine::rotary_paged_attention", mutates_args=("key_cache", "value_cache")
+)
+def rotary_paged_attention_op(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    scale: float,
+    num_heads: int,
+    mrope_section: list[int] | None,
+) -> torch.Tensor:
+    return rotary_paged_attention_forward(
+        qkv, positions, cos_sin_cache, key_cache, value_cache, scale, num_heads, mrope_section
+    )
+
+
+@rotary_paged_attention_op.register_fake
+def _rotary_paged_attention_fake(  # noqa: ANN202
+    qkv,
+    positions,
+    cos_sin_cache,
+    key_cache,
+    value_cache,
+    scale,
+    num_heads,
+    mrope_section,  # noqa: ANN001
+):
+    return qkv.new_empty((qkv.shape[0], num_heads, key_cache.shape[-1]))

@@ -49,14 +49,17 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         t = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        hidden = self.o_proj(self.attn(q, k, v, kv_cache))
+        qkv = self.qkv_proj(hidden)
+        if self.q_norm is None or self.k_norm is None:
+            # Rotary + KV write fused in one kernel in front of attention.
+            hidden = self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary, kv_cache))
+        else:  # Qwen3: per-head norms of q and k come before the rotary
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
+            q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
+            v = v.reshape(t, self.num_kv_heads, self.head_dim)
+            q, k = self.rotary(positions, q, k)
+            hidden = self.o_proj(self.attn(q, k, v, kv_cache))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         hidden = self.down_proj(self.act(self.gate_up_proj(hidden)))
         return hidden, residual

@@ -17,7 +17,7 @@ from torch import nn
 from kernels.activation import silu_and_mul
 from kernels.rms_norm import rms_norm
 from kernels.rotary import apply_rotary
-from mmengine.attention import paged_attention_forward
+from mmengine.attention import paged_attention_forward, rotary_paged_attention_forward
 
 
 class RMSNorm(nn.Module):
@@ -117,6 +117,31 @@ class PagedAttention(nn.Module):
         else:
             out = paged_attention_forward(q, k, v, kv_cache[0], kv_cache[1], self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,  # [T, (Hq + 2 Hk) D], the fused QKV projection's output
+        positions: torch.Tensor,  # [T] or [3, T] (M-RoPE)
+        rotary: RotaryEmbedding,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:  # [T, Hq * D]
+        """Rotary, KV-cache write and attention from the un-split QKV output (one fused
+        kernel before attention). Needs full-width rotary (rotary_dim == head_dim)."""
+        args = (
+            qkv,
+            positions,
+            rotary.cos_sin_cache,
+            kv_cache[0],
+            kv_cache[1],
+            self.scale,
+            self.num_heads,
+            rotary.mrope_section,
+        )
+        if self.as_custom_op:
+            out = torch.ops.mmengine.rotary_paged_attention(*args)
+        else:
+            out = rotary_paged_attention_forward(*args)
+        return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
 
 
 def set_kernel_mode(model: nn.Module, compiled: bool) -> None:

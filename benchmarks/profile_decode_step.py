@@ -1,0 +1,280 @@
+"""Where a decode step's GPU time goes, against the bytes it must read (issue 3).
+
+Builds the engine in-process on the Qwen2.5-3B text config (random bf16 weights), writes B
+sequences of `ctx` tokens over shuffled KV blocks into the input buffers of the decode CUDA
+graph captured for B, and for each B reports:
+  - the graph's GPU time per replay (CUDA events around replays: no host time in it) and
+    its floor: the weights it reads (every layer; the LM head runs outside the graph) plus
+    the K/V of B x ctx positions, over the card's measured read bandwidth;
+  - the LM head + greedy argmax after it, against the LM head's weight bytes;
+  - one replay's kernels from torch.profiler: GPU time by kind, kernel count, top kernels;
+and the engine's own per-token time at batch 1 (generate 1 + k tokens minus 1 token, over
+k), whose difference to the graph is host-side cost the GPU waits for.
+
+    python3 benchmarks/profile_decode_step.py [--batches 1,16,64,192] [--ctx 1152]
+
+Writes $OUT/decode_step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.model_configs import CONFIGS, num_params, write_config_dir  # noqa: E402
+
+
+def read_bandwidth() -> float:
+    """Bytes per second a large reduction reads (1 GiB of bf16 summed): the rate at which a
+    decode step can stream weights and K/V."""
+    from triton.testing import do_bench
+
+    x = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
+    ms = min(do_bench(x.sum, warmup=25, rep=200, return_mode="median") for _ in range(3))
+    x = None
+    torch.cuda.empty_cache()
+    return (1 << 30) / ms * 1e3
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if "paged_attention" in n or "merge_splits" in n:
+        return "attention"
+    if "write_kv" in n:
+        return "KV write"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas", "gemv")):
+        return "GEMM"
+    if "triton" in n:
+        return "Inductor/Triton fused"
+    if "memcpy" in n or "memset" in n:
+        return "copy/memset"
+    return "other"
+
+
+def fill_graph_inputs(runner, b: int, ctx: int, gen: torch.Generator) -> None:
+    g = runner.graphs
+    bs = runner.block_size
+    nb = -(-ctx // bs)
+    if b * nb >= runner.num_kv_blocks:
+        raise ValueError(
+            f"B={b} x ctx={ctx} needs {b * nb} KV blocks, the pool has {runner.num_kv_blocks}"
+        )
+    dev = runner.device
+    blocks = (torch.randperm(runner.num_kv_blocks - 1, generator=gen)[: b * nb] + 1).view(b, nb)
+    tables = blocks.to(dev, torch.int32)
+    g.block_tables[:b].zero_()
+    g.block_tables[:b, :nb].copy_(tables)
+    g.seq_lens[:b].fill_(ctx)
+    g.query_start_loc[: b + 1].copy_(torch.arange(b + 1, dtype=torch.int32))
+    g.positions[..., :b].fill_(ctx - 1)
+    g.input_ids[:b].copy_(torch.randint(100, 10000, (b,), generator=gen))
+    last = (ctx - 1) // bs
+    g.slot_mapping[:b].copy_(tables[:, last].long() * bs + (ctx - 1) % bs)
+
+
+def time_ms(fn, n: int = 30) -> float:
+    times = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def kernels_of(fn, replays: int = 5) -> list[tuple[str, float, int]]:
+    """(kernel name, GPU ms per call, launches per call), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", 0) or 0
+        if t > 0:
+            rows.append((ev.key, t / 1e3 / replays, round(ev.count / replays)))
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def engine_b1_ms(llm, prompt: list[int], k: int = 128) -> float:
+    from mmengine import SamplingParams
+
+    one = {"prompt_token_ids": prompt}
+    # Twice: the second run hits the prefix cache, a prefill chunk shape of its own.
+    for _ in range(2):
+        llm.generate(one, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    t0 = time.perf_counter()
+    llm.generate(one, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+    t1 = time.perf_counter()
+    llm.generate(one, SamplingParams(max_tokens=1 + k, ignore_eos=True), use_tqdm=False)
+    t2 = time.perf_counter()
+    return ((t2 - t1) - (t1 - t0)) / k * 1e3
+
+
+def profile_batch(runner, model, b: int, args, gen, read_bps: float, cfg: dict):
+    """(summary row, detail lines) of the decode graph for batch b."""
+    h, v, n_layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    kv_heads, head = cfg["num_key_value_heads"], h // cfg["num_attention_heads"]
+    head_bytes = 2 * v * h
+    graph_weight_bytes = 2 * num_params(cfg) - head_bytes  # the embedding lookup reads B rows
+    lines: list[str] = []
+    details: list[str] = []
+    fill_graph_inputs(runner, b, args.ctx, gen)
+    graph = runner.graphs.graphs[b]
+    out = runner.graphs.outputs[b]
+    graph.replay()
+    ms = time_ms(graph.replay)
+    kv_bytes = b * args.ctx * n_layers * 2 * kv_heads * head * 2
+    floor = (graph_weight_bytes + kv_bytes) / read_bps * 1e3
+    head_ms = time_ms(lambda out=out, b=b, m=model: m.compute_logits(out[:b]).argmax(-1))
+    head_floor = head_bytes / read_bps * 1e3
+    kernels = kernels_of(graph.replay)
+    by_kind: dict[str, float] = defaultdict(float)
+    count = 0
+    for name, kms, n in kernels:
+        by_kind[kernel_kind(name)] += kms
+        count += n
+    lines.append(
+        f"| {b} | {args.ctx} | {ms:.3f} | {floor:.3f} | {ms / floor:.2f} "
+        f"| {kv_bytes / read_bps * 1e3:.3f} | {head_ms:.3f} | {head_floor:.3f} | {count} |"
+    )
+    print(lines[-1], flush=True)
+    busy = sum(by_kind.values())
+    details += [
+        "",
+        f"### B={b}: kernel time per replay {busy:.3f} ms of {ms:.3f} ms graph time "
+        f"({count} kernels; the rest is gaps between kernels)",
+        "",
+        "| kind | ms | share |",
+        "|---|---|---|",
+    ]
+    details += [
+        f"| {k} | {t:.3f} | {100 * t / busy:.0f}% |"
+        for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1])
+    ]
+    # Host cost of launching the graph (the engine pays it every decode step), with the
+    # GPU idle and with the GPU still busy with earlier replays.
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    graph.replay()
+    launch_idle_ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    for _ in range(3):
+        graph.replay()
+    t0 = time.perf_counter()
+    graph.replay()
+    launch_busy_ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    details += [
+        "",
+        f"Host time of one `graph.replay()`: {launch_idle_ms:.3f} ms with the GPU idle, "
+        f"{launch_busy_ms:.3f} ms behind 3 queued replays.",
+    ]
+    shown = kernels if b == min(args.batches) else kernels[:10]
+    details += ["", "| kernel | ms | launches |", "|---|---|---|"]
+    details += [f"| `{name[:90]}` | {kms:.4f} | {n} |" for name, kms, n in shown]
+    return lines, details
+
+
+def profile_engine(cfg_dir: Path, cfg: dict, args, read_bps: float) -> list[str]:
+    from mmengine import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        str(cfg_dir),
+        dtype="bfloat16",
+        device="cuda",
+        skip_tokenizer_init=True,
+        multiprocess=False,
+        max_model_len=args.ctx + 192,
+        max_num_seqs=max(args.batches),
+        max_num_batched_tokens=8192,
+        extra={"load_format": "dummy"},
+    )
+    startup = time.perf_counter() - t0
+    runner = llm._client.core.runner
+    model = runner.model
+    h, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    kv_heads, head = cfg["num_key_value_heads"], h // cfg["num_attention_heads"]
+    gen = torch.Generator().manual_seed(0)
+    lines = [
+        f"## Engine start-up {startup:.0f} s, {runner.num_kv_blocks} KV blocks",
+        "",
+        "| B | ctx | graph GPU ms | floor ms (weights + KV) | x floor | of which KV floor ms "
+        "| LM head + argmax ms | its floor ms | kernels per step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    details = []
+    for b in args.batches:
+        with torch.inference_mode():  # the graphs' buffers are inference tensors
+            lines_b, details_b = profile_batch(runner, model, b, args, gen, read_bps, cfg)
+        lines += lines_b
+        details += details_b
+    prompt = list(range(1000, 1000 + args.ctx - 129))
+    b1 = engine_b1_ms(llm, prompt)
+    b1_floor = (
+        (2 * num_params(cfg) + (args.ctx - 64) * n_layers * 2 * kv_heads * head * 2)
+        / read_bps
+        * 1e3
+    )
+    lines += [
+        "",
+        f"Engine per-token time at batch 1 (in-process, context {len(prompt)}..{len(prompt) + 128}): "
+        f"**{b1:.3f} ms**, floor {b1_floor:.3f} ms (all weights incl. LM head + KV) -> "
+        f"{b1 / b1_floor:.2f}x.",
+    ]
+    print(lines[-1], flush=True)
+    llm.shutdown()
+    llm = runner = model = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return lines + details
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="qwen2.5-3b", choices=sorted(CONFIGS))
+    ap.add_argument(
+        "--batches", default="1,16,64,192", type=lambda s: [int(x) for x in s.split(",")]
+    )
+    ap.add_argument("--ctx", type=int, default=1152, help="KV positions per sequence")
+    args = ap.parse_args(argv)
+    cfg = CONFIGS[args.config]
+    read_bps = read_bandwidth()
+    card = torch.cuda.get_device_name(0)
+    lines = [
+        f"# Decode step on {card}: {args.config}, random bf16 weights",
+        "",
+        f"Read bandwidth (sum of 1 GiB bf16): {read_bps / 1e9:.0f} GB/s. Weights "
+        f"{2 * num_params(cfg) / 1e9:.2f} GB (LM head tied to the embedding, counted once).",
+        "",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_dir = write_config_dir(args.config, Path(tmp) / "model")
+        lines += profile_engine(cfg_dir, cfg, args, read_bps)
+    text = "\n".join(lines) + "\n"
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_step.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
