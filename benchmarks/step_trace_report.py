@@ -60,7 +60,9 @@ def report(steps: list[dict], top: int = 10, tenths: int = 10) -> list[str]:
                 if hi > lo:
                     per[i] += hi - lo
         width = span / tenths if span > 0 else 1.0
-        lines.append("GPU inside a step per tenth: " + " ".join(f"{100 * p / width:.0f}%" for p in per))
+        lines.append(
+            "GPU inside a step per tenth: " + " ".join(f"{100 * p / width:.0f}%" for p in per)
+        )
     lines += [
         "",
         "| kind of step | steps | GPU span ms | idle before ms (sum s) | schedule ms | launch ms | "
