@@ -120,10 +120,14 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 
 def _exponential(rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
+    """Exponential(1) noise per row: seeded rows from their own generator, the rest from
+    the device's default one. The whole batch is filled at once and seeded rows are then
+    redrawn through views: indexing a CUDA tensor with a Python list of rows (as this did
+    until session 7) copies the list to the device from pageable memory, which makes the
+    host wait for all queued GPU work, every step with a non-greedy request."""
     q = torch.empty(len(rows), vocab, device=device)
-    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-    if unseeded:
-        q[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+    if any(r.generator is None for r in rows):
+        q.exponential_()
     for i, r in enumerate(rows):
         if r.generator is not None:
             q[i].exponential_(generator=r.generator)

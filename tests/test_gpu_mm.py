@@ -106,10 +106,25 @@ def test_engine_steps_never_make_the_host_wait_for_the_gpu(
     normalization constants) or a `.item()` would stall the host until the GPU drains,
     and the pipeline with it. torch's sync debug mode turns each of them into an error;
     the one wait per step the engine means to make (the sampled tokens' event) is not
-    one of them."""
+    one of them. Requests take turns among greedy, filtered random sampling with logprobs,
+    and seeded sampling: random sampling once waited for the GPU on every step (the
+    sampler indexed a CUDA tensor with a Python list of rows)."""
     family, ckpt = family_ckpt
     # min_tokens = max_tokens: EOS stays blocked every step (the sampler's masking path).
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
+    kinds = [
+        SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW),
+        SamplingParams(
+            temperature=0.8,
+            top_p=0.9,
+            top_k=20,
+            min_p=0.05,
+            logprobs=2,
+            max_tokens=MAX_NEW,
+            min_tokens=MAX_NEW,
+        ),
+        SamplingParams(temperature=1.0, seed=1234, max_tokens=MAX_NEW, min_tokens=MAX_NEW),
+    ]
+    params = [kinds[i % len(kinds)] for i in range(len(cases(family)))]
     # In-process: the checked steps must run in this process.
     with _gpu_llm(ckpt, "bfloat16", multiprocess=False, async_scheduling=True) as llm:
         # Compiles, autotunes and captures outside the checked region (those may wait).
