@@ -1,19 +1,27 @@
-"""Where a decode step's GPU time goes, against the bytes it must read (issue 3).
+"""Where an LLM step's GPU time goes, against its floor (issue 3): decode and prefill.
 
-Builds the engine in-process on the Qwen2.5-3B text config (random bf16 weights), writes B
-sequences of `ctx` tokens over shuffled KV blocks into the input buffers of the decode CUDA
-graph captured for B, and for each B reports:
+Builds the engine in-process on the Qwen2.5-3B text config (random bf16 weights).
+
+Decode: writes B sequences of `ctx` tokens over shuffled KV blocks into the input buffers
+of the decode CUDA graph captured for B, and for each B reports:
   - the graph's GPU time per replay (CUDA events around replays: no host time in it) and
     its floor: the weights it reads (every layer; the LM head runs outside the graph) plus
     the K/V of B x ctx positions, over the card's measured read bandwidth;
   - the LM head + greedy argmax after it, against the LM head's weight bytes;
-  - one replay's kernels from torch.profiler: GPU time by kind, kernel count, top kernels;
+  - one replay's kernels from torch.profiler: GPU time by kind, kernel count, top kernels,
+    and the host time of one graph launch;
 and the engine's own per-token time at batch 1 (generate 1 + k tokens minus 1 token, over
 k), whose difference to the graph is host-side cost the GPU waits for.
 
-    python3 benchmarks/profile_decode_step.py [--batches 1,16,64,192] [--ctx 1152]
+Prefill: `--prefill-seqs` fresh prompts of `--prefill-len` tokens in one step (the text
+benchmark's 8 x 1024), generating one token; GPU kernel time by kind against the matmul
+floor of the step's GEMMs and attention at the measured bf16 matmul rate, and the top
+kernels.
 
-Writes $OUT/decode_step.md.
+    python3 benchmarks/profile_llm_steps.py [--batches 1,16,64,192] [--ctx 1152]
+        [--prefill-seqs 8 --prefill-len 1024]   # --prefill-seqs 0 skips the prefill part
+
+Writes $OUT/llm_steps.md.
 """
 
 from __future__ import annotations
@@ -33,19 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_text_throughput import ceilings  # noqa: E402
 from benchmarks.model_configs import CONFIGS, num_params, write_config_dir  # noqa: E402
-
-
-def read_bandwidth() -> float:
-    """Bytes per second a large reduction reads (1 GiB of bf16 summed): the rate at which a
-    decode step can stream weights and K/V."""
-    from triton.testing import do_bench
-
-    x = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
-    ms = min(do_bench(x.sum, warmup=25, rep=200, return_mode="median") for _ in range(3))
-    x = None
-    torch.cuda.empty_cache()
-    return (1 << 30) / ms * 1e3
 
 
 def kernel_kind(name: str) -> str:
@@ -193,7 +190,55 @@ def profile_batch(runner, model, b: int, args, gen, read_bps: float, cfg: dict):
     return lines, details
 
 
-def profile_engine(cfg_dir: Path, cfg: dict, args, read_bps: float) -> list[str]:
+def profile_prefill(llm, cfg: dict, args, matmul_rate: float) -> list[str]:
+    """Kernel time by kind of one prefill step of fresh prompts, against matmul floors."""
+    from mmengine import SamplingParams
+
+    h, n_layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, head = cfg["num_attention_heads"], h // cfg["num_attention_heads"]
+    n, s = args.prefill_seqs, args.prefill_len
+    gen = torch.Generator().manual_seed(1)
+
+    def one_step() -> None:  # fresh random prompts: no prefix-cache hits
+        ids = torch.randint(1000, 100000, (n, s), generator=gen).tolist()
+        reqs = [{"prompt_token_ids": p} for p in ids]
+        llm.generate(reqs, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+
+    one_step()  # compiles this shape's kernels
+    replays = 3
+    kernels = kernels_of(one_step, replays)
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, kms, _ in kernels:
+        by_kind[kernel_kind(name)] += kms
+    tokens = n * s
+    gemm_flops = 2 * (num_params(cfg) - vocab * h) * tokens + 2 * vocab * h * n
+    attn_flops = 2 * 2 * n * (s * s / 2) * head * heads * n_layers  # causal QK^T and PV
+    floors = {"GEMM": gemm_flops, "attention": attn_flops}
+    busy = sum(by_kind.values())
+    lines = [
+        "",
+        f"## Prefill step: {n} prompts x {s} tokens ({tokens} tokens), max_tokens=1",
+        "",
+        f"Kernel time per step {busy:.2f} ms; matmul floor of its GEMMs + attention "
+        f"{(gemm_flops + attn_flops) / matmul_rate * 1e3:.2f} ms at the measured "
+        f"{matmul_rate / 1e12:.0f} TFLOP/s.",
+        "",
+        "| kind | ms | share | FLOP floor ms | x floor |",
+        "|---|---|---|---|---|",
+    ]
+    for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        f = floors.get(k)
+        floor = f"{f / matmul_rate * 1e3:.2f} | {t / (f / matmul_rate * 1e3):.2f}" if f else "- | -"
+        lines.append(f"| {k} | {t:.2f} | {100 * t / busy:.0f}% | {floor} |")
+    lines += ["", "| kernel | ms per step | launches |", "|---|---|---|"]
+    lines += [f"| `{name[:90]}` | {kms:.3f} | {c} |" for name, kms, c in kernels[:15]]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def profile_engine(
+    cfg_dir: Path, cfg: dict, args, read_bps: float, matmul_rate: float
+) -> list[str]:
     from mmengine import LLM
 
     t0 = time.perf_counter()
@@ -205,7 +250,7 @@ def profile_engine(cfg_dir: Path, cfg: dict, args, read_bps: float) -> list[str]
         multiprocess=False,
         max_model_len=args.ctx + 192,
         max_num_seqs=max(args.batches),
-        max_num_batched_tokens=8192,
+        max_num_batched_tokens=max(8192, args.prefill_seqs * args.prefill_len),
         extra={"load_format": "dummy"},
     )
     startup = time.perf_counter() - t0
@@ -215,7 +260,7 @@ def profile_engine(cfg_dir: Path, cfg: dict, args, read_bps: float) -> list[str]
     kv_heads, head = cfg["num_key_value_heads"], h // cfg["num_attention_heads"]
     gen = torch.Generator().manual_seed(0)
     lines = [
-        f"## Engine start-up {startup:.0f} s, {runner.num_kv_blocks} KV blocks",
+        f"## Decode steps (engine start-up {startup:.0f} s, {runner.num_kv_blocks} KV blocks)",
         "",
         "| B | ctx | graph GPU ms | floor ms (weights + KV) | x floor | of which KV floor ms "
         "| LM head + argmax ms | its floor ms | kernels per step |",
@@ -241,6 +286,8 @@ def profile_engine(cfg_dir: Path, cfg: dict, args, read_bps: float) -> list[str]
         f"{b1 / b1_floor:.2f}x.",
     ]
     print(lines[-1], flush=True)
+    if args.prefill_seqs > 0:
+        details += profile_prefill(llm, cfg, args, matmul_rate)
     llm.shutdown()
     llm = runner = model = None
     gc.collect()
@@ -255,24 +302,28 @@ def main(argv: list[str] | None = None) -> None:
         "--batches", default="1,16,64,192", type=lambda s: [int(x) for x in s.split(",")]
     )
     ap.add_argument("--ctx", type=int, default=1152, help="KV positions per sequence")
+    ap.add_argument("--prefill-seqs", type=int, default=8, help="prompts in the prefill step")
+    ap.add_argument("--prefill-len", type=int, default=1024, help="tokens per prompt")
     args = ap.parse_args(argv)
     cfg = CONFIGS[args.config]
-    read_bps = read_bandwidth()
+    ceil = ceilings()
+    read_bps, matmul_rate = ceil["read_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
     card = torch.cuda.get_device_name(0)
     lines = [
-        f"# Decode step on {card}: {args.config}, random bf16 weights",
+        f"# LLM steps on {card}: {args.config}, random bf16 weights",
         "",
-        f"Read bandwidth (sum of 1 GiB bf16): {read_bps / 1e9:.0f} GB/s. Weights "
+        f"Read bandwidth (sum of 1 GiB bf16): {read_bps / 1e9:.0f} GB/s; bf16 matmul "
+        f"{matmul_rate / 1e12:.0f} TFLOP/s. Weights "
         f"{2 * num_params(cfg) / 1e9:.2f} GB (LM head tied to the embedding, counted once).",
         "",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         cfg_dir = write_config_dir(args.config, Path(tmp) / "model")
-        lines += profile_engine(cfg_dir, cfg, args, read_bps)
+        lines += profile_engine(cfg_dir, cfg, args, read_bps, matmul_rate)
     text = "\n".join(lines) + "\n"
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_step.md").write_text(text)
+    (out / "llm_steps.md").write_text(text)
     print(text)
 
 
