@@ -17,6 +17,11 @@ Greedy, `--max-tokens` per reply.
         [--conversations 16 --turns 4] [--device cuda]
 
 Writes $OUT/cache_reuse.md and cache_reuse.json (OUT defaults to the current folder).
+
+On a GPU, at the published Qwen2.5-VL-3B shape (random weights, the embedded model's
+tokenizer; no hub needed):
+
+    python3 benchmarks/random_checkpoint.py /tmp/vl3b && python3 benchmarks/bench_cache_reuse.py /tmp/vl3b ...
 """
 
 from __future__ import annotations

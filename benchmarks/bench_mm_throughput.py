@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_text_throughput import ceilings  # noqa: E402
-from benchmarks.model_configs import QWEN_VL_PREPROCESSOR, write_config_dir  # noqa: E402
+from benchmarks.model_configs import CONFIGS, QWEN_VL_PREPROCESSOR  # noqa: E402
+from benchmarks.random_checkpoint import build_random_checkpoint  # noqa: E402
 
 VISION_START, IMAGE_PAD, VISION_END = 151652, 151655, 151653
 
@@ -51,20 +52,10 @@ def w1_requests(n: int, text_len: int, seed: int = 0) -> list[tuple[Image.Image,
 
 
 def build_checkpoint(tmp: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    cfg_dir = write_config_dir("qwen2.5-vl-3b", tmp / "cfg")
-    config = AutoConfig.from_pretrained(cfg_dir)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    ck = tmp / "qwen2.5-vl-3b-random"
-    model.save_pretrained(ck)
-    (ck / "preprocessor_config.json").write_text(json.dumps(QWEN_VL_PREPROCESSOR))
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return ck
+    """Random Qwen2.5-VL-3B weights (W1 feeds token ids: no tokenizer needed)."""
+    return build_random_checkpoint(
+        CONFIGS["qwen2.5-vl-3b"], tmp / "qwen2.5-vl-3b-random", device="cuda", tokenizer=False
+    )
 
 
 def start_py_spy(llm, path: Path):  # noqa: ANN001, ANN201 - LLM, subprocess.Popen

@@ -15,6 +15,11 @@ none is given) and stops it at the end; `--url` measures a server that is alread
         [--serve-args "--max-num-seqs 256"] [--url http://host:port]
 
 Writes $OUT/serving.md and serving.json (OUT defaults to the current folder).
+
+On a GPU, at the published Qwen2.5-VL-3B shape (random weights, the embedded model's
+tokenizer; no hub needed):
+
+    python3 benchmarks/random_checkpoint.py /tmp/vl3b && python3 benchmarks/bench_serving.py /tmp/vl3b ...
 """
 
 from __future__ import annotations

@@ -134,3 +134,88 @@ def test_cache_reuse_benchmark_shows_hits_with_caches_on_and_none_with_them_off(
     assert on["encoder_runs"] < off["encoder_runs"]
     assert off["embedding_cache_hits"] == 0 and off["prefix_cache_hit_tokens"] == 0
     assert "| multi turn | on | 6 |" in (tmp_path / "cache_reuse.md").read_text()
+
+
+def test_random_checkpoint_with_the_borrowed_tokenizer_runs_the_chat_benchmark(
+    tmp_path: Path,
+) -> None:
+    """A Qwen2.5-VL-shaped random checkpoint (tiny dims, the published vocabulary) with the
+    embedded model's tokenizer: its special ids are that tokenizer's, and the W4 chat
+    benchmark runs on it (images through the chat template, the cache counters move)."""
+    import json
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.model_configs import QWEN25_VL_3B
+    from benchmarks.random_checkpoint import build_random_checkpoint
+
+    tiny = {
+        **QWEN25_VL_3B,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "vision_config": {
+            **QWEN25_VL_3B["vision_config"],
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [1],
+        },
+    }
+    ck = build_random_checkpoint(tiny, tmp_path / "ck", device="cpu", dtype=torch.float32)
+    embedded = json.loads((ROOT / "mmengine/assets/default_model/config.json").read_text())
+    text = (ck / "config.json").read_text()
+    for key in ("image_token_id", "vision_start_token_id", "eos_token_id"):
+        assert f'"{key}": {embedded[key]}' in text
+        assert f'"{key}": {QWEN25_VL_3B[key]}' not in text
+    assert (ck / "tokenizer.json").exists() and (ck / "preprocessor_config.json").exists()
+    from mmengine import LLM, SamplingParams
+
+    llm = LLM(str(ck), device="cpu", dtype="float32", max_model_len=256)
+    try:
+        [res] = llm.generate(
+            "a photo of", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        )
+        vocab = len(llm.tokenizer)
+    finally:
+        llm.shutdown()
+    # Rows past the tokenizer are zeroed (logit 0), so greedy emits ids that have text.
+    from safetensors.torch import load_file
+
+    emb = load_file(str(ck / "model.safetensors"))["model.embed_tokens.weight"]
+    assert emb.shape[0] == QWEN25_VL_3B["vocab_size"]
+    assert not emb[vocab:].any() and emb[:vocab].abs().min(dim=1).values.gt(0).all()
+    assert max(res.outputs[0].token_ids) < vocab and res.outputs[0].text
+
+    out = _run_in(
+        tmp_path,
+        [
+            "bench_cache_reuse.py",
+            str(ck),
+            "--device",
+            "cpu",
+            "--images",
+            "2",
+            "--questions",
+            "2",
+            "--conversations",
+            "1",
+            "--turns",
+            "2",
+            "--max-tokens",
+            "2",
+            "--image-size",
+            "56x56",
+        ],
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "cache_reuse.json").read_text())
+    turns_on = next(r for r in rows if r["workload"] == "multi turn" and r["caching"] == "on")
+    # Turn 2 resends turn 1's image and history: the chat template placed the image tokens.
+    assert turns_on["embedding_cache_hits"] > 0 and turns_on["prefix_cache_hit_tokens"] > 0
