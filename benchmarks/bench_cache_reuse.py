@@ -21,7 +21,8 @@ Writes $OUT/cache_reuse.md and cache_reuse.json (OUT defaults to the current fol
 On a GPU, at the published Qwen2.5-VL-3B shape (random weights, the embedded model's
 tokenizer; no hub needed):
 
-    python3 benchmarks/random_checkpoint.py /tmp/vl3b && python3 benchmarks/bench_cache_reuse.py /tmp/vl3b ...
+    python3 benchmarks/random_checkpoint.py /tmp/vl3b
+    python3 benchmarks/bench_cache_reuse.py /tmp/vl3b --device cuda
 """
 
 from __future__ import annotations

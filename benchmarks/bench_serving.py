@@ -19,7 +19,10 @@ Writes $OUT/serving.md and serving.json (OUT defaults to the current folder).
 On a GPU, at the published Qwen2.5-VL-3B shape (random weights, the embedded model's
 tokenizer; no hub needed):
 
-    python3 benchmarks/random_checkpoint.py /tmp/vl3b && python3 benchmarks/bench_serving.py /tmp/vl3b ...
+    python3 benchmarks/random_checkpoint.py /tmp/vl3b
+    python3 benchmarks/bench_serving.py /tmp/vl3b --text-len 80
+
+(that tokenizer spends ~3.2 tokens per word: 80 words are W1's ~256 text tokens).
 """
 
 from __future__ import annotations
