@@ -91,13 +91,27 @@ def copy_bandwidth(rep_ms: int) -> tuple[float, Row]:
     return tbps, Row("copy", "torch copy_", "1 GiB → 1 GiB", ms, f"{tbps:.2f} TB/s", "ceiling")
 
 
-def paged_decode_inputs(batch: int, context: int, num_q_heads: int, num_kv_heads: int):
-    """A decode step of `batch` sequences of `context` tokens over shuffled cache blocks."""
-    blocks_per_seq = context // BLOCK_SIZE
+def paged_decode_inputs(
+    batch: int,
+    context: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    block_size: int = BLOCK_SIZE,
+    layout: str = "nhd",
+):
+    """A decode step of `batch` sequences of `context` tokens over shuffled cache blocks.
+
+    layout "nhd" stores the cache as the kernels' logical [blocks, block_size, kv_heads,
+    head]; "hnd" stores [blocks, kv_heads, block_size, head] and passes a transposed view.
+    """
+    blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq
-    cache_shape = (num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_SIZE)
-    key_cache = torch.randn(cache_shape, device="cuda", dtype=DTYPE)
-    value_cache = torch.randn(cache_shape, device="cuda", dtype=DTYPE)
+    if layout == "nhd":
+        shape, view = (num_blocks, block_size, num_kv_heads, HEAD_SIZE), lambda t: t
+    else:
+        shape, view = (num_blocks, num_kv_heads, block_size, HEAD_SIZE), lambda t: t.transpose(1, 2)
+    key_cache = view(torch.randn(shape, device="cuda", dtype=DTYPE))
+    value_cache = view(torch.randn(shape, device="cuda", dtype=DTYPE))
     block_tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, -1)
     q = torch.randn(batch, num_q_heads, HEAD_SIZE, device="cuda", dtype=DTYPE)
     query_start_loc = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
@@ -111,6 +125,9 @@ def decode_calls(
     num_q_heads: int,
     num_kv_heads: int,
     num_kv_splits: int | None,
+    block_size: int = BLOCK_SIZE,
+    layout: str = "nhd",
+    fused_merge: bool = True,
 ) -> tuple[list[Callable[[], object]], int]:
     """Calls of one decode step on enough distinct input sets to overflow L2, and the
     bytes one call must move (K/V read, q read, out written)."""
@@ -121,7 +138,7 @@ def decode_calls(
     copies = min(max(2, -(-L2_FLUSH_BYTES // kv_bytes)), 16)
     calls = []
     for _ in range(copies):
-        args = paged_decode_inputs(batch, context, num_q_heads, num_kv_heads)
+        args = paged_decode_inputs(batch, context, num_q_heads, num_kv_heads, block_size, layout)
         calls.append(
             functools.partial(
                 paged_attention,
@@ -131,6 +148,7 @@ def decode_calls(
                 max_seq_len=context,
                 out=torch.empty_like(args[0]),
                 num_kv_splits=num_kv_splits,
+                fused_merge=fused_merge,
             )
         )
     return calls, kv_bytes + io_bytes

@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_text_throughput import ceilings  # noqa: E402
+from benchmarks.bench_text_throughput import batch1_ms_per_token, ceilings  # noqa: E402
 from benchmarks.model_configs import CONFIGS, num_params, write_config_dir  # noqa: E402
 
 
@@ -108,21 +108,6 @@ def kernels_of(fn, replays: int = 5) -> list[tuple[str, float, int]]:
         if t > 0:
             rows.append((ev.key, t / 1e3 / replays, round(ev.count / replays)))
     return sorted(rows, key=lambda r: -r[1])
-
-
-def engine_b1_ms(llm, prompt: list[int], k: int = 128) -> float:
-    from mmengine import SamplingParams
-
-    one = {"prompt_token_ids": prompt}
-    # Twice: the second run hits the prefix cache, a prefill chunk shape of its own.
-    for _ in range(2):
-        llm.generate(one, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-    t0 = time.perf_counter()
-    llm.generate(one, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
-    t1 = time.perf_counter()
-    llm.generate(one, SamplingParams(max_tokens=1 + k, ignore_eos=True), use_tqdm=False)
-    t2 = time.perf_counter()
-    return ((t2 - t1) - (t1 - t0)) / k * 1e3
 
 
 def profile_batch(runner, model, b: int, args, gen, read_bps: float, cfg: dict):
@@ -273,7 +258,7 @@ def profile_engine(
         lines += lines_b
         details += details_b
     prompt = list(range(1000, 1000 + args.ctx - 129))
-    b1 = engine_b1_ms(llm, prompt)
+    b1 = batch1_ms_per_token(llm, prompt)
     b1_floor = (
         (2 * num_params(cfg) + (args.ctx - 64) * n_layers * 2 * kv_heads * head * 2)
         / read_bps

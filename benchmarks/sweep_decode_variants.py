@@ -21,7 +21,6 @@ next to a device copy moving the same bytes, timed the same way.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -31,69 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_kernels import bench_graph, copy_bandwidth  # noqa: E402
-from benchmarks.sweep_decode_splits import engine_splits  # noqa: E402
+from benchmarks.bench_kernels import HEAD_SIZE, bench_graph, copy_bandwidth, decode_calls  # noqa: E402
+from benchmarks.sweep_decode_splits import engine_splits, same_size_copy_tbps  # noqa: E402
 
-HEAD = 128
-DTYPE = torch.bfloat16
-L2_FLUSH_BYTES = 200 * 2**20
 # (batch, context): the issue's shapes, the text benchmark's decode (~200 x 1.1k) and batch 1.
 SHAPES = [(16, 1024), (16, 4096), (64, 4096), (192, 1152), (1, 1152)]
 HQ, HKV = 16, 2
 ENGINE_TILE = (16, 64, 4, 2)
 TILES = [ENGINE_TILE, (16, 64, 2, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 32, 4, 4)]
-
-
-def make_inputs(batch: int, ctx: int, block_size: int, layout: str):
-    blocks_per_seq = -(-ctx // block_size)
-    num_blocks = batch * blocks_per_seq
-    if layout == "nhd":
-        shape = (num_blocks, block_size, HKV, HEAD)
-        key_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-        value_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-    else:  # hnd storage, viewed with the kernels' logical [blocks, block_size, heads, head]
-        shape = (num_blocks, HKV, block_size, HEAD)
-        key_cache = torch.randn(shape, device="cuda", dtype=DTYPE).transpose(1, 2)
-        value_cache = torch.randn(shape, device="cuda", dtype=DTYPE).transpose(1, 2)
-    block_tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, -1)
-    q = torch.randn(batch, HQ, HEAD, device="cuda", dtype=DTYPE)
-    qsl = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
-    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-    return q, key_cache, value_cache, block_tables, qsl, seq_lens
-
-
-def call_set(batch: int, ctx: int, block_size: int, layout: str, splits: int):
-    from kernels.paged_attention import paged_attention
-
-    kv_bytes = 2 * batch * ctx * HKV * HEAD * DTYPE.itemsize
-    nbytes = kv_bytes + 2 * batch * HQ * HEAD * DTYPE.itemsize
-    copies = min(max(2, -(-L2_FLUSH_BYTES // kv_bytes)), 16)
-    calls = []
-    for _ in range(copies):
-        args = make_inputs(batch, ctx, block_size, layout)
-        calls.append(
-            functools.partial(
-                paged_attention,
-                *args,
-                scale=HEAD**-0.5,
-                max_query_len=1,
-                max_seq_len=ctx,
-                out=torch.empty_like(args[0]),
-                num_kv_splits=splits,
-                fused_merge=splits <= 8,
-            )
-        )
-    return calls, nbytes
-
-
-def same_size_copy(nbytes: int) -> float:
-    n = nbytes // 4
-    copies = min(max(2, -(-L2_FLUSH_BYTES // nbytes)), 16)
-    pairs = [
-        (torch.empty(n, device="cuda", dtype=DTYPE), torch.empty(n, device="cuda", dtype=DTYPE))
-        for _ in range(copies)
-    ]
-    return 4 * n / bench_graph([lambda d=d, s=s: d.copy_(s) for s, d in pairs], 10) / 1e9
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     copy_tbps, _ = copy_bandwidth(200)
     lines = [
         f"# decode attention variants, {torch.cuda.get_device_name(0)} ({sm} SMs), "
-        f"1 GiB copy {copy_tbps:.2f} TB/s, {HQ}q/{HKV}kv head {HEAD} bf16",
+        f"1 GiB copy {copy_tbps:.2f} TB/s, {HQ}q/{HKV}kv head {HEAD_SIZE} bf16",
         "",
         "TB/s of K/V + q/out per call (CUDA-graph replays, inputs > L2). s: engine split "
         "count; 2s: twice it. tile = (BLOCK_M, TILE_N, warps, stages).",
@@ -134,9 +78,11 @@ def main(argv: list[str] | None = None) -> None:
                     if splits is None:
                         row.append(float("nan"))
                         continue
-                    calls, nbytes = call_set(batch, ctx, block_size, layout, splits)
+                    calls, nbytes = decode_calls(
+                        batch, ctx, HQ, HKV, splits, block_size, layout, fused_merge=splits <= 8
+                    )
                     if same is None:
-                        same = same_size_copy(nbytes)
+                        same = same_size_copy_tbps(batch, ctx, HQ, HKV)
                     try:
                         row.append(nbytes / bench_graph(calls, args.replays) / 1e9)
                     except Exception as exc:  # e.g. shared memory: report, keep going
