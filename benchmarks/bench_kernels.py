@@ -2,7 +2,8 @@
 
 Measures (a) the device-to-device copy bandwidth, the ceiling for memory-bound kernels;
 (b) decode attention bandwidth (K/V bytes read + q/out) with the split-KV path on and off;
-(c) causal prefill attention TFLOP/s next to SDPA's flash backend on equal unpaged shapes;
+(c) causal prefill attention TFLOP/s next to SDPA's flash backend on equal unpaged shapes
+(query blocks in order and longest first);
 (d) rms_norm / silu_and_mul / rotary / write_kv_cache bandwidth next to their torch
 references. Times are medians of `triton.testing.do_bench`, which flushes L2 between runs.
 Prints a markdown table and writes it to $OUT/kernels.md when OUT is set.
@@ -224,20 +225,22 @@ def prefill_rows(rep_ms: int) -> list[Row]:
                 )
 
         flops = 2 * 2 * batch * hq * seq * seq * HEAD_SIZE / 2  # QK^T and PV, causal half
-        ms_ours = bench(fn, rep_ms)
         ms_sdpa = bench(sdpa, rep_ms)
-        tflops, tflops_sdpa = flops / ms_ours / 1e9, flops / ms_sdpa / 1e9
+        tflops_sdpa = flops / ms_sdpa / 1e9
         shape = f"{model} B={batch} S={seq}"
-        rows.append(
-            Row(
-                "prefill",
-                "paged_attention causal",
-                shape,
-                ms_ours,
-                f"{tflops:.0f} TFLOP/s",
-                f"{100 * tflops / tflops_sdpa:.0f}% of SDPA flash",
+        for name, order in (("", False), (", longest first", True)):
+            ms_ours = bench(functools.partial(fn, longest_first=order), rep_ms)
+            tflops = flops / ms_ours / 1e9
+            rows.append(
+                Row(
+                    "prefill",
+                    f"paged_attention causal{name}",
+                    shape,
+                    ms_ours,
+                    f"{tflops:.0f} TFLOP/s",
+                    f"{100 * tflops / tflops_sdpa:.0f}% of SDPA flash",
+                )
             )
-        )
         rows.append(
             Row("prefill", "SDPA flash is_causal", shape, ms_sdpa, f"{tflops_sdpa:.0f} TFLOP/s", "")
         )

@@ -170,8 +170,11 @@ def _paged_attention_kernel(
     FUSED_MERGE: tl.constexpr,  # NUM_SPLITS > 1: the last split merges (else a 2nd kernel)
     MERGE_UNROLL: tl.constexpr,  # fused merge: unroll its loops over the splits
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so tests compare tightly
+    LONGEST_FIRST: tl.constexpr,  # walk the query blocks last to first (see the wrapper)
 ):
     q_block_global = tl.program_id(0)
+    if LONGEST_FIRST:
+        q_block_global = tl.num_programs(0) - 1 - q_block_global
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -630,6 +633,7 @@ def paged_attention(
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
     fused_merge: bool = True,
+    longest_first: bool = False,
     use_triton_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks over each sequence's paged KV.
@@ -660,6 +664,11 @@ def paged_attention(
             give the same result; the fused path saves the second launch. The fused path
             shares a per-device counter buffer between calls, so calls on one device must
             not run concurrently on different streams.
+        longest_first: for batches with several query blocks per sequence, launch the
+            grid's query blocks last to first, so that the blocks that see the most keys
+            (a sequence's last ones, causally) start first and the short ones fill the
+            tail of the last wave. Same result either way; off by default until measured
+            (`benchmarks/bench_kernels.py --only prefill` times both).
         use_triton_kernel: force the Triton kernel (True) or the torch reference (False);
             None takes Triton on CUDA tensors or when MMENGINE_FORCE_TRITON=1.
 
@@ -681,6 +690,7 @@ def paged_attention(
             out=out,
             num_kv_splits=num_kv_splits,
             fused_merge=fused_merge,
+            longest_first=longest_first,
         )
     check_launchable(_paged_attention_kernel, q)
 
@@ -782,6 +792,7 @@ def paged_attention(
         FUSED_MERGE=fused,
         MERGE_UNROLL=merge_unroll,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        LONGEST_FIRST=longest_first and not one_block_per_seq,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -818,16 +829,18 @@ def paged_attention_torch(
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
     fused_merge: bool = True,
+    longest_first: bool = False,
 ) -> torch.Tensor:
     """Plain-torch reference of `paged_attention` (same arguments and result).
 
     A loop over sequences: gather the sequence's K/V through its block table, then a
     masked softmax in fp32, the way HF's eager attention computes it. It reads the lengths
-    on the host, so it synchronizes; `max_query_len`, `max_seq_len`, `num_kv_splits` and
-    `fused_merge` are accepted for signature parity and unused. Rows that belong to no
+    on the host, so it synchronizes; `max_query_len`, `max_seq_len`, `num_kv_splits`,
+    `fused_merge` and `longest_first` are accepted for signature parity and unused. Rows
+    that belong to no
     sequence are left as they are in `out` (zeros if allocated here).
     """
-    del max_query_len, max_seq_len, num_kv_splits, fused_merge
+    del max_query_len, max_seq_len, num_kv_splits, fused_merge, longest_first
     num_q_heads = q.shape[1]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_q_heads // num_kv_heads

@@ -152,11 +152,12 @@ def test_reference_matches_hf_eager_attention_for_a_chunk_after_cached_context()
 # ---------------------------------------------------------------- triton vs reference
 
 
+@pytest.mark.parametrize("longest_first", [False, True], ids=["in-order", "longest-first"])
 @pytest.mark.parametrize(
     ("queries_per_kv", "head_size"), [(1, 64), (3, 80), (8, 64)], ids=["mha", "gqa3-h80", "gqa8"]
 )
 def test_triton_matches_reference_on_mixed_decode_and_prefill_batch(
-    queries_per_kv: int, head_size: int
+    queries_per_kv: int, head_size: int, longest_first: bool
 ) -> None:
     # Decodes, a chunk continuing a context, an empty padding sequence, a fresh prefill
     # spanning several query blocks, and a chunk ending mid-block.
@@ -168,7 +169,10 @@ def test_triton_matches_reference_on_mixed_decode_and_prefill_batch(
         head_size=head_size,
     )
     torch.testing.assert_close(
-        batch.run(use_triton_kernel=True), batch.run(paged_attention_torch), atol=2e-5, rtol=1e-4
+        batch.run(use_triton_kernel=True, longest_first=longest_first),
+        batch.run(paged_attention_torch),
+        atol=2e-5,
+        rtol=1e-4,
     )
 
 
@@ -297,18 +301,21 @@ def assert_counters_zero(device: torch.device | str) -> None:
     assert int(counters.count_nonzero()) == 0, "a fused call left a counter non-zero"
 
 
-def run_fused_and_unfused(batch: Batch, num_kv_splits: int, monkeypatch) -> tuple:
+def run_fused_and_unfused(batch: Batch, num_kv_splits: int, monkeypatch, **kwargs) -> tuple:
     """(fused output, two-launch output, reference) with the same sentinel in padding rows;
     the fused call runs with the merge kernel disabled, proving it needs no second launch."""
     sentinel = torch.full_like(batch.q, -3.0)
     with monkeypatch.context() as m:
         m.setattr(pa, "_merge_splits_kernel", _NoLaunch())
-        fused = batch.run(use_triton_kernel=True, out=sentinel.clone(), num_kv_splits=num_kv_splits)
+        fused = batch.run(
+            use_triton_kernel=True, out=sentinel.clone(), num_kv_splits=num_kv_splits, **kwargs
+        )
     unfused = batch.run(
         use_triton_kernel=True,
         out=sentinel.clone(),
         num_kv_splits=num_kv_splits,
         fused_merge=False,
+        **kwargs,
     )
     return fused, unfused, batch.run(paged_attention_torch, out=sentinel.clone())
 
@@ -350,9 +357,10 @@ def test_fused_merge_matches_reference_and_two_launch_merge_on_decode_batch(
         assert_counters_zero("cpu")
 
 
+@pytest.mark.parametrize("longest_first", [False, True], ids=["in-order", "longest-first"])
 @pytest.mark.parametrize("num_kv_splits", [2, 6])
 def test_fused_merge_on_mixed_batch_with_several_query_blocks_per_sequence(
-    num_kv_splits: int, monkeypatch
+    num_kv_splits: int, longest_first: bool, monkeypatch
 ) -> None:
     # Chunks longer than one query block (fp32, 8:1: 64-row tiles of 8 tokens), so one
     # sequence owns several tiles, each with its own counter, next to decodes and a fresh
@@ -365,7 +373,9 @@ def test_fused_merge_on_mixed_batch_with_several_query_blocks_per_sequence(
         head_size=64,
         seed=12,
     )
-    fused, unfused, expected = run_fused_and_unfused(batch, num_kv_splits, monkeypatch)
+    fused, unfused, expected = run_fused_and_unfused(
+        batch, num_kv_splits, monkeypatch, longest_first=longest_first
+    )
     torch.testing.assert_close(fused, expected, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-5)
     assert_counters_zero("cpu")
@@ -523,8 +533,9 @@ def test_gpu_auto_split_path_for_few_long_decodes_matches_reference() -> None:
         (torch.float32, 3, 128),
     ],
 )
+@pytest.mark.parametrize("longest_first", [False, True], ids=["in-order", "longest-first"])
 def test_gpu_mixed_batch_with_chunked_prefill(
-    dtype: torch.dtype, queries_per_kv: int, head_size: int
+    dtype: torch.dtype, queries_per_kv: int, head_size: int, longest_first: bool
 ) -> None:
     batch = _random_decode_and_prefill_batch(
         48,
@@ -537,7 +548,9 @@ def test_gpu_mixed_batch_with_chunked_prefill(
         dtype=dtype,
     )
     torch.testing.assert_close(
-        batch.run(), batch.run(paged_attention_torch), **GPU_TOLERANCES[dtype]
+        batch.run(longest_first=longest_first),
+        batch.run(paged_attention_torch),
+        **GPU_TOLERANCES[dtype],
     )
 
 
