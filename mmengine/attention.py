@@ -201,14 +201,14 @@ def rotary_paged_attention_op(
 
 
 @rotary_paged_attention_op.register_fake
-def _rotary_paged_attention_fake(  # noqa: ANN202
-    qkv,
-    positions,
-    cos_sin_cache,
-    key_cache,
-    value_cache,
-    scale,
-    num_heads,
-    mrope_section,  # noqa: ANN001
-):
+def _rotary_paged_attention_fake(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    scale: float,
+    num_heads: int,
+    mrope_section: list[int] | None,
+) -> torch.Tensor:
     return qkv.new_empty((qkv.shape[0], num_heads, key_cache.shape[-1]))
