@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(
     p.name
     for p in (ROOT / "benchmarks").glob("*.py")
-    if p.name.startswith(("bench_", "profile_", "sweep_"))
+    if p.name.startswith(("bench_", "profile_", "sweep_")) or p.name == "random_checkpoint.py"
 )
 
 
