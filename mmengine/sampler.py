@@ -101,12 +101,7 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
             probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"), logits
         )
     if any(r.top_k > 0 for r in rows):
-        vocab = logits.shape[-1]
-        k = _dev([r.top_k if r.top_k > 0 else vocab for r in rows], dev)
-        k = k.clamp(max=vocab)
-        sorted_desc = logits.sort(-1, descending=True).values
-        kth = sorted_desc.gather(1, (k - 1)[:, None])
-        logits = torch.where(logits < kth, float("-inf"), logits)
+        logits = _top_k(logits, rows)
     if any(r.top_p < 1.0 for r in rows):
         top_p = _dev([r.top_p for r in rows], dev)[:, None]
         sorted_logits, idx = logits.sort(-1, descending=True)
@@ -117,6 +112,33 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)
         logits = torch.where(drop, float("-inf"), logits)
     return logits
+
+
+# Up to this k, top-k finds each row's k-th largest logit with `topk` (a selection) instead
+# of sorting the whole vocabulary. The threshold, and so the result, is the same. Sampling
+# with temperature + top-k 50 over 151,936 logits on the 2-core dev CPU: 12.7 -> 2.8 ms at
+# batch 1, 555 -> 224 ms at batch 64 (benchmarks/bench_sampler.py; not yet timed on a GPU).
+_TOPK_SELECT_MAX = 1024
+
+
+def _top_k(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Masks (-inf) every logit below its row's k-th largest; rows with top_k 0 keep all.
+    Ties with the k-th value stay, as with a sort."""
+    vocab = logits.shape[-1]
+    ks = [min(r.top_k, vocab) if r.top_k > 0 else vocab for r in rows]
+    kmax = max(k for k, r in zip(ks, rows, strict=True) if r.top_k > 0)
+    if kmax <= _TOPK_SELECT_MAX:
+        best = logits.topk(kmax, dim=-1).values  # [B, kmax], descending
+        idx = _dev(
+            [k - 1 if r.top_k > 0 else 0 for k, r in zip(ks, rows, strict=True)], logits.device
+        )
+        kth = best.gather(1, idx[:, None])
+        active = _dev([r.top_k > 0 for r in rows], logits.device)[:, None]
+        kth = torch.where(active, kth, float("-inf"))
+    else:
+        k = _dev(ks, logits.device)
+        kth = logits.sort(-1, descending=True).values.gather(1, (k - 1)[:, None])
+    return torch.where(logits < kth, float("-inf"), logits)
 
 
 def _exponential(rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:

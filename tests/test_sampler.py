@@ -262,3 +262,30 @@ def test_prompt_logprobs_give_each_next_token_its_logprob_rank_and_the_top_k() -
     bare = prompt_logprobs(logits, next_ids, k=0)
     assert [lp.token_ids for lp in bare] == [[t] for t in next_ids]
     assert all(math.isfinite(lp.logprobs[0]) for lp in bare)
+
+
+def _top_k_by_sort(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Reference: each row's k-th largest by a full sort; logits below it become -inf."""
+    out = logits.clone()
+    for i, k in enumerate(ks):
+        if k > 0:
+            kth = logits[i].sort(descending=True).values[min(k, logits.shape[1]) - 1]
+            out[i][logits[i] < kth] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("select_max", [1024, 0], ids=["topk-select", "full-sort"])
+def test_top_k_keeps_the_same_tokens_as_a_full_sort_ties_included(
+    select_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mmengine.sampler as sampler
+
+    monkeypatch.setattr(sampler, "_TOPK_SELECT_MAX", select_max)
+    gen = torch.Generator().manual_seed(3)
+    # Quarter steps: many exact ties (as bf16 logits have); a row already partly -inf.
+    logits = (torch.randn(7, 500, generator=gen) * 4).round() / 4
+    logits[4, ::3] = float("-inf")
+    ks = [0, 1, 3, 50, 7, 500, 10_000]  # off, the best only, ..., the whole vocab and more
+    got = sampler._top_k(logits, [make_row(top_k=k) for k in ks])
+    assert torch.equal(got, _top_k_by_sort(logits, ks))
+    assert torch.equal(got[0], logits[0]) and (got[1] > float("-inf")).sum() >= 1
