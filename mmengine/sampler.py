@@ -125,19 +125,14 @@ def _top_k(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Masks (-inf) every logit below its row's k-th largest; rows with top_k 0 keep all.
     Ties with the k-th value stay, as with a sort."""
     vocab = logits.shape[-1]
-    ks = [min(r.top_k, vocab) if r.top_k > 0 else vocab for r in rows]
-    kmax = max(k for k, r in zip(ks, rows, strict=True) if r.top_k > 0)
+    ks = [min(r.top_k, vocab) if r.top_k > 0 else 0 for r in rows]  # 0: no top-k
+    k = _dev(ks, logits.device)[:, None]
+    kmax = max(ks)
     if kmax <= _TOPK_SELECT_MAX:
-        best = logits.topk(kmax, dim=-1).values  # [B, kmax], descending
-        idx = _dev(
-            [k - 1 if r.top_k > 0 else 0 for k, r in zip(ks, rows, strict=True)], logits.device
-        )
-        kth = best.gather(1, idx[:, None])
-        active = _dev([r.top_k > 0 for r in rows], logits.device)[:, None]
-        kth = torch.where(active, kth, float("-inf"))
+        ranked = logits.topk(kmax, dim=-1).values  # [B, kmax], descending
     else:
-        k = _dev(ks, logits.device)
-        kth = logits.sort(-1, descending=True).values.gather(1, (k - 1)[:, None])
+        ranked = logits.sort(-1, descending=True).values
+    kth = torch.where(k > 0, ranked.gather(1, (k - 1).clamp(min=0)), float("-inf"))
     return torch.where(logits < kth, float("-inf"), logits)
 
 
