@@ -14,6 +14,7 @@ Prints a markdown table and writes it to $OUT/kernels.md when OUT is set.
 """
 
 import argparse
+import contextlib
 import functools
 import itertools
 import os
@@ -90,6 +91,20 @@ def copy_bandwidth(rep_ms: int) -> tuple[float, Row]:
     ms = bench(functools.partial(dst.copy_, src), rep_ms)
     tbps = 2 * src.numel() * src.element_size() / ms / 1e9
     return tbps, Row("copy", "torch copy_", "1 GiB → 1 GiB", ms, f"{tbps:.2f} TB/s", "ceiling")
+
+
+@contextlib.contextmanager
+def forced_launch_config(config: tuple[int, int, int, int]):  # noqa: ANN201
+    """Within the block, paged_attention launches with this (BLOCK_M, TILE_N, num_warps,
+    num_stages) whatever the batch, as the tile sweeps need."""
+    import kernels.paged_attention as pa
+
+    original = pa._launch_config
+    pa._launch_config = lambda *_: config
+    try:
+        yield
+    finally:
+        pa._launch_config = original
 
 
 def paged_decode_inputs(
@@ -328,13 +343,12 @@ def sweep_rows(rep_ms: int) -> list[Row]:
     """Times other tiles (BLOCK_M, TILE_N, num_warps, num_stages) and split counts."""
     import kernels.paged_attention as pa
 
-    original = pa._launch_config
     rows = []
 
     def timed(label: str, config: tuple[int, int, int, int], run: Callable[[], float]) -> None:
-        pa._launch_config = lambda *_: config
         try:
-            ms = run()
+            with forced_launch_config(config):
+                ms = run()
         except Exception as exc:  # e.g. out of shared memory
             rows.append(Row("sweep", label, str(config), float("nan"), type(exc).__name__, ""))
         else:
@@ -348,49 +362,44 @@ def sweep_rows(rep_ms: int) -> list[Row]:
         (16, 128, 4, 2),
     ]
     decode_shapes = [(16, 1024, 16, 2), (16, 4096, 16, 2), (16, 4096, 32, 8), (64, 1024, 32, 8)]
-    try:
-        for (batch, context, hq, hkv), splits in itertools.product(
-            decode_shapes, (1, 4, 8, 16, 32)
-        ):
-            for config in decode_configs:
-                calls, _ = decode_calls(batch, context, hq, hkv, splits)
-                label = f"decode {hq}q/{hkv}kv B={batch} ctx={context} splits={splits}"
-                timed(label, config, functools.partial(bench_graph, calls, 10))
-                del calls
-        prefill_configs = [
-            (64, 64, 4, 3),
-            (64, 64, 4, 2),
-            (64, 32, 4, 2),
-            (64, 128, 4, 2),
-            (128, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 3),
-        ]
-        for batch, seq in ((1, 4096), (8, 1024)):
-            blocks = batch * seq // BLOCK_SIZE
-            args = (
-                torch.randn(batch * seq, 32, HEAD_SIZE, device="cuda", dtype=DTYPE),
-                torch.randn(blocks, BLOCK_SIZE, 8, HEAD_SIZE, device="cuda", dtype=DTYPE),
-                torch.randn(blocks, BLOCK_SIZE, 8, HEAD_SIZE, device="cuda", dtype=DTYPE),
-                torch.arange(blocks, device="cuda", dtype=torch.int32).view(batch, -1),
-                torch.arange(0, batch * seq + 1, seq, device="cuda", dtype=torch.int32),
-                torch.full((batch,), seq, device="cuda", dtype=torch.int32),
+    for (batch, context, hq, hkv), splits in itertools.product(decode_shapes, (1, 4, 8, 16, 32)):
+        for config in decode_configs:
+            calls, _ = decode_calls(batch, context, hq, hkv, splits)
+            label = f"decode {hq}q/{hkv}kv B={batch} ctx={context} splits={splits}"
+            timed(label, config, functools.partial(bench_graph, calls, 10))
+            del calls
+    prefill_configs = [
+        (64, 64, 4, 3),
+        (64, 64, 4, 2),
+        (64, 32, 4, 2),
+        (64, 128, 4, 2),
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+    ]
+    for batch, seq in ((1, 4096), (8, 1024)):
+        blocks = batch * seq // BLOCK_SIZE
+        args = (
+            torch.randn(batch * seq, 32, HEAD_SIZE, device="cuda", dtype=DTYPE),
+            torch.randn(blocks, BLOCK_SIZE, 8, HEAD_SIZE, device="cuda", dtype=DTYPE),
+            torch.randn(blocks, BLOCK_SIZE, 8, HEAD_SIZE, device="cuda", dtype=DTYPE),
+            torch.arange(blocks, device="cuda", dtype=torch.int32).view(batch, -1),
+            torch.arange(0, batch * seq + 1, seq, device="cuda", dtype=torch.int32),
+            torch.full((batch,), seq, device="cuda", dtype=torch.int32),
+        )
+        fn = functools.partial(
+            pa.paged_attention,
+            *args,
+            scale=HEAD_SIZE**-0.5,
+            max_query_len=seq,
+            max_seq_len=seq,
+        )
+        for config in prefill_configs:
+            timed(
+                f"prefill 32q/8kv B={batch} S={seq}",
+                config,
+                functools.partial(bench, fn, rep_ms),
             )
-            fn = functools.partial(
-                pa.paged_attention,
-                *args,
-                scale=HEAD_SIZE**-0.5,
-                max_query_len=seq,
-                max_seq_len=seq,
-            )
-            for config in prefill_configs:
-                timed(
-                    f"prefill 32q/8kv B={batch} S={seq}",
-                    config,
-                    functools.partial(bench, fn, rep_ms),
-                )
-    finally:
-        pa._launch_config = original
     return rows
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -41,23 +40,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_sampler import time_ms  # noqa: E402
 from benchmarks.bench_text_throughput import batch1_ms_per_token, ceilings  # noqa: E402
 from benchmarks.model_configs import CONFIGS, num_params, write_config_dir  # noqa: E402
-
-
-def kernel_kind(name: str) -> str:
-    n = name.lower()
-    if "paged_attention" in n or "merge_splits" in n:
-        return "attention"
-    if "write_kv" in n:
-        return "KV write"
-    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas", "gemv")):
-        return "GEMM"
-    if "triton" in n:
-        return "Inductor/Triton fused"
-    if "memcpy" in n or "memset" in n:
-        return "copy/memset"
-    return "other"
+from benchmarks.profile_w1 import kernel_kind  # noqa: E402
 
 
 def fill_graph_inputs(runner, b: int, ctx: int, gen: torch.Generator) -> None:
@@ -79,18 +65,6 @@ def fill_graph_inputs(runner, b: int, ctx: int, gen: torch.Generator) -> None:
     g.input_ids[:b].copy_(torch.randint(100, 10000, (b,), generator=gen))
     last = (ctx - 1) // bs
     g.slot_mapping[:b].copy_(tables[:, last].long() * bs + (ctx - 1) % bs)
-
-
-def time_ms(fn, n: int = 30) -> float:
-    times = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def kernels_of(fn, replays: int = 5) -> list[tuple[str, float, int]]:
@@ -122,10 +96,12 @@ def profile_batch(runner, model, b: int, args, gen, read_bps: float, cfg: dict):
     graph = runner.graphs.graphs[b]
     out = runner.graphs.outputs[b]
     graph.replay()
-    ms = time_ms(graph.replay)
+    ms = time_ms(graph.replay, runner.device, 30)
     kv_bytes = b * args.ctx * n_layers * 2 * kv_heads * head * 2
     floor = (graph_weight_bytes + kv_bytes) / read_bps * 1e3
-    head_ms = time_ms(lambda out=out, b=b, m=model: m.compute_logits(out[:b]).argmax(-1))
+    head_ms = time_ms(
+        lambda out=out, b=b, m=model: m.compute_logits(out[:b]).argmax(-1), runner.device, 30
+    )
     head_floor = head_bytes / read_bps * 1e3
     kernels = kernels_of(graph.replay)
     by_kind: dict[str, float] = defaultdict(float)
@@ -198,7 +174,7 @@ def profile_prefill(llm, cfg: dict, args, matmul_rate: float) -> list[str]:
     tokens = n * s
     gemm_flops = 2 * (num_params(cfg) - vocab * h) * tokens + 2 * vocab * h * n
     attn_flops = 2 * 2 * n * (s * s / 2) * head * heads * n_layers  # causal QK^T and PV
-    floors = {"GEMM": gemm_flops, "attention": attn_flops}
+    floors = {"GEMM (cuBLAS)": gemm_flops, "paged attention (Triton)": attn_flops}
     busy = sum(by_kind.values())
     lines = [
         "",

@@ -49,6 +49,8 @@ def kernel_kind(name: str) -> str:
         return "copy/memset"
     if "paged_attention" in n or "merge_splits" in n:
         return "paged attention (Triton)"
+    if "write_kv" in n or "rotary" in n:
+        return "rotary / KV write (Triton)"
     if "flash" in n or "fmha" in n or "attention" in n or "cudnn" in n:
         return "attention (cuDNN/flash SDPA)"
     if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas")):

@@ -29,7 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_kernels import bench_graph, copy_bandwidth, decode_calls  # noqa: E402
+from benchmarks.bench_kernels import (  # noqa: E402
+    bench_graph,
+    copy_bandwidth,
+    decode_calls,
+    forced_launch_config,
+)
 
 SHAPES = [  # (batch, context, q heads, kv heads)
     (16, 1024, 16, 2),
@@ -217,45 +222,41 @@ def main(argv: list[str] | None = None) -> None:
         "| shape | config | same-size copy | auto | " + " | ".join(f"s={s}" for s in SPLITS) + " |",
         "|---" * (len(SPLITS) + 4) + "|",
     ]
-    original = pa._launch_config
-    try:
-        for batch, ctx, hq, hkv in SHAPES:
-            auto = pa.choose_num_kv_splits(
-                num_q_blocks=batch,
-                num_kv_heads=hkv,
-                max_query_len=1,
-                max_seq_len=ctx,
-                sm_count=sm,
-            )
-            same = same_size_copy_tbps(batch, ctx, hq, hkv)
-            for config in configs:
-                pa._launch_config = lambda *_, c=config: c
-                cells = []
-                best = (0.0, 0)
-                for s in SPLITS:
-                    try:
-                        calls, nbytes = decode_calls(batch, ctx, hq, hkv, s)
+    for batch, ctx, hq, hkv in SHAPES:
+        auto = pa.choose_num_kv_splits(
+            num_q_blocks=batch,
+            num_kv_heads=hkv,
+            max_query_len=1,
+            max_seq_len=ctx,
+            sm_count=sm,
+        )
+        same = same_size_copy_tbps(batch, ctx, hq, hkv)
+        for config in configs:
+            cells = []
+            best = (0.0, 0)
+            for s in SPLITS:
+                try:
+                    calls, nbytes = decode_calls(batch, ctx, hq, hkv, s)
+                    with forced_launch_config(config):
                         ms = bench_graph(calls, 10)
-                        tbps = nbytes / ms / 1e9
-                        del calls
-                    except Exception as exc:  # e.g. out of shared memory
-                        cells.append(type(exc).__name__)
-                        continue
-                    cells.append(f"{tbps:.2f}")
-                    best = max(best, (tbps, s))
-                shape = f"B={batch} ctx={ctx} {hq}q/{hkv}kv"
-                lines.append(
-                    f"| {shape} | {config} | {same:.2f} | {auto} | " + " | ".join(cells) + " |"
-                )
-                print(
-                    f"{shape} {config}: best s={best[1]} {best[0]:.2f} TB/s "
-                    f"({100 * best[0] / copy_tbps:.0f}% of the 1 GiB copy, "
-                    f"{100 * best[0] / same:.0f}% of a same-size copy at {same:.2f}); "
-                    f"auto={auto}",
-                    flush=True,
-                )
-    finally:
-        pa._launch_config = original
+                    tbps = nbytes / ms / 1e9
+                    del calls
+                except Exception as exc:  # e.g. out of shared memory
+                    cells.append(type(exc).__name__)
+                    continue
+                cells.append(f"{tbps:.2f}")
+                best = max(best, (tbps, s))
+            shape = f"B={batch} ctx={ctx} {hq}q/{hkv}kv"
+            lines.append(
+                f"| {shape} | {config} | {same:.2f} | {auto} | " + " | ".join(cells) + " |"
+            )
+            print(
+                f"{shape} {config}: best s={best[1]} {best[0]:.2f} TB/s "
+                f"({100 * best[0] / copy_tbps:.0f}% of the 1 GiB copy, "
+                f"{100 * best[0] / same:.0f}% of a same-size copy at {same:.2f}); "
+                f"auto={auto}",
+                flush=True,
+            )
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -30,7 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_kernels import HEAD_SIZE, bench_graph, copy_bandwidth, decode_calls  # noqa: E402
+from benchmarks.bench_kernels import (  # noqa: E402
+    HEAD_SIZE,
+    bench_graph,
+    copy_bandwidth,
+    decode_calls,
+    forced_launch_config,
+)
 from benchmarks.sweep_decode_splits import engine_splits, same_size_copy_tbps  # noqa: E402
 
 # (batch, context): the shapes, the text benchmark's decode (~200 x 1.1k) and batch 1.
@@ -46,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     import kernels.paged_attention as pa
 
-    original_config = pa._launch_config
     t0 = time.perf_counter()
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     copy_tbps, _ = copy_bandwidth(200)
@@ -71,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         variants += [(lay, bs, ENGINE_TILE) for lay in ("nhd", "hnd") for bs in (32, 64)]
         same = None
         for layout, block_size, tile in variants:
-            pa._launch_config = lambda *a, tile=tile: tile  # noqa: E731
-            try:
+            with forced_launch_config(tile):
                 row = []
                 for splits in (s, 2 * s if s < 32 and tile == ENGINE_TILE else None):
                     if splits is None:
@@ -98,8 +102,6 @@ def main(argv: list[str] | None = None) -> None:
                         )
                         max_diff = max(max_diff, (out.float() - ref.float()).abs().max().item())
                     del calls
-            finally:
-                pa._launch_config = original_config
             at_s, at_2s = row
             lines.append(
                 f"| {batch} | {ctx} | {nbytes / 1e6:.1f} | {same:.2f} | {layout} | {block_size} "
