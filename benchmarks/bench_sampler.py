@@ -2,10 +2,13 @@
 
 Times `mmengine.sampler.sample_async` on random fp32 logits of a Qwen-sized vocabulary for
 batch sizes and the usual settings: greedy, temperature, temperature + top-p, + top-k,
-+ min-p, all of them with logprobs, and seeded rows. Each is the GPU time of the sampler's
-kernels (CUDA events, median of replays; the host only launches), beside the time to
-read the logits once at the card's read rate (a floor for any single pass over them).
-The text benchmark samples greedily; served traffic mostly does not.
++ min-p, all of them with logprobs, and seeded rows. Each cell is the GPU time of the
+sampler's kernels (CUDA events, median of replays) and, in brackets, the host time of the
+call. The GPU time is measured behind a ~5 ms GPU sleep, so the host has queued every
+kernel before the first runs and host gaps do not count (in the engine the host runs a
+step ahead of the GPU). Beside them, the time to read the logits once at the card's read
+rate: a floor for any single pass over them. The text benchmark samples greedily; served
+traffic mostly does not.
 
     python3 benchmarks/bench_sampler.py [--batches 1,16,64,256] [--vocab 151936]
         [--device cuda]        # --device cpu runs the same on the CPU (no floor column)
@@ -26,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmengine.sampler import SamplingRow, sample_async  # noqa: E402
+from mmengine.sampler import SamplingRow, SeedStream, sample_async  # noqa: E402
 
 SETTINGS = {
     "greedy": {"temperature": 0.0},
@@ -44,8 +47,7 @@ def make_rows(n: int, setting: dict, device: torch.device) -> list[SamplingRow]:
     for i in range(n):
         gen = None
         if "seed" in setting:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(setting["seed"] + i)
+            gen = SeedStream(setting["seed"] + i)
         rows.append(
             SamplingRow(
                 temperature=setting["temperature"],
@@ -65,12 +67,17 @@ def make_rows(n: int, setting: dict, device: torch.device) -> list[SamplingRow]:
     return rows
 
 
-def time_ms(fn, device: torch.device, reps: int) -> float:
+def time_ms(fn, device: torch.device, reps: int, behind_sleep: bool = False) -> float:
+    """Median milliseconds of `fn()`: GPU time between CUDA events on a GPU, wall time on
+    the CPU. With `behind_sleep`, the events follow a GPU sleep of ~5 ms, so the time is
+    the kernels' alone (as long as the host queues them in less than that)."""
     fn()  # warm-up (allocations, lazy init)
     times = []
     for _ in range(reps):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if behind_sleep:
+                torch.cuda._sleep(10_000_000)  # cycles: ~5 ms at 2 GHz
             start.record()
             fn()
             end.record()
@@ -83,6 +90,18 @@ def time_ms(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def host_ms(fn, device: torch.device, reps: int) -> float:
+    """Median host milliseconds of `fn()` (the GPU work it queues is not waited for)."""
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def read_rate(device: torch.device) -> float | None:
     """Bytes per second of a large sum on the GPU (None on the CPU)."""
     if device.type != "cuda":
@@ -90,6 +109,63 @@ def read_rate(device: torch.device) -> float | None:
     x = torch.randn(1 << 28, device=device)
     ms = time_ms(x.sum, device, 20)
     return x.numel() * 4 / ms * 1e3
+
+
+KERNEL_SETTINGS = {
+    "temperature": dict(use_min_p=False, use_top_k=False, use_top_p=False),
+    "top-p 0.9": dict(use_min_p=False, use_top_k=False, use_top_p=True),
+    "top-k 50": dict(use_min_p=False, use_top_k=True, use_top_p=False),
+    "min-p + top-k + top-p": dict(use_min_p=True, use_top_k=True, use_top_p=True),
+}
+
+
+def _kernel_call(ks, logits: torch.Tensor, flags: dict):
+    b, dev = logits.shape[0], logits.device
+
+    def full(v: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.full((b,), v, dtype=dtype, device=dev)
+
+    args = (full(0.8), full(50, torch.long), full(0.9), full(0.05), torch.arange(b, device=dev))
+    return lambda: ks.sample_from_logits(logits, *args, **flags)
+
+
+def kernel_sweep(
+    batches: list[int], vocab: int, device: torch.device, reps: int, sweep: bool
+) -> list[str]:
+    """GPU time of `kernels.sampling.sample_from_logits` alone (parameters already on the
+    device), per setting and batch, at the default launch config and, with `sweep`, at
+    other loop widths and warp counts."""
+    import kernels.sampling as ks
+
+    configs = [(ks._BLOCK, ks._NUM_WARPS)]
+    if sweep:
+        configs += [(2048, 16), (4096, 8), (4096, 16), (8192, 8), (8192, 16)]
+        configs = list(dict.fromkeys(configs))
+    cols = " | ".join(f"B={b} ms" for b in batches)
+    lines = [
+        "",
+        "### The sampling kernel alone (temperature 0.8, min-p 0.05, top-k 50, top-p 0.9 as"
+        " switched on)",
+        "",
+        f"| setting | loop width x warps | {cols} |",
+        "|---|---" + "|---" * len(batches) + "|",
+    ]
+    default = configs[0]
+    gen = torch.Generator(device=device).manual_seed(1)
+    for label, flags in KERNEL_SETTINGS.items():
+        for block, warps in configs:
+            ks._BLOCK, ks._NUM_WARPS = block, warps
+            cells = []
+            for b in batches:
+                logits = torch.randn(b, vocab, device=device, generator=gen) * 3
+                call = _kernel_call(ks, logits, flags)
+                ms = time_ms(call, device, reps, behind_sleep=True)
+                cells.append(f"{ms:.3f}")
+            mark = " (default)" if (block, warps) == default else ""
+            lines.append(f"| {label} | {block} x {warps}{mark} | {' | '.join(cells)} |")
+            print(lines[-1], flush=True)
+    ks._BLOCK, ks._NUM_WARPS = default
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,13 +178,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument(
+        "--sweep", action="store_true", help="also time the kernel's loop width and warp count"
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     rate = read_rate(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     cols = " | ".join(f"B={b} ms" for b in args.batches)
     lines = [
-        f"### Sampler time per step, {name}, vocab {args.vocab}, fp32 logits",
+        f"### Sampler time per step, {name}, vocab {args.vocab}, fp32 logits: GPU ms"
+        + (" (host ms)" if device.type == "cuda" else ""),
         "",
         f"| setting | {cols} |",
         "|---" * (len(args.batches) + 1) + "|",
@@ -122,12 +202,16 @@ def main(argv: list[str] | None = None) -> None:
         for b in args.batches:
             logits = torch.randn(b, args.vocab, device=device, generator=gen) * 3
             rows = make_rows(b, setting, device)
-            ms = time_ms(
-                lambda logits=logits, rows=rows: sample_async(logits, rows), device, args.reps
-            )
-            cells.append(f"{ms:.3f}")
+            call = lambda logits=logits, rows=rows: sample_async(logits, rows)  # noqa: E731
+            ms = time_ms(call, device, args.reps, behind_sleep=True)
+            if device.type == "cuda":
+                cells.append(f"{ms:.3f} ({host_ms(call, device, args.reps):.3f})")
+            else:
+                cells.append(f"{ms:.3f}")
         lines.append(f"| {label} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
+    if device.type == "cuda":
+        lines += kernel_sweep(args.batches, args.vocab, device, args.reps, args.sweep)
     text = "\n".join(lines) + "\n"
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@
 - `rms_norm`: HF-exact RMSNorm with an optional fused residual add.
 - `activation`: `silu_and_mul` of a fused gate/up projection.
 - `rotary`: neox rotary embedding (1-D and Qwen2-VL M-RoPE) and its cos/sin table.
+- `rotary_kv`: rotary of q/k fused with the KV-cache write (the decoder's attention input).
+- `sampling`: one random token per row after temperature, min-p, top-k and top-p, with no
+  sort of the vocabulary (the torch reference sorts).
 
 Each public function takes Triton on CUDA tensors (or when forced with
 `use_triton_kernel=True` / `MMENGINE_FORCE_TRITON=1`, which on CPU needs

@@ -25,7 +25,13 @@ from mmengine.model_loader import iter_weights, llm_weight_name
 from mmengine.models.decoder import DecoderModel, KVCache
 from mmengine.models.layers import set_kernel_mode
 from mmengine.request import Request
-from mmengine.sampler import PendingSample, SamplingRow, prompt_logprobs, sample_async
+from mmengine.sampler import (
+    PendingSample,
+    SamplingRow,
+    SeedStream,
+    prompt_logprobs,
+    sample_async,
+)
 from mmengine.scheduler import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -106,7 +112,7 @@ class ModelRunner:
         )
         self.kv_caches: list[KVCache] = []
         self.num_kv_blocks = 0
-        self.generators: dict[str, torch.Generator] = {}
+        self.generators: dict[str, SeedStream] = {}
         # request id -> (request, min_tokens still blocking?, its SamplingRow); the rows
         # refer to the request's live token lists, so penalties see every new token.
         self._rows: dict[str, tuple[Request, bool, SamplingRow]] = {}
@@ -678,8 +684,7 @@ class ModelRunner:
         if sp.seed is not None and not sp.greedy:
             gen = self.generators.get(req.request_id)
             if gen is None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(sp.seed)
+                gen = SeedStream(sp.seed)
                 self.generators[req.request_id] = gen
         blocked: list[int] = []
         if blocking:

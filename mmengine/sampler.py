@@ -1,19 +1,46 @@
 """Turn the logits of one step into tokens (and logprobs), on the model's device.
 
 Order, as in vLLM: raw logprobs (for the user) -> min_tokens mask -> penalties ->
-greedy argmax, or temperature -> min-p -> top-k -> top-p -> an exponential race
-(``argmax(p / q)``, q ~ Exp(1)), which needs no host sync and, with a per-request
-generator, gives the same draw whatever else is in the batch.
+greedy argmax, or temperature -> min-p -> top-k -> top-p -> a Gumbel-max draw
+(`kernels.sampling`: one Triton kernel per step on the GPU, no sort of the vocabulary and
+no host sync; the plain-torch reference elsewhere). Every sampled row draws from its own
+64-bit seed: a seeded request's come from its `SeedStream`, so its tokens are the same
+whatever else is in the batch; the others' from the host's random generator.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
 from encoders.staging import host_to_device
+from kernels.sampling import sample_from_logits
 from mmengine.messages import TokenLogprobs
+
+_MASK64 = (1 << 64) - 1
+
+
+class SeedStream:
+    """A seeded request's random stream: draw n gets a seed mixed (splitmix64) from the
+    request's seed and n, so the draw depends on nothing else in the batch."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.draws = 0
+
+    def next_seed(self) -> int:
+        z = ((self.seed & _MASK64) ^ (self.draws * 0xD1B54A32D192ED03)) & _MASK64
+        self.draws += 1
+        z = (z + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return (z ^ (z >> 31)) >> 1  # 63 bits: fits an int64 tensor
+
+
+# Seeds of the rows of unseeded requests.
+_host_rng = random.Random()
 
 
 @dataclass
@@ -27,7 +54,7 @@ class SamplingRow:
     presence_penalty: float
     frequency_penalty: float
     repetition_penalty: float
-    generator: torch.Generator | None  # per-request seeded generator, or None
+    generator: SeedStream | None  # a seeded request's stream, or None
     num_logprobs: int | None
     blocked_token_ids: list[int]  # stop tokens masked until min_tokens is reached
     prompt_token_ids: list[int]
@@ -89,66 +116,32 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     return logits - freq * out_counts - pres * seen.float()
 
 
-def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Temperature, min-p, top-k, top-p; masked entries become -inf."""
+def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """[B] tokens drawn after each row's temperature and filters (greedy rows: unused)."""
+    settings = []  # (temperature, top_p, min_p, top_k, seed) per row
+    for r in rows:
+        if r.greedy:  # the cheapest settings; the caller takes the argmax for these rows
+            settings.append((1.0, 1.0, 0.0, 0, 0))
+            continue
+        seed = r.generator.next_seed() if r.generator else _host_rng.getrandbits(63)
+        settings.append((r.temperature, r.top_p, r.min_p, r.top_k, seed))
+    temps, top_ps, min_ps, top_ks, seeds = (list(col) for col in zip(*settings))
     dev = logits.device
-    temp = _dev([max(r.temperature, 1e-5) for r in rows], dev)[:, None]
-    logits = logits / temp
-    if any(r.min_p > 0 for r in rows):
-        probs = logits.softmax(-1)
-        min_p = _dev([r.min_p for r in rows], dev)[:, None]
-        logits = torch.where(
-            probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"), logits
-        )
-    if any(r.top_k > 0 for r in rows):
-        logits = _top_k(logits, rows)
-    if any(r.top_p < 1.0 for r in rows):
-        top_p = _dev([r.top_p for r in rows], dev)[:, None]
-        sorted_logits, idx = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass before it already reaches top_p (the first stays).
-        mass_before = probs.cumsum(-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)
-        logits = torch.where(drop, float("-inf"), logits)
-    return logits
-
-
-# Up to this k, top-k finds each row's k-th largest logit with `topk` (a selection) instead
-# of sorting the whole vocabulary. The threshold, and so the result, is the same. Sampling
-# with temperature + top-k 50 over 151,936 logits on the 2-core dev CPU: 12.7 -> 2.8 ms at
-# batch 1, 555 -> 224 ms at batch 64 (benchmarks/bench_sampler.py; not yet timed on a GPU).
-_TOPK_SELECT_MAX = 1024
-
-
-def _top_k(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Masks (-inf) every logit below its row's k-th largest; rows with top_k 0 keep all.
-    Ties with the k-th value stay, as with a sort."""
-    vocab = logits.shape[-1]
-    ks = [min(r.top_k, vocab) if r.top_k > 0 else 0 for r in rows]  # 0: no top-k
-    k = _dev(ks, logits.device)[:, None]
-    kmax = max(ks)
-    if kmax <= _TOPK_SELECT_MAX:
-        ranked = logits.topk(kmax, dim=-1).values  # [B, kmax], descending
-    else:
-        ranked = logits.sort(-1, descending=True).values
-    kth = torch.where(k > 0, ranked.gather(1, (k - 1).clamp(min=0)), float("-inf"))
-    return torch.where(logits < kth, float("-inf"), logits)
-
-
-def _exponential(rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
-    """Exponential(1) noise per row: seeded rows from their own generator, the rest from
-    the device's default one. The whole batch is filled at once and seeded rows are then
-    redrawn through views: indexing a CUDA tensor with a Python list of rows (as this did
-    until session 7) copies the list to the device from pageable memory, which makes the
-    host wait for all queued GPU work, every step with a non-greedy request."""
-    q = torch.empty(len(rows), vocab, device=device)
-    if any(r.generator is None for r in rows):
-        q.exponential_()
-    for i, r in enumerate(rows):
-        if r.generator is not None:
-            q[i].exponential_(generator=r.generator)
-    return q
+    floats = _dev([temps, top_ps, min_ps], dev, torch.float32)  # one copy per dtype
+    ints = _dev([top_ks, seeds], dev, torch.long)
+    sampled = [r for r in rows if not r.greedy]
+    return sample_from_logits(
+        logits,
+        floats[0],
+        ints[0],
+        floats[1],
+        floats[2],
+        ints[1],
+        use_min_p=any(r.min_p > 0 for r in sampled),
+        use_top_k=any(r.top_k > 0 for r in sampled),
+        use_top_p=any(r.top_p < 1.0 for r in sampled),
+        max_top_k=max(top_ks),
+    )
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
@@ -204,8 +197,8 @@ class PendingSample:
 def sample_async(logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
     """``sample`` without waiting for the device: the tokens stay there until asked for."""
     logits = logits.float()
-    want_lp = [r.num_logprobs is not None for r in rows]
-    raw_logprobs = logits.log_softmax(-1) if any(want_lp) else None
+    raw = logits  # the user's logprobs are of the unmodified distribution
+    want_lp = any(r.num_logprobs is not None for r in rows)
 
     vocab = logits.shape[1]
     blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids if t < vocab]
@@ -221,20 +214,19 @@ def sample_async(logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample
     tokens = logits.argmax(-1)
     if not all(r.greedy for r in rows):
         greedy = _dev([r.greedy for r in rows], logits.device)
-        probs = _filter(logits, rows).softmax(-1)
-        q = _exponential(rows, logits.shape[-1], logits.device)
-        sampled = (probs / q).argmax(-1)
-        tokens = torch.where(greedy, tokens, sampled)
+        tokens = torch.where(greedy, tokens, _draw(logits, rows))
 
-    if raw_logprobs is None:
+    if not want_lp:
         return PendingSample(tokens, tokens, rows)
     k = max(r.num_logprobs or 0 for r in rows)
-    chosen_lp = raw_logprobs.gather(1, tokens[:, None])
-    ranks = (raw_logprobs > chosen_lp).sum(-1) + 1
-    cols = [tokens[:, None].double(), chosen_lp.double(), ranks[:, None].double()]
+    # Logprobs as logit - logsumexp, without a [B, V] log_softmax.
+    lse = raw.logsumexp(-1, keepdim=True)
+    chosen = raw.gather(1, tokens[:, None])
+    ranks = (raw > chosen).sum(-1) + 1
+    cols = [tokens[:, None].double(), (chosen - lse).double(), ranks[:, None].double()]
     if k:
-        top_lp, top_ids = raw_logprobs.topk(k, -1)
-        cols += [top_lp.double(), top_ids.double()]
+        top, top_ids = raw.topk(k, -1)
+        cols += [(top - lse).double(), top_ids.double()]
     # One device->host copy for everything (ids < 2**53 are exact in float64).
     return PendingSample(tokens, torch.cat(cols, dim=1), rows)
 

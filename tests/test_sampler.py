@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mmengine.sampler import SamplingRow, apply_penalties, prompt_logprobs, sample
+from mmengine.sampler import SamplingRow, SeedStream, apply_penalties, prompt_logprobs, sample
 
 torch.set_num_threads(1)
 
@@ -119,10 +119,10 @@ def test_seeded_row_is_reproducible_whatever_else_is_in_the_batch() -> None:
 
     def run(batch: int, position: int) -> list[int]:
         rows = [make_row() for _ in range(batch)]
-        rows[position] = make_row(generator=seeded(1234))
+        rows[position] = make_row(generator=SeedStream(1234))
         # Other rows: unseeded ones and another seed, all drawing from their own streams.
         if batch > 2:
-            rows[(position + 1) % batch] = make_row(generator=seeded(99), top_k=5)
+            rows[(position + 1) % batch] = make_row(generator=SeedStream(99), top_k=5)
         out = []
         for _ in range(12):
             out.append(sample(logits.expand(batch, V), rows).token_ids[position])
@@ -144,9 +144,9 @@ def test_unseeded_rows_vary() -> None:
 
 def test_same_seed_gives_same_tokens_different_seed_differs() -> None:
     logits = torch.zeros(V)
-    a = draws(logits, make_row(generator=seeded(7)), 16)
-    b = draws(logits, make_row(generator=seeded(7)), 16)
-    c = draws(logits, make_row(generator=seeded(8)), 16)
+    a = draws(logits, make_row(generator=SeedStream(7)), 16)
+    b = draws(logits, make_row(generator=SeedStream(7)), 16)
+    c = draws(logits, make_row(generator=SeedStream(8)), 16)
     assert a == b and a != c
 
 
@@ -262,30 +262,3 @@ def test_prompt_logprobs_give_each_next_token_its_logprob_rank_and_the_top_k() -
     bare = prompt_logprobs(logits, next_ids, k=0)
     assert [lp.token_ids for lp in bare] == [[t] for t in next_ids]
     assert all(math.isfinite(lp.logprobs[0]) for lp in bare)
-
-
-def _top_k_by_sort(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """Reference: each row's k-th largest by a full sort; logits below it become -inf."""
-    out = logits.clone()
-    for i, k in enumerate(ks):
-        if k > 0:
-            kth = logits[i].sort(descending=True).values[min(k, logits.shape[1]) - 1]
-            out[i][logits[i] < kth] = float("-inf")
-    return out
-
-
-@pytest.mark.parametrize("select_max", [1024, 0], ids=["topk-select", "full-sort"])
-def test_top_k_keeps_the_same_tokens_as_a_full_sort_ties_included(
-    select_max: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import mmengine.sampler as sampler
-
-    monkeypatch.setattr(sampler, "_TOPK_SELECT_MAX", select_max)
-    gen = torch.Generator().manual_seed(3)
-    # Quarter steps: many exact ties (as bf16 logits have); a row already partly -inf.
-    logits = (torch.randn(7, 500, generator=gen) * 4).round() / 4
-    logits[4, ::3] = float("-inf")
-    ks = [0, 1, 3, 50, 7, 500, 10_000]  # off, the best only, ..., the whole vocab and more
-    got = sampler._top_k(logits, [make_row(top_k=k) for k in ks])
-    assert torch.equal(got, _top_k_by_sort(logits, ks))
-    assert torch.equal(got[0], logits[0]) and (got[1] > float("-inf")).sum() >= 1
