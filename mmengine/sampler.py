@@ -1,9 +1,9 @@
 """Turn the logits of one step into tokens (and logprobs), on the model's device.
 
 Order, as in vLLM: raw logprobs (for the user) -> min_tokens mask -> penalties ->
-greedy argmax, or temperature -> min-p -> top-k -> top-p -> a Gumbel-max draw
-(`kernels.sampling`: one Triton kernel per step on the GPU, no sort of the vocabulary and
-no host sync; the plain-torch reference elsewhere). Every sampled row draws from its own
+greedy argmax, or temperature -> min-p -> top-k -> top-p -> a random draw
+(`kernels.sampling`: on the GPU one Triton kernel per step, with no sort of the vocabulary
+and no host sync; elsewhere its sort-based torch reference). Every sampled row draws from its own
 64-bit seed: a seeded request's come from its `SeedStream`, so its tokens are the same
 whatever else is in the batch; the others' from the host's random generator.
 """
