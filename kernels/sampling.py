@@ -37,6 +37,7 @@ from kernels._dispatch import check_launchable, next_power_of_2, use_triton
 
 _BLOCK = 4096  # vocabulary entries per loop iteration
 _NUM_WARPS = 16
+_MAX_ROUNDS: tl.constexpr = tl.constexpr(4096)  # top-p draws per row at most (a guard)
 _CAP = 2048  # most top-k candidates sorted in registers (more: radix select over the row)
 
 
@@ -220,8 +221,11 @@ def _sample_kernel(
                 s = _scaled_logits(x_row, offs, offs < vocab, inv_t)
                 mass_above += tl.where((s >= floor) & (s > s_tok), tl.exp(s - set_max), 0.0)
             mass = tl.sum(mass_above, 0)
-            # Nothing above the token means a mass of 0: accepted.
-            done = mass < top_p * set_mass
+            # Nothing above the token means a mass of 0: accepted. Rejected only when the
+            # comparison holds, so NaN logits end the loop instead of spinning the GPU;
+            # the round cap is a second guard (exact arithmetic needs < vocab rounds).
+            done = not (mass >= top_p * set_mass)
+            done = done | (rnd >= _MAX_ROUNDS)
             if not done:
                 u = tl.rand(seed, rnd)
                 token = _draw(x_row, inv_t, vocab, floor, s_tok, set_max, u * mass, BLOCK)

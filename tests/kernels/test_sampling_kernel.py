@@ -266,3 +266,15 @@ def test_gpu_kernel_draws_kept_tokens_at_the_frequencies_of_a_real_vocabulary(dt
         tokens = draw(flat, p, torch.arange(64, device=dev), max_top_k=max_top_k)
         assert kept.gather(1, tokens[:, None]).all(), max_top_k
     assert not math.isnan(float(tokens.float().mean()))
+
+
+def test_kernel_returns_for_nan_logits_instead_of_looping() -> None:
+    # A model that produced NaNs must not hang the GPU in the top-p loop.
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    logits[0] = float("nan")
+    logits[1, ::2] = float("nan")
+    logits[2, 7] = float("inf")
+    tokens = draw(
+        logits, params(3, top_k=[0, 5, 0], top_p=0.5, min_p=[0.0, 0.0, 0.1]), torch.arange(3)
+    )
+    assert ((tokens >= 0) & (tokens < 50)).all()
