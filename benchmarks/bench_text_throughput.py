@@ -70,6 +70,12 @@ def make_requests(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[li
     return torch.randint(100, vocab - 1000, (n, prompt_len), generator=g).tolist()
 
 
+def gemv_option(args) -> dict:
+    """The engine's `gemv_max_tokens` when the command line sets it (else its default)."""
+    gemv = getattr(args, "gemv_max_tokens", None)
+    return {} if gemv is None else {"gemv_max_tokens": gemv}
+
+
 def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
     from mmengine import LLM, SamplingParams
 
@@ -84,7 +90,7 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
-        extra={"load_format": "dummy"},
+        extra={"load_format": "dummy", **gemv_option(args)},
     )
     startup = time.perf_counter() - t0
     p = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
@@ -224,6 +230,13 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="plan each step while the GPU runs the previous one (default: the engine's, on)",
+    )
+    ap.add_argument(
+        "--gemv-max-tokens",
+        type=int,
+        default=None,
+        help="decode steps of at most this many tokens use the fused GEMV layer path "
+        "(0: off; default: the engine's)",
     )
     ap.add_argument("--systems", default="mmengine,hf_generate,hf_generate_batch")
     ap.add_argument("--hf-batch-sizes", default="16,32,64")

@@ -41,7 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_sampler import time_ms  # noqa: E402
-from benchmarks.bench_text_throughput import batch1_ms_per_token, ceilings  # noqa: E402
+from benchmarks.bench_text_throughput import (  # noqa: E402
+    batch1_ms_per_token,
+    ceilings,
+    gemv_option,
+)
 from benchmarks.model_configs import CONFIGS, num_params, write_config_dir  # noqa: E402
 from benchmarks.profile_w1 import kernel_kind  # noqa: E402
 
@@ -212,7 +216,7 @@ def profile_engine(
         max_model_len=args.ctx + 192,
         max_num_seqs=max(args.batches),
         max_num_batched_tokens=max(8192, args.prefill_seqs * args.prefill_len),
-        extra={"load_format": "dummy"},
+        extra={"load_format": "dummy", **gemv_option(args)},
     )
     startup = time.perf_counter() - t0
     runner = llm._client.core.runner
@@ -265,13 +269,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=1152, help="KV positions per sequence")
     ap.add_argument("--prefill-seqs", type=int, default=8, help="prompts in the prefill step")
     ap.add_argument("--prefill-len", type=int, default=1024, help="tokens per prompt")
+    ap.add_argument(
+        "--gemv-max-tokens",
+        type=int,
+        default=None,
+        help="decode steps of at most this many tokens use the fused GEMV layer path "
+        "(0: off; default: the engine's)",
+    )
+    ap.add_argument("--out-name", default="llm_steps.md", help="file written under $OUT")
     args = ap.parse_args(argv)
     cfg = CONFIGS[args.config]
     ceil = ceilings()
     read_bps, matmul_rate = ceil["read_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
     card = torch.cuda.get_device_name(0)
     lines = [
-        f"# LLM steps on {card}: {args.config}, random bf16 weights",
+        f"# LLM steps on {card}: {args.config}, random bf16 weights, "
+        f"gemv_max_tokens={args.gemv_max_tokens if args.gemv_max_tokens is not None else 'default'}",
         "",
         f"Read bandwidth (sum of 1 GiB bf16): {read_bps / 1e9:.0f} GB/s; bf16 matmul "
         f"{matmul_rate / 1e12:.0f} TFLOP/s. Weights "
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines) + "\n"
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "llm_steps.md").write_text(text)
+    (out / args.out_name).write_text(text)
     print(text)
 
 

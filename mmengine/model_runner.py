@@ -18,6 +18,7 @@ import torch
 from torch.profiler import record_function
 
 from encoders.staging import host_to_device
+from kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from mmengine.attention import AttentionMetadata, forward_context
 from mmengine.config import EngineConfig, ModelSpec
 from mmengine.cuda_graphs import CudaGraphRunner
@@ -124,7 +125,11 @@ class ModelRunner:
         on_gpu = device.type == "cuda" and not config.enforce_eager
         self.compiled = on_gpu and bool(config.extra.get("torch_compile", True))
         self.use_cuda_graphs = on_gpu and bool(config.extra.get("cuda_graphs", True))
-        set_kernel_mode(self.model, compiled=self.compiled)
+        # Decode steps of <= 8 tokens run each layer as five fused skinny-matmul launches
+        # (kernels/gemv.py); on CUDA in eager mode too, so graphs and eager agree.
+        default_gemv = GEMV_MAX_ROWS if device.type == "cuda" else 0
+        self.gemv_max_tokens = int(config.extra.get("gemv_max_tokens", default_gemv))
+        set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens)
         if self.compiled:
             # Compile the decoder layer, not the whole model: all layers share one compiled
             # graph (parameters are graph inputs), so start-up does not grow with depth.

@@ -124,6 +124,19 @@ def test_greedy_tokens_identical_to_hf(text_ckpt: Path, mode: str, async_schedul
         assert stats["num_preemptions"] > 0
 
 
+def test_few_token_layer_path_greedy_tokens_identical_to_hf(text_ckpt: Path) -> None:
+    # Decode steps of <= 8 tokens through DecoderLayer._forward_few_tokens (norms and
+    # residual adds moved into the projections; the GPU default): on CPU its torch
+    # reference, which must not change a single token.
+    prompts = make_prompts(12)
+    refs = hf_greedy(text_ckpt, prompts)
+    kwargs = dict(dtype="float32", device="cpu", max_model_len=256, multiprocess=False)
+    with LLM(str(text_ckpt), max_num_seqs=4, extra={"gemv_max_tokens": 8}, **kwargs) as llm:
+        assert all(layer.gemv_max_tokens == 8 for layer in llm._client.core.runner.model.layers)
+        got = engine_greedy(llm, prompts)
+    assert got == refs
+
+
 @pytest.mark.parametrize("multiprocess", [False, True], ids=["in_process", "multiprocess"])
 def test_prefix_caching_hits_and_keeps_outputs(text_ckpt: Path, multiprocess: bool) -> None:
     prompts = shared_prefix_prompts()

@@ -13,12 +13,18 @@ import torch
 from torch import nn
 
 from mmengine.config import ModelSpec
+from mmengine.models.gemv_op import fused_linear
 from mmengine.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
 
 
 class DecoderLayer(nn.Module):
+    # Steps of at most this many tokens take `_forward_few_tokens` (0: never); the runner
+    # sets it on GPU. `gemv_as_custom_op` is set under torch.compile.
+    gemv_max_tokens = 0
+    gemv_as_custom_op = False
+
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
         super().__init__()
         d, hq, hk = spec.head_dim, spec.num_heads, spec.num_kv_heads
@@ -42,27 +48,61 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,  # [T, H]
         residual: torch.Tensor | None,  # [T, H]
         kv_cache: KVCache,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, residual) in, (hidden, residual) out; the residual stream is
+        hidden + residual (residual None: hidden alone)."""
+        t = hidden.shape[0]
+        if self.gemv_max_tokens and t <= self.gemv_max_tokens:
+            return self._forward_few_tokens(positions, hidden, residual, kv_cache)
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        t = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
-        if self.q_norm is None or self.k_norm is None:
-            # Rotary + KV write fused in one kernel in front of attention.
-            hidden = self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary, kv_cache))
-        else:  # Qwen3: per-head norms of q and k come before the rotary
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
-            q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
-            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-            v = v.reshape(t, self.num_kv_heads, self.head_dim)
-            q, k = self.rotary(positions, q, k)
-            hidden = self.o_proj(self.attn(q, k, v, kv_cache))
+        hidden = self.o_proj(self._attention(self.qkv_proj(hidden), positions, kv_cache))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         hidden = self.down_proj(self.act(self.gate_up_proj(hidden)))
         return hidden, residual
+
+    def _forward_few_tokens(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, None]:
+        """The same layer as five launches for decode steps of a few tokens: each norm is
+        fused into the projection after it, each residual add into the projection before
+        it, SiLU-and-mul into gate_up. Returns the residual stream whole (residual None)."""
+        stream = hidden if residual is None else residual + hidden
+        op = self.gemv_as_custom_op
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = fused_linear(
+            stream, self.qkv_proj.weight, self.qkv_proj.bias,
+            norm_weight=ln1.weight, eps=ln1.eps, as_custom_op=op,
+        )  # fmt: skip
+        attn = self._attention(qkv, positions, kv_cache)
+        stream = fused_linear(attn, self.o_proj.weight, residual=stream, as_custom_op=op)
+        act = fused_linear(
+            stream, self.gate_up_proj.weight,
+            norm_weight=ln2.weight, eps=ln2.eps, gated=True, as_custom_op=op,
+        )  # fmt: skip
+        return fused_linear(act, self.down_proj.weight, residual=stream, as_custom_op=op), None
+
+    def _attention(
+        self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache
+    ) -> torch.Tensor:  # [T, (Hq + 2 Hk) D] -> [T, Hq D]
+        if self.q_norm is None or self.k_norm is None:
+            # Rotary + KV write fused in one kernel in front of attention.
+            return self.attn.forward_qkv(qkv, positions, self.rotary, kv_cache)
+        # Qwen3: per-head norms of q and k come before the rotary.
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
+        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.attn(q, k, v, kv_cache)
 
 
 class DecoderModel(nn.Module):
@@ -97,6 +137,8 @@ class DecoderModel(nn.Module):
         hidden, residual = inputs_embeds, None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, cache)
+        if residual is None:  # the few-token path returns the residual stream whole
+            return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -144,10 +144,14 @@ class PagedAttention(nn.Module):
         return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
 
 
-def set_kernel_mode(model: nn.Module, compiled: bool) -> None:
+def set_kernel_mode(model: nn.Module, compiled: bool, gemv_max_tokens: int = 0) -> None:
     """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses,
-    attention as a custom op."""
+    attention and the few-token projections as custom ops. Steps of at most
+    `gemv_max_tokens` tokens run the decoder layers' few-token path (0: off)."""
     for m in model.modules():
+        if hasattr(m, "gemv_max_tokens"):
+            m.gemv_max_tokens = gemv_max_tokens
+            m.gemv_as_custom_op = compiled
         if isinstance(m, (RMSNorm, SiluAndMul, RotaryEmbedding)):
             m.use_triton = False if compiled else None
         elif isinstance(m, PagedAttention):

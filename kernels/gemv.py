@@ -1,0 +1,216 @@
+"""Skinny matmul for decode steps of a few tokens, with the decoder's neighbours fused in.
+
+At batch 1-8 a projection reads its whole weight to produce a handful of outputs, so its
+time is the weight's bytes over memory bandwidth plus launch latency. cuBLAS reaches that
+for the big projections but not for the small ones (a 2048 x 2048 o_proj at ~36% of the read
+rate on an H200), and the RMSNorm, SiLU-and-mul and residual-add kernels between the
+projections each cost a launch of their own. `gemv` computes `x @ weight.T` with each
+program owning a few output columns for all rows of x, and optionally:
+
+- an RMSNorm of x first (`norm_weight`): each program reads its x rows whole (a few KB) to
+  get their rms, then normalizes the chunks as it streams them;
+- a bias, added in fp32 before the single rounding (as cuBLAS's bias epilogue does);
+- SiLU-and-mul of a fused [gate | up] weight (`gated`): a program owns columns j of the gate
+  half and j of the up half, and writes silu(gate) * up;
+- a residual add (`residual`): out = residual + x @ weight.T.
+
+Roundings fall where HF's decoder layer puts them (norm output, matmul output, silu, the
+product, the residual sum each rounded to the activation dtype), so the result equals the
+torch reference up to the matmul's summation order.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._dispatch import check_launchable, next_power_of_2, use_triton
+from kernels.activation import silu_and_mul_torch
+from kernels.rms_norm import rms_norm_torch
+
+MAX_ROWS = 8  # rows of x the kernel takes; more go to the regular matmul
+
+
+@triton.jit
+def _gemv_kernel(
+    out_ptr,  # [M, N] (row stride stride_om)
+    x_ptr,  # [M, K] (row stride stride_xm, K contiguous)
+    w_ptr,  # [N, K] contiguous; [2N, K] when GATED (gate rows, then up rows)
+    bias_ptr,  # [N] (or [2N] when GATED), HAS_BIAS only
+    residual_ptr,  # [M, N] (row stride stride_rm), HAS_RESIDUAL only
+    norm_w_ptr,  # [K], HAS_NORM only
+    eps,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    stride_rm,
+    HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    dtype = x_ptr.dtype.element_ty
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+
+    if HAS_NORM:  # the rms of each whole x row, before any chunk is used
+        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(
+                x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0
+            ).to(tl.float32)
+            sum_sq += tl.sum(xk * xk, 1)
+        inv_rms = tl.rsqrt(sum_sq / K + eps)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xk = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        xk = xk.to(tl.float32)
+        if HAS_NORM:  # HF: weight * (x * rsqrt(var + eps)).to(dtype), rounded again
+            nw = tl.load(norm_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xk = (xk * inv_rms[:, None]).to(dtype).to(tl.float32)
+            xk = (nw[None, :] * xk).to(dtype).to(tl.float32)
+        w_mask = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        acc += tl.sum(xk[:, None, :] * w[None, :, :], 2)
+        if GATED:
+            wu = tl.load(w_rows + N * K + offs_k[None, :], mask=w_mask, other=0.0)
+            acc_up += tl.sum(xk[:, None, :] * wu.to(tl.float32)[None, :, :], 2)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            up_bias = tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0)
+            acc_up += up_bias.to(tl.float32)[None, :]
+    y = acc.to(dtype).to(tl.float32)
+    if GATED:  # silu rounded, up rounded, their product rounded (as silu_and_mul)
+        y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
+        y = (y * acc_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = residual_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+        y = y + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_config(rows: int, n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for `rows` x rows of width k and n output columns.
+
+    The broadcast product holds BLOCK_M x BLOCK_N x BLOCK_K fp32 values per step; keep it
+    near 32 per thread. Few columns per program keep enough programs in flight to cover
+    memory latency on ~132 SMs.
+    """
+    block_m = next_power_of_2(rows)
+    block_n = 8 if n >= 1024 else 4
+    num_warps = 4
+    block_k = max(64, min(next_power_of_2(k), 32 * 32 * num_warps // (block_m * block_n)))
+    return block_n, block_k, num_warps
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    gated: bool = False,
+    use_triton_kernel: bool | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """`[norm](x) @ weight.T + bias`, then SiLU-and-mul and/or a residual add, for few rows.
+
+    Args:
+        x: [M, K], M <= MAX_ROWS for the kernel; K must be contiguous.
+        weight: [N, K] (an nn.Linear weight), or [2I, K] gate-then-up rows when `gated`.
+        bias: optional [N] (or [2I]).
+        residual: optional [M, N_out], added last (N_out = N, or I when `gated`).
+        norm_weight: optional [K]: x goes through HF's RMSNorm with this weight and `eps`.
+        gated: return silu(gate) * up of the fused projection, [M, I].
+        use_triton_kernel: force the kernel (True) or the torch reference (False); None takes
+            the kernel on CUDA tensors or when MMENGINE_FORCE_TRITON=1.
+        config: (BLOCK_N, BLOCK_K, num_warps) to override `launch_config` (benchmarks).
+
+    Returns:
+        [M, N_out] in x's dtype.
+    """
+    if not use_triton(x, use_triton_kernel):
+        return gemv_torch(
+            x, weight, bias, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated
+        )
+    check_launchable(_gemv_kernel, x)
+    if x.dim() != 2 or x.shape[0] > MAX_ROWS:
+        raise ValueError(f"gemv takes [M <= {MAX_ROWS}, K] inputs, got {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    rows, k = x.shape
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    if weight.shape[1] != k or (gated and weight.shape[0] % 2):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}")
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
+        raise ValueError(f"residual must be [{rows}, {n}] with contiguous rows")
+    if rows == 0 or n == 0:
+        return out
+    block_n, block_k, num_warps = config or launch_config(rows, n, k)
+    dummy = x
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        out,
+        x,
+        weight,
+        bias if bias is not None else dummy,
+        residual if residual is not None else dummy,
+        norm_weight if norm_weight is not None else dummy,
+        eps,
+        rows,
+        n,
+        k,
+        x.stride(0),
+        out.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        HAS_NORM=norm_weight is not None,
+        HAS_BIAS=bias is not None,
+        GATED=gated,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_M=next_power_of_2(rows),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def gemv_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    gated: bool = False,
+) -> torch.Tensor:
+    """Plain-torch reference of `gemv`: the decoder's own ops in HF's order."""
+    if norm_weight is not None:
+        x = rms_norm_torch(x, norm_weight, eps)
+    y = F.linear(x, weight, bias)
+    if gated:
+        y = silu_and_mul_torch(y)
+    return y if residual is None else residual + y

@@ -1,0 +1,129 @@
+"""gemv: the skinny-matmul kernel (with its fused norm / bias / SiLU-and-mul / residual)
+against its torch reference, the decoder's own ops.
+
+The kernel sums K in a different order than torch's matmul, so fp32 is compared to ~1e-5
+and half types to a couple of ulps of the output.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.activation import silu_and_mul_torch
+from kernels.gemv import MAX_ROWS, gemv, gemv_torch
+from kernels.rms_norm import rms_norm_torch
+
+torch.set_num_threads(1)
+
+EPS = 1e-6
+
+
+def _case(rows: int, n: int, k: int, dtype: torch.dtype, gated: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    n_w = 2 * n if gated else n
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    w = (torch.randn(n_w, k, generator=gen) / k**0.5).to(dtype)
+    bias = torch.randn(n_w, generator=gen).to(dtype)
+    residual = torch.randn(rows, n, generator=gen).to(dtype)
+    norm_w = (1 + 0.2 * torch.randn(k, generator=gen)).to(dtype)
+    return x, w, bias, residual, norm_w
+
+
+def test_reference_is_the_decoder_ops_in_hf_order() -> None:
+    x, w, bias, residual, norm_w = _case(3, 24, 40, torch.float32, gated=True)
+    ref = gemv_torch(x, w, bias, residual=residual, norm_weight=norm_w, eps=EPS, gated=True)
+    expected = residual + silu_and_mul_torch(F.linear(rms_norm_torch(x, norm_w, EPS), w, bias))
+    assert torch.equal(ref, expected)
+
+
+FLAGS = list(itertools.product([False, True], repeat=4))  # norm, bias, gated, residual
+
+
+@pytest.mark.parametrize(("norm", "bias", "gated", "residual"), FLAGS)
+def test_every_fusion_matches_reference_in_fp32(norm, bias, gated, residual) -> None:  # noqa: ANN001
+    # 3 rows (padded to 4), 37 columns over 5 programs, K = 200 over 4 chunks of 64.
+    x, w, b, r, nw = _case(3, 37, 200, torch.float32, gated, seed=int(norm) + 2 * int(gated))
+    kwargs = dict(
+        bias=b if bias else None,
+        residual=r if residual else None,
+        norm_weight=nw if norm else None,
+        eps=EPS,
+        gated=gated,
+    )
+    out = gemv(x, w, use_triton_kernel=True, config=(8, 64, 4), **kwargs)
+    ref = gemv_torch(x, w, **kwargs)
+    assert out.shape == ref.shape == (3, 37) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, MAX_ROWS])
+def test_row_counts_up_to_the_limit_with_default_launch_config(rows: int) -> None:
+    x, w, b, r, nw = _case(rows, 300, 512, torch.float32, gated=False, seed=rows)
+    out = gemv(x, w, b, residual=r, norm_weight=nw, eps=EPS, use_triton_kernel=True)
+    ref = gemv_torch(x, w, b, residual=r, norm_weight=nw, eps=EPS)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_within_two_ulps_of_reference(dtype: torch.dtype) -> None:
+    x, w, b, r, nw = _case(2, 64, 256, dtype, gated=True, seed=7)
+    out = gemv(x, w, b, residual=r, norm_weight=nw, eps=EPS, gated=True, use_triton_kernel=True)
+    ref = gemv_torch(x.float(), w.float(), b.float(), residual=r.float(), norm_weight=nw.float(),
+                     eps=EPS, gated=True)  # fmt: skip
+    assert out.dtype == dtype
+    ulp = torch.finfo(dtype).eps
+    # Roundings of the norm, matmul, silu, product and residual sum: a few ulps of the
+    # largest intermediate; the interpreter also truncates bf16 instead of rounding.
+    tol = 8 * ulp * (ref.abs() + r.float().abs() + 1)
+    assert ((out.float() - ref).abs() <= tol).all()
+
+
+def test_strided_x_rows_and_non_contiguous_residual_are_refused_or_handled() -> None:
+    x, w, b, r, nw = _case(2, 16, 64, torch.float32, gated=False)
+    wide = torch.zeros(2, 100)
+    wide[:, :64] = x
+    out = gemv(wide[:, :64], w, b, use_triton_kernel=True)  # row stride 100
+    torch.testing.assert_close(out, gemv_torch(x, w, b), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="residual"):
+        gemv(x, w, residual=torch.zeros(16, 2).t(), use_triton_kernel=True)
+
+
+def test_too_many_rows_or_mismatched_weight_raise() -> None:
+    x, w, *_ = _case(MAX_ROWS + 1, 16, 64, torch.float32, gated=False)
+    with pytest.raises(ValueError, match="gemv takes"):
+        gemv(x, w, use_triton_kernel=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv(x[:2], w[:, :32], use_triton_kernel=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_gpu_decoder_shapes_bf16(rows: int) -> None:
+    # Qwen2.5-3B: qkv 2048 -> 2560 with bias and the input norm; o_proj + residual;
+    # gate_up 2048 -> 2 x 11008 with the post-attention norm; down 11008 -> 2048 + residual.
+    cases = [
+        dict(n=2560, k=2048, gated=False, norm=True, bias=True, residual=False),
+        dict(n=2048, k=2048, gated=False, norm=False, bias=False, residual=True),
+        dict(n=11008, k=2048, gated=True, norm=True, bias=False, residual=False),
+        dict(n=2048, k=11008, gated=False, norm=False, bias=False, residual=True),
+    ]
+    for c in cases:
+        x, w, b, r, nw = (t.cuda() for t in _case(rows, c["n"], c["k"], torch.bfloat16, c["gated"]))
+        kwargs = dict(
+            bias=b if c["bias"] else None,
+            residual=r if c["residual"] else None,
+            norm_weight=nw if c["norm"] else None,
+            eps=EPS,
+            gated=c["gated"],
+        )
+        out = gemv(x, w, **kwargs)
+        ref = gemv_torch(x, w, **kwargs)
+        # Same roundings, different summation order: rare one-ulp flips of the matmul
+        # output, carried through silu/product/residual.
+        ulp = torch.finfo(torch.bfloat16).eps
+        tol = 4 * ulp * (ref.float().abs() + 1)
+        assert ((out.float() - ref.float()).abs() <= tol).all(), c
+        assert (out != ref).float().mean() < 0.05, c
