@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {rows} | {nbytes / 1e6:.1f} | {floor_us:.2f} | " + " | ".join(cells) + " |"
         )
         print(lines[-1], flush=True)
-        if args.sweep and rows in (1, 4, 8):
+        if args.sweep and rows in (1, 8):
             best = None
             for bn, bk, warps in itertools.product([2, 4, 8, 16], [128, 256, 512, 1024], [2, 4, 8]):
                 if rows * bn * bk > 64 * 32 * warps or (n // bn) < 64:
