@@ -61,11 +61,11 @@ GEMV_CHILD = textwrap.dedent(
             "residual_ptr": "*bf16", "norm_w_ptr": "*bf16", "eps": "fp32", "M": "i32",
             "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "stride_rm": "i32",
             "HAS_NORM": "constexpr", "HAS_BIAS": "constexpr", "GATED": "constexpr",
-            "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+            "HAS_RESIDUAL": "constexpr", "USE_PDL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
             "BLOCK_K": "constexpr",
         }
         consts = {
-            "HAS_NORM": norm, "HAS_BIAS": bias, "GATED": gated, "HAS_RESIDUAL": res,
+            "HAS_NORM": norm, "HAS_BIAS": bias, "GATED": gated, "HAS_RESIDUAL": res, "USE_PDL": True,
             "BLOCK_M": triton.next_power_of_2(rows), "BLOCK_N": block_n, "BLOCK_K": block_k,
         }
         compiled = triton.compile(
