@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,2,4,8", type=lambda s: [int(v) for v in s.split(",")])
     ap.add_argument("--sweep", action="store_true", help="also time GEMV launch configs")
+    ap.add_argument("--sweep-rows", default="1,4,8", type=lambda s: [int(v) for v in s.split(",")])
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     read_bps = ceilings()["read_GBps"] * 1e9
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {rows} | {nbytes / 1e6:.1f} | {floor_us:.2f} | " + " | ".join(cells) + " |"
         )
         print(lines[-1], flush=True)
-        if args.sweep:
+        if args.sweep and rows in args.sweep_rows:
             best = None
             for bn, bk, warps in itertools.product([1, 2, 4], [256, 512, 1024], [1, 2, 4]):
                 if bn * bk > 64 * 32 * warps:
