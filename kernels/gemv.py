@@ -29,6 +29,10 @@ from kernels.activation import silu_and_mul_torch
 from kernels.rms_norm import rms_norm_torch
 
 MAX_ROWS = 8  # rows of x the kernel takes; more go to the regular matmul
+# Rows up to which the engine uses it by default: at one row a Qwen2.5-3B decode step on an
+# H200 ran 8% faster (CUDA graph 2.73 -> 2.51 ms); at two rows as fast as cuBLAS, at four
+# and eight rows slower (each weight tile is multiplied row by row on CUDA cores).
+DEFAULT_MAX_ROWS = 1
 
 
 @triton.jit
@@ -131,12 +135,21 @@ def _gemv_kernel(
 def launch_config(rows: int, n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for `rows` x rows of width k and n output columns.
 
-    Two output columns per program (an H200 sweep of the four Qwen2.5-3B projections at
-    one row: best for all four) keep ~1000 small programs in flight to cover memory
-    latency; wide K tiles make each load long and coalesced.
+    From an H200 sweep of Qwen2.5-3B's projections (benchmarks/bench_gemv.py --sweep):
+    one or two output columns per program keep thousands of small programs in flight to
+    cover memory latency, and 1024-wide K tiles make each load long and coalesced. One row:
+    long rows (down, K = 11008) best with 1 column x 1 warp (74% of the read rate vs 60%
+    at 2 x 2), wide outputs (gate_up) with 1 column x 2 warps (93%), the small qkv / o_proj
+    with 2-4 columns x 4 warps; more rows: 2 columns x 2 warps.
     """
-    del n
-    return 2, min(1024, max(64, next_power_of_2(k))), 2
+    block_k = min(1024, max(64, next_power_of_2(k)))
+    if rows > 1:
+        return 2, block_k, 2
+    if k >= 4096:
+        return 1, block_k, 1
+    if n >= 8192:
+        return 1, block_k, 2
+    return 2, block_k, 4
 
 
 def pdl_supported(t: torch.Tensor) -> bool:
@@ -154,6 +167,7 @@ def gemv(
     eps: float = 1e-6,
     gated: bool = False,
     use_triton_kernel: bool | None = None,
+    out_dtype: torch.dtype | None = None,
     config: tuple[int, int, int] | None = None,
     pdl: bool | None = None,
 ) -> torch.Tensor:
@@ -166,6 +180,8 @@ def gemv(
         residual: optional [M, N_out], added last (N_out = N, or I when `gated`).
         norm_weight: optional [K]: x goes through HF's RMSNorm with this weight and `eps`.
         gated: return silu(gate) * up of the fused projection, [M, I].
+        out_dtype: dtype of the result (default x's); the value is rounded to x's dtype
+            first, so fp32 gives exactly `(x @ weight.T).float()` (the LM head's logits).
         use_triton_kernel: force the kernel (True) or the torch reference (False); None takes
             the kernel on CUDA tensors or when MMENGINE_FORCE_TRITON=1.
         config: (BLOCK_N, BLOCK_K, num_warps) to override `launch_config` (benchmarks).
@@ -177,7 +193,14 @@ def gemv(
     """
     if not use_triton(x, use_triton_kernel):
         return gemv_torch(
-            x, weight, bias, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated
+            x,
+            weight,
+            bias,
+            residual=residual,
+            norm_weight=norm_weight,
+            eps=eps,
+            gated=gated,
+            out_dtype=out_dtype,
         )
     check_launchable(_gemv_kernel, x)
     if x.dim() != 2 or x.shape[0] > MAX_ROWS:
@@ -189,7 +212,7 @@ def gemv(
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     if weight.shape[1] != k or (gated and weight.shape[0] % 2):
         raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}")
-    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
     if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual must be [{rows}, {n}] with contiguous rows")
     if rows == 0 or n == 0:
@@ -234,6 +257,7 @@ def gemv_torch(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     gated: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference of `gemv`: the decoder's own ops in HF's order."""
     if norm_weight is not None:
@@ -241,4 +265,5 @@ def gemv_torch(
     y = F.linear(x, weight, bias)
     if gated:
         y = silu_and_mul_torch(y)
-    return y if residual is None else residual + y
+    y = y if residual is None else residual + y
+    return y if out_dtype is None else y.to(out_dtype)

@@ -18,7 +18,7 @@ import torch
 from torch.profiler import record_function
 
 from encoders.staging import host_to_device
-from kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
+from kernels.gemv import DEFAULT_MAX_ROWS as GEMV_MAX_ROWS
 from mmengine.attention import AttentionMetadata, forward_context
 from mmengine.config import EngineConfig, ModelSpec
 from mmengine.cuda_graphs import CudaGraphRunner
@@ -125,8 +125,9 @@ class ModelRunner:
         on_gpu = device.type == "cuda" and not config.enforce_eager
         self.compiled = on_gpu and bool(config.extra.get("torch_compile", True))
         self.use_cuda_graphs = on_gpu and bool(config.extra.get("cuda_graphs", True))
-        # Decode steps of <= 8 tokens run each layer as five fused skinny-matmul launches
-        # (kernels/gemv.py); on CUDA in eager mode too, so graphs and eager agree.
+        # Decode steps of one token run each layer as four fused skinny-matmul launches
+        # (kernels/gemv.py) around attention, and the LM head as one; on CUDA in eager
+        # mode too, so graphs and eager agree.
         default_gemv = GEMV_MAX_ROWS if device.type == "cuda" else 0
         self.gemv_max_tokens = int(config.extra.get("gemv_max_tokens", default_gemv))
         set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens)

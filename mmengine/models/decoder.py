@@ -71,9 +71,10 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         kv_cache: KVCache,
     ) -> tuple[torch.Tensor, None]:
-        """The same layer as five launches for decode steps of a few tokens: each norm is
-        fused into the projection after it, each residual add into the projection before
-        it, SiLU-and-mul into gate_up. Returns the residual stream whole (residual None)."""
+        """The same layer in four launches around attention, for steps of a few tokens:
+        each norm is fused into the projection after it, each residual add into the
+        projection before it, SiLU-and-mul into gate_up. Returns the residual stream whole
+        (residual None)."""
         stream = hidden if residual is None else residual + hidden
         op = self.gemv_as_custom_op
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
@@ -107,6 +108,8 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head."""
+
+    gemv_max_tokens = 0  # LM head through kernels/gemv.py for at most this many rows
 
     def __init__(self, spec: ModelSpec, max_position: int) -> None:
         super().__init__()
@@ -143,6 +146,8 @@ class DecoderModel(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] fp32
+        if self.gemv_max_tokens and hidden.shape[0] <= self.gemv_max_tokens:
+            return fused_linear(hidden, self.lm_head.weight, out_dtype=torch.float32)
         return self.lm_head(hidden).float()
 
     # ---- weights -------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Decode steps of a few tokens run each projection of a decoder layer through
 `kernels/gemv.py`, with the RMSNorms, the SiLU-and-mul and the residual adds fused into the
-projections around them (five launches a layer instead of ~eleven). Under torch.compile the
+projections around them (four launches around attention instead of ~nine). Under torch.compile the
 compiler must not look inside, or it would re-split the fused kernel into its torch ops.
 """
 
@@ -41,9 +41,20 @@ def fused_linear(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     gated: bool = False,
+    out_dtype: torch.dtype | None = None,
     as_custom_op: bool = False,
 ) -> torch.Tensor:
-    """`gemv` called directly (eager) or through the custom op (under torch.compile)."""
+    """`gemv` called directly (eager) or through the custom op (under torch.compile; there
+    `out_dtype` is not offered)."""
     if as_custom_op:
         return torch.ops.mmengine.gemv(x, weight, bias, residual, norm_weight, eps, gated)
-    return gemv(x, weight, bias, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated)
+    return gemv(
+        x,
+        weight,
+        bias,
+        residual=residual,
+        norm_weight=norm_weight,
+        eps=eps,
+        gated=gated,
+        out_dtype=out_dtype,
+    )

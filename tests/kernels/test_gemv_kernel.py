@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.activation import silu_and_mul_torch
-from kernels.gemv import MAX_ROWS, gemv, gemv_torch
+from kernels.gemv import MAX_ROWS, gemv, gemv_torch, launch_config
 from kernels.rms_norm import rms_norm_torch
 
 torch.set_num_threads(1)
@@ -127,3 +127,20 @@ def test_gpu_decoder_shapes_bf16(rows: int) -> None:
         tol = 4 * ulp * (ref.float().abs() + 1)
         assert ((out.float() - ref.float()).abs() <= tol).all(), c
         assert (out != ref).float().mean() < 0.05, c
+
+
+def test_fp32_output_of_half_input_is_the_rounded_value_widened() -> None:
+    # The LM head: logits = (hidden @ W.T) in bf16, then .float(), as HF computes them.
+    x, w, *_ = _case(1, 40, 128, torch.float16, gated=False, seed=3)
+    out = gemv(x, w, out_dtype=torch.float32, use_triton_kernel=True)
+    ref = gemv_torch(x, w, out_dtype=torch.float32)
+    assert out.dtype == ref.dtype == torch.float32
+    assert torch.equal(out.half().float(), out)  # a widened fp16 value
+    assert ((out - ref).abs() <= torch.finfo(torch.float16).eps * (ref.abs() + 1)).all()
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 2560, 2048), (1, 11008, 2048), (1, 2048, 11008),
+                                              (2, 2048, 2048)])  # fmt: skip
+def test_default_launch_config_covers_decoder_shapes(rows: int, n: int, k: int) -> None:
+    block_n, block_k, warps = launch_config(rows, n, k)
+    assert block_n in (1, 2, 4) and block_k == 1024 and warps in (1, 2, 4)
