@@ -167,7 +167,6 @@ def gemv(
     eps: float = 1e-6,
     gated: bool = False,
     use_triton_kernel: bool | None = None,
-    out_dtype: torch.dtype | None = None,
     config: tuple[int, int, int] | None = None,
     pdl: bool | None = None,
 ) -> torch.Tensor:
@@ -180,8 +179,6 @@ def gemv(
         residual: optional [M, N_out], added last (N_out = N, or I when `gated`).
         norm_weight: optional [K]: x goes through HF's RMSNorm with this weight and `eps`.
         gated: return silu(gate) * up of the fused projection, [M, I].
-        out_dtype: dtype of the result (default x's); the value is rounded to x's dtype
-            first, so fp32 gives exactly `(x @ weight.T).float()` (the LM head's logits).
         use_triton_kernel: force the kernel (True) or the torch reference (False); None takes
             the kernel on CUDA tensors or when MMENGINE_FORCE_TRITON=1.
         config: (BLOCK_N, BLOCK_K, num_warps) to override `launch_config` (benchmarks).
@@ -200,7 +197,6 @@ def gemv(
             norm_weight=norm_weight,
             eps=eps,
             gated=gated,
-            out_dtype=out_dtype,
         )
     check_launchable(_gemv_kernel, x)
     if x.dim() != 2 or x.shape[0] > MAX_ROWS:
@@ -212,7 +208,7 @@ def gemv(
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     if weight.shape[1] != k or (gated and weight.shape[0] % 2):
         raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}")
-    out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual must be [{rows}, {n}] with contiguous rows")
     if rows == 0 or n == 0:
@@ -257,7 +253,6 @@ def gemv_torch(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     gated: bool = False,
-    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference of `gemv`: the decoder's own ops in HF's order."""
     if norm_weight is not None:
@@ -265,5 +260,4 @@ def gemv_torch(
     y = F.linear(x, weight, bias)
     if gated:
         y = silu_and_mul_torch(y)
-    y = y if residual is None else residual + y
-    return y if out_dtype is None else y.to(out_dtype)
+    return y if residual is None else residual + y

@@ -126,8 +126,9 @@ class ModelRunner:
         self.compiled = on_gpu and bool(config.extra.get("torch_compile", True))
         self.use_cuda_graphs = on_gpu and bool(config.extra.get("cuda_graphs", True))
         # Decode steps of one token run each layer as four fused skinny-matmul launches
-        # (kernels/gemv.py) around attention, and the LM head as one; on CUDA in eager
-        # mode too, so graphs and eager agree.
+        # (kernels/gemv.py) around attention; on CUDA in eager mode too, so graphs and
+        # eager agree. (The LM head stays on cuBLAS: the GEMV kernel was slower there,
+        # 0.255 vs 0.184 ms with the argmax on an H200.)
         default_gemv = GEMV_MAX_ROWS if device.type == "cuda" else 0
         self.gemv_max_tokens = int(config.extra.get("gemv_max_tokens", default_gemv))
         set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens)

@@ -109,8 +109,6 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head."""
 
-    gemv_max_tokens = 0  # LM head through kernels/gemv.py for at most this many rows
-
     def __init__(self, spec: ModelSpec, max_position: int) -> None:
         super().__init__()
         self.spec = spec
@@ -146,8 +144,6 @@ class DecoderModel(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] fp32
-        if self.gemv_max_tokens and hidden.shape[0] <= self.gemv_max_tokens:
-            return fused_linear(hidden, self.lm_head.weight, out_dtype=torch.float32)
         return self.lm_head(hidden).float()
 
     # ---- weights -------------------------------------------------------------------------

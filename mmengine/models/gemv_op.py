@@ -41,11 +41,9 @@ def fused_linear(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     gated: bool = False,
-    out_dtype: torch.dtype | None = None,
     as_custom_op: bool = False,
 ) -> torch.Tensor:
-    """`gemv` called directly (eager) or through the custom op (under torch.compile; there
-    `out_dtype` is not offered)."""
+    """`gemv` called directly (eager) or through the custom op (under torch.compile)."""
     if as_custom_op:
         return torch.ops.mmengine.gemv(x, weight, bias, residual, norm_weight, eps, gated)
     return gemv(
@@ -56,5 +54,4 @@ def fused_linear(
         norm_weight=norm_weight,
         eps=eps,
         gated=gated,
-        out_dtype=out_dtype,
     )
