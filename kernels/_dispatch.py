@@ -13,6 +13,8 @@ from triton.runtime.jit import JITFunction
 
 # Set to "1" to run the Triton kernels on CPU tensors too (needs TRITON_INTERPRET=1).
 FORCE_TRITON_ENV = "MMENGINE_FORCE_TRITON"
+# Set to "1" to launch every kernel plainly, without programmatic dependent launch.
+DISABLE_PDL_ENV = "MMENGINE_DISABLE_PDL"
 
 
 def use_triton(tensor: torch.Tensor, force: bool | None = None) -> bool:
@@ -52,3 +54,17 @@ def check_launchable(kernel: object, tensor: torch.Tensor) -> None:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (and >= 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def pdl_supported(tensor: torch.Tensor) -> bool:
+    """Whether a kernel on `tensor` may launch as a programmatic dependent (PDL) of the
+    kernel before it: CUDA tensors on sm_90+ (never in the interpreter).
+
+    A PDL kernel may start while its predecessor finishes; it must call
+    `tl.extra.cuda.gdc_wait()` before touching anything a kernel before it wrote, and calls
+    `gdc_launch_dependents()` to let its own successor start early the same way.
+    `MMENGINE_DISABLE_PDL=1` turns it off (A/B timing, or a driver that mishandles it).
+    """
+    if not tensor.is_cuda or os.environ.get(DISABLE_PDL_ENV, "0") == "1":
+        return False
+    return torch.cuda.get_device_capability(tensor.device)[0] >= 9

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_launchable, next_power_of_2, use_triton
+from kernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
 from kernels.activation import silu_and_mul_torch
 from kernels.rms_norm import rms_norm_torch
 
@@ -150,11 +150,6 @@ def launch_config(rows: int, n: int, k: int) -> tuple[int, int, int]:
     if n >= 8192:
         return 1, block_k, 2
     return 2, block_k, 4
-
-
-def pdl_supported(t: torch.Tensor) -> bool:
-    """Programmatic dependent launch: CUDA tensors on sm_90+ (not in the interpreter)."""
-    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
 def gemv(

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_launchable, next_power_of_2, use_triton
+from kernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,11 @@ def _paged_attention_kernel(
     MERGE_UNROLL: tl.constexpr,  # fused merge: unroll its loops over the splits
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so tests compare tightly
     LONGEST_FIRST: tl.constexpr,  # walk the query blocks last to first (see the wrapper)
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel before
 ):
+    if USE_PDL:  # wait for the kernel before (it wrote q and the KV cache)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     q_block_global = tl.program_id(0)
     if LONGEST_FIRST:
         q_block_global = tl.num_programs(0) - 1 - q_block_global
@@ -794,8 +798,10 @@ def paged_attention(
         MERGE_UNROLL=merge_unroll,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         LONGEST_FIRST=longest_first and not one_block_per_seq,
+        USE_PDL=pdl_supported(q),
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=pdl_supported(q),
     )
     if num_kv_splits > 1 and not fused:
         _merge_splits_kernel[(num_tokens, num_q_heads)](

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_launchable, next_power_of_2, use_triton
+from kernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
 from kernels.kv_cache import write_kv_cache_torch
 from kernels.rotary import _check_args, _rotate_heads, _token_cos_sin, apply_rotary_torch
 
@@ -58,9 +58,13 @@ def _rotary_write_kv_kernel(
     HALF_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     IS_MROPE: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the QKV projection
     MROPE_END_T: tl.constexpr,
     MROPE_END_H: tl.constexpr,
 ):
+    if USE_PDL:  # wait for the kernel before (it wrote q/k/v), let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _token_cos_sin(
         positions_ptr,
@@ -204,11 +208,13 @@ def rotary_write_kv(
         HALF_PAD=next_power_of_2(half),
         BLOCK_SIZE=key_cache.shape[1],
         IS_MROPE=mrope_section is not None,
+        USE_PDL=pdl_supported(q),
         MROPE_END_T=sections[0],
         MROPE_END_H=sections[0] + sections[1],
         num_warps=4 if q_heads_pad * next_power_of_2(half) <= 2048 else 8,
         # As in apply_rotary: no fma contraction of the separately rounded products.
         enable_fp_fusion=False,
+        launch_pdl=pdl_supported(q),
     )
     return q_out
 
