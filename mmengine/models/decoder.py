@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmengine.config import ModelSpec
-from mmengine.models.gemv_op import fused_linear
+from mmengine.models.custom_ops import fused_linear
 from mmengine.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer

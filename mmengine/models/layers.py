@@ -18,10 +18,12 @@ from kernels.activation import silu_and_mul
 from kernels.rms_norm import rms_norm
 from kernels.rotary import apply_rotary
 from mmengine.attention import paged_attention_forward, rotary_paged_attention_forward
+from mmengine.models import custom_ops  # noqa: F401  (registers mmengine::add_rms_norm)
 
 
 class RMSNorm(nn.Module):
     use_triton: bool | None = None  # None: Triton on CUDA tensors
+    residual_as_custom_op = False  # under torch.compile: the add + norm as one opaque op
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -32,6 +34,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
+        if residual is not None and self.residual_as_custom_op:
+            return torch.ops.mmengine.add_rms_norm(x, residual, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps, residual, use_triton_kernel=self.use_triton)
 
 
@@ -146,12 +150,14 @@ class PagedAttention(nn.Module):
 
 def set_kernel_mode(model: nn.Module, compiled: bool, gemv_max_tokens: int = 0) -> None:
     """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses,
-    attention and the few-token projections as custom ops. Steps of at most
+    attention, the residual add + norm and the few-token projections as custom ops. Steps of at most
     `gemv_max_tokens` tokens run the decoder layers' few-token path (0: off)."""
     for m in model.modules():
         if hasattr(m, "gemv_max_tokens"):
             m.gemv_max_tokens = gemv_max_tokens
             m.gemv_as_custom_op = compiled
+        if isinstance(m, RMSNorm):
+            m.residual_as_custom_op = compiled
         if isinstance(m, (RMSNorm, SiluAndMul, RotaryEmbedding)):
             m.use_triton = False if compiled else None
         elif isinstance(m, PagedAttention):
