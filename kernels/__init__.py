@@ -7,6 +7,8 @@
 - `activation`: `silu_and_mul` of a fused gate/up projection.
 - `rotary`: neox rotary embedding (1-D and Qwen2-VL M-RoPE) and its cos/sin table.
 - `rotary_kv`: rotary of q/k fused with the KV-cache write (the decoder's attention input).
+- `gemv`: skinny matmul for one-token decode steps with the decoder's RMSNorm, bias,
+  SiLU-and-mul and residual add fused in.
 - `sampling`: one random token per row after temperature, min-p, top-k and top-p, with no
   sort of the vocabulary (the torch reference sorts).
 
