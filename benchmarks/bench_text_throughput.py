@@ -70,6 +70,16 @@ def make_requests(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[li
     return torch.randint(100, vocab - 1000, (n, prompt_len), generator=g).tolist()
 
 
+def add_gemv_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--gemv-max-tokens",
+        type=int,
+        default=None,
+        help="decode steps of at most this many tokens use the fused GEMV layer path "
+        "(0: off; default: the engine's)",
+    )
+
+
 def gemv_option(args) -> dict:
     """The engine's `gemv_max_tokens` when the command line sets it (else its default)."""
     gemv = getattr(args, "gemv_max_tokens", None)
@@ -231,13 +241,7 @@ def main() -> None:
         default=None,
         help="plan each step while the GPU runs the previous one (default: the engine's, on)",
     )
-    ap.add_argument(
-        "--gemv-max-tokens",
-        type=int,
-        default=None,
-        help="decode steps of at most this many tokens use the fused GEMV layer path "
-        "(0: off; default: the engine's)",
-    )
+    add_gemv_argument(ap)
     ap.add_argument("--systems", default="mmengine,hf_generate,hf_generate_batch")
     ap.add_argument("--hf-batch-sizes", default="16,32,64")
     args = ap.parse_args()

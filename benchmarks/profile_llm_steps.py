@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_sampler import time_ms  # noqa: E402
 from benchmarks.bench_text_throughput import (  # noqa: E402
+    add_gemv_argument,
     batch1_ms_per_token,
     ceilings,
     gemv_option,
@@ -269,13 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=1152, help="KV positions per sequence")
     ap.add_argument("--prefill-seqs", type=int, default=8, help="prompts in the prefill step")
     ap.add_argument("--prefill-len", type=int, default=1024, help="tokens per prompt")
-    ap.add_argument(
-        "--gemv-max-tokens",
-        type=int,
-        default=None,
-        help="decode steps of at most this many tokens use the fused GEMV layer path "
-        "(0: off; default: the engine's)",
-    )
+    add_gemv_argument(ap)
     ap.add_argument("--out-name", default="llm_steps.md", help="file written under $OUT")
     args = ap.parse_args(argv)
     cfg = CONFIGS[args.config]
