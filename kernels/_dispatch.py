@@ -6,6 +6,7 @@ the first `import triton` of the process, because `@triton.jit` decides at decor
 whether a function is compiled or interpreted (and so do Triton's own `tl.*` helpers).
 """
 
+import functools
 import os
 
 import torch
@@ -67,4 +68,9 @@ def pdl_supported(tensor: torch.Tensor) -> bool:
     """
     if not tensor.is_cuda or os.environ.get(DISABLE_PDL_ENV, "0") == "1":
         return False
-    return torch.cuda.get_device_capability(tensor.device)[0] >= 9
+    return _capability_major(tensor.device.index or 0) >= 9
+
+
+@functools.cache
+def _capability_major(device_index: int) -> int:  # asked once per launch: cache it
+    return torch.cuda.get_device_capability(device_index)[0]

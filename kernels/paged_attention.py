@@ -763,6 +763,7 @@ def paged_attention(
     fused = counters is not None
     merge_unroll = num_kv_splits <= _MAX_SPLITS and block_m * head_pad <= _MERGE_UNROLL_MAX_TILE
 
+    pdl = pdl_supported(q)
     _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_kv_splits)](
         out,
         part_acc,
@@ -798,10 +799,10 @@ def paged_attention(
         MERGE_UNROLL=merge_unroll,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         LONGEST_FIRST=longest_first and not one_block_per_seq,
-        USE_PDL=pdl_supported(q),
+        USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
-        launch_pdl=pdl_supported(q),
+        launch_pdl=pdl,
     )
     if num_kv_splits > 1 and not fused:
         _merge_splits_kernel[(num_tokens, num_q_heads)](

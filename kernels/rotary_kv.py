@@ -175,6 +175,7 @@ def rotary_write_kv(
     half = head_size // 2
     sections = mrope_section if mrope_section is not None else [half, 0, 0]
     q_heads_pad = next_power_of_2(num_q_heads)
+    pdl = pdl_supported(q)
     _rotary_write_kv_kernel[(num_tokens,)](
         q,
         k,
@@ -208,13 +209,13 @@ def rotary_write_kv(
         HALF_PAD=next_power_of_2(half),
         BLOCK_SIZE=key_cache.shape[1],
         IS_MROPE=mrope_section is not None,
-        USE_PDL=pdl_supported(q),
+        USE_PDL=pdl,
         MROPE_END_T=sections[0],
         MROPE_END_H=sections[0] + sections[1],
         num_warps=4 if q_heads_pad * next_power_of_2(half) <= 2048 else 8,
         # As in apply_rotary: no fma contraction of the separately rounded products.
         enable_fp_fusion=False,
-        launch_pdl=pdl_supported(q),
+        launch_pdl=pdl,
     )
     return q_out
 
