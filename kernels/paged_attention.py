@@ -39,9 +39,15 @@ logger = logging.getLogger(__name__)
 # The split (flash-decoding) path is chosen only for batches whose query chunks are at most
 # this long: its fp32 partial buffers grow with the number of query tokens.
 _SPLIT_MAX_QUERY_LEN = 8
-# A split shorter than this many KV positions costs more in merging than it gains.
-_MIN_SPLIT_LEN = 128
-_MAX_SPLITS = 32
+# Splits down to one 32-position tile: a decode of one sequence (2 KV heads, 1152
+# positions) ran 10.3 us at 8 splits of 64-wide tiles and 6.8 us at 64 splits of 32
+# (H200, session 10, benchmarks/sweep_attention.py), the work spread over 72 SMs, not 12.
+_MIN_SPLIT_LEN = 32
+_MAX_SPLITS = 64
+# From this many splits on, decode tiles are 32 positions wide (one tile per split at the
+# contexts where so many splits are chosen); fewer splits keep 64-wide tiles, which were
+# 1-10% faster there (B=64 x 1152: 30.6 us at 4 fused splits vs 33.6 with 32-wide tiles).
+_NARROW_TILE_SPLITS = 16
 # Aim for this many programs per SM when splitting (a few waves hide the tail).
 _PROGRAMS_PER_SM = 4
 # A plain grid with this many programs per SM already streams KV at ~95% of copy bandwidth
@@ -63,10 +69,11 @@ _RETIRED_SPLIT_COUNTERS: list[torch.Tensor] = []
 # so an engine never grows it after start-up.
 _MIN_SPLIT_COUNTERS = 1 << 16
 # The fused merge fully unrolls its loops over splits (so that several splits' loads are in
-# flight at once) for at most _MAX_SPLITS splits of partial tiles of at most this many fp32
+# flight at once) for at most _MERGE_UNROLL_MAX_SPLITS splits of partial tiles of at most this many fp32
 # values: the decode tile (16 rows × head 128). Taller tiles, unrolled, spill registers on
 # sm_90 (64 rows × 8 splits: 180 bytes, partly before the main loop); they loop instead.
 _MERGE_UNROLL_MAX_TILE = 16 * 128
+_MERGE_UNROLL_MAX_SPLITS = 32
 
 
 @triton.jit
@@ -105,18 +112,20 @@ def _attend_tile(
         mask=n_valid[None, :] & d_valid[:, None],
         other=0.0,
     )  # [HEAD_PAD, TILE_N]
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, TILE_N]
+    # Raw scores: the scale (> 0) goes onto the row max and into the exponent, where
+    # s * scale - max is one FMA per score rather than a multiply and a subtract.
+    s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, TILE_N]
     if CAUSAL_MASK:
         visible = (offs_n[None, :] <= q_abs_pos[:, None]) & n_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         # A row may see no key in this tile (or in this whole split): keep exp2 away from
         # (-inf) - (-inf), but keep m_new itself -inf so the merge weighs the split as empty.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         m_ref = m_new
-    p = tl.exp2(s - m_ref[:, None])
+    p = tl.exp2(s * scale_log2 - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
 
@@ -585,7 +594,7 @@ def choose_num_kv_splits(
         sm_count: streaming multiprocessors of the device.
 
     Returns:
-        The number of KV splits, between 1 and 32.
+        The number of KV splits, between 1 and 64.
     """
     if max_query_len > _SPLIT_MAX_QUERY_LEN:
         return 1
@@ -598,16 +607,28 @@ def choose_num_kv_splits(
 
 
 def _launch_config(
-    max_query_len: int, queries_per_kv: int, head_pad: int, dtype: torch.dtype
+    max_query_len: int,
+    queries_per_kv: int,
+    head_pad: int,
+    dtype: torch.dtype,
+    num_kv_splits: int = 1,
+    mean_query_len: float | None = None,
 ) -> tuple[int, int, int, int]:
-    """(BLOCK_M, TILE_N, num_warps, num_stages) for a batch, tuned on an H100 (bf16, head 128).
+    """(BLOCK_M, TILE_N, num_warps, num_stages) for a batch (bf16, head 128: tuned on H100
+    and H200). BLOCK_M does not depend on `num_kv_splits`. `mean_query_len` (tokens per
+    sequence; default `max_query_len`) keeps mixed batches off the tallest tile.
 
     Decode-like batches get the smallest tile `tl.dot` allows (16 rows): their work is
     streaming KV, and a taller tile would only multiply wasted rows; two pipeline stages
     keep shared memory low enough for 3 programs per SM, which hides latency better than a
-    deeper pipeline. Prefill-like batches get 128×128 tiles with 8 warps (a 4096-token
-    prefill ran 7% faster than with 64×64 tiles and 4 warps, a 1024-token one as fast);
-    medium chunks get 64-row tiles. Heads wider than 128 halve the tiles to fit shared memory.
+    deeper pipeline. Long prefills get 256 x 64 tiles with 16 warps: on an H200 (session
+    10, benchmarks/sweep_attention.py) 8 x 1024 tokens (32q/8kv) ran 263 us against 320
+    us with the earlier 128 x 128 tiles and 8 warps (SDPA flash 276 us), 2 x 4096 764
+    against 850 us. But every sequence of a launch gets whole query tiles, so a decode
+    riding in a prefill batch computes 256 rows for its 1-8: batches averaging under 256
+    query rows per sequence (e.g. 8192 tokens over 200 sequences) keep 128-row tiles.
+    Medium chunks get 128- or 64-row tiles. Heads wider than 128 halve the tiles to fit
+    shared memory.
     """
     rows = max_query_len * queries_per_kv
     min_rows = max(16, next_power_of_2(queries_per_kv))
@@ -615,12 +636,16 @@ def _launch_config(
         # fp32 is for tests: keep tiles small enough for shared memory at 4 bytes.
         return max(min_rows, 16 if rows <= 16 else 64), 32, 4, 2
     if rows <= 16:
-        return min_rows, 64 if head_pad <= 128 else 32, 4, 2
+        narrow = head_pad > 128 or num_kv_splits >= _NARROW_TILE_SPLITS
+        return min_rows, 32 if narrow else 64, 4, 2
     if head_pad > 128:
         return max(min_rows, 64), 32, 4, 2
     if rows <= 64:
         return max(min_rows, 64), 64, 4, 3
-    return max(min_rows, 128), 128, 8, 3
+    mean_rows = rows if mean_query_len is None else mean_query_len * queries_per_kv
+    if rows <= 256 or mean_rows < 256:
+        return max(min_rows, 128), 128, 8, 3
+    return max(min_rows, 256), 64, 16, 2
 
 
 def paged_attention(
@@ -719,9 +744,8 @@ def paged_attention(
 
     queries_per_kv = num_q_heads // num_kv_heads
     head_pad = max(16, next_power_of_2(head_size))
-    block_m, tile_n, num_warps, num_stages = _launch_config(
-        max_query_len, queries_per_kv, head_pad, q.dtype
-    )
+    mean_query_len = num_tokens / num_seqs
+    block_m = _launch_config(max_query_len, queries_per_kv, head_pad, q.dtype, 1, mean_query_len)[0]
     block_q = block_m // queries_per_kv
     one_block_per_seq = max_query_len <= block_q
     # The kernel lays sequence b's query blocks out from qsl[b] // BLOCK_Q + b, which needs
@@ -740,6 +764,9 @@ def paged_attention(
         else:
             num_kv_splits = 1  # the interpreter gains nothing from more programs
     num_kv_splits = max(int(num_kv_splits), 1)
+    block_m, tile_n, num_warps, num_stages = _launch_config(
+        max_query_len, queries_per_kv, head_pad, q.dtype, num_kv_splits, mean_query_len
+    )
 
     if num_kv_splits > 1:
         part_acc = torch.empty(
@@ -761,9 +788,11 @@ def paged_attention(
                 "eagerly before capturing to avoid this)"
             )
     fused = counters is not None
-    merge_unroll = num_kv_splits <= _MAX_SPLITS and block_m * head_pad <= _MERGE_UNROLL_MAX_TILE
+    merge_unroll = (
+        num_kv_splits <= _MERGE_UNROLL_MAX_SPLITS and block_m * head_pad <= _MERGE_UNROLL_MAX_TILE
+    )
 
-    pdl = pdl_supported(q)
+    pdl = pdl_supported(q, num_tokens)
     _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_kv_splits)](
         out,
         part_acc,

@@ -175,7 +175,7 @@ def rotary_write_kv(
     half = head_size // 2
     sections = mrope_section if mrope_section is not None else [half, 0, 0]
     q_heads_pad = next_power_of_2(num_q_heads)
-    pdl = pdl_supported(q)
+    pdl = pdl_supported(q, q.shape[0])
     _rotary_write_kv_kernel[(num_tokens,)](
         q,
         k,

@@ -267,13 +267,38 @@ def test_large_cache_block_offsets_do_not_overflow_int32() -> None:
 def test_split_count_is_chosen_only_for_few_long_decodes() -> None:
     decode = dict(num_kv_heads=2, max_query_len=1, sm_count=132)
     assert choose_num_kv_splits(num_q_blocks=16, max_seq_len=4096, **decode) > 4
-    # Short contexts: a split would hold fewer than ~128 positions.
-    assert choose_num_kv_splits(num_q_blocks=16, max_seq_len=100, **decode) == 1
+    # Batch 1: one 32-position tile per split, up to 64 splits.
+    assert choose_num_kv_splits(num_q_blocks=1, max_seq_len=1152, **decode) == 36
+    assert choose_num_kv_splits(num_q_blocks=1, max_seq_len=32768, **decode) == 64
+    # Short contexts: no split shorter than one 32-position tile.
+    assert choose_num_kv_splits(num_q_blocks=16, max_seq_len=100, **decode) == 4
+    assert choose_num_kv_splits(num_q_blocks=16, max_seq_len=32, **decode) == 1
     # Enough programs already.
     assert choose_num_kv_splits(num_q_blocks=512, max_seq_len=4096, **decode) == 1
     # Prefill chunks never split automatically.
     prefill = dict(decode, max_query_len=512)
     assert choose_num_kv_splits(num_q_blocks=16, max_seq_len=4096, **prefill) == 1
+
+
+def test_launch_tiles_follow_batch_shape_and_split_count() -> None:
+    bf16 = torch.bfloat16
+    # Decode (16 rows): 64-wide KV tiles, 32-wide once splits are many (one tile each).
+    assert pa._launch_config(1, 8, 128, bf16) == (16, 64, 4, 2)
+    assert pa._launch_config(1, 8, 128, bf16, 8) == (16, 64, 4, 2)
+    assert pa._launch_config(1, 8, 128, bf16, 16) == (16, 32, 4, 2)
+    # Long prefills: 256-row tiles; medium chunks 128 rows; BLOCK_M never depends on splits.
+    assert pa._launch_config(1024, 4, 128, bf16) == (256, 64, 16, 2)
+    # A prefill batch carrying many decodes (8192 tokens over 200 sequences) stays at 128
+    # rows: each decode computes whole tiles.
+    assert pa._launch_config(1024, 4, 128, bf16, 1, 8192 / 200)[0] == 128
+    assert pa._launch_config(1024, 4, 128, bf16, 1, 1024.0)[0] == 256
+    assert pa._launch_config(32, 4, 128, bf16)[0] == 128
+    assert pa._launch_config(8, 4, 128, bf16)[0] == 64
+    for q_len in (1, 8, 32, 1024):
+        assert len({pa._launch_config(q_len, 8, 128, bf16, s)[0] for s in (1, 16, 64)}) == 1
+    # fp32 (tests) and wide heads keep small tiles for shared memory.
+    assert pa._launch_config(1024, 4, 256, bf16) == (64, 32, 4, 2)
+    assert pa._launch_config(1024, 4, 128, torch.float32) == (64, 32, 4, 2)
 
 
 def test_torch_path_is_taken_for_cpu_tensors_by_default() -> None:
