@@ -13,7 +13,8 @@ Variants:
   - `gemv fused`: the projection with its fused norm / bias / SiLU / residual.
   - `gemv fused + PDL`: the same, launched as a programmatic dependent of the call before
     (the weight fetch starts while that call finishes; the engine's default on sm_90+).
-`--sweep` also times launch configs of the plain GEMV.
+`--sweep` also times launch configs of the plain GEMV (the row loop at one row, the
+tensor-core tiles at more).
 
     python3 benchmarks/bench_gemv.py [--rows 1,2,4,8] [--sweep]
 
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_text_throughput import ceilings  # noqa: E402
 from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.gemv import gemv, launch_config  # noqa: E402
+from kernels.gemv import GemvConfig, gemv, launch_config  # noqa: E402
 from kernels.rms_norm import rms_norm  # noqa: E402
 
 LAYERS = 36
@@ -155,21 +156,30 @@ def main(argv: list[str] | None = None) -> None:
         print(lines[-1], flush=True)
         if args.sweep and rows in args.sweep_rows:
             best = None
-            for bn, bk, warps in itertools.product([1, 2, 4], [256, 512, 1024], [1, 2, 4]):
-                if bn * bk > 64 * 32 * warps:
-                    continue  # register spills
-                cfg = (bn, bk, warps)
+            if rows == 1:  # the row loop
+                grid = [GemvConfig(bn, bk, w) for bn, bk, w in itertools.product(
+                    [1, 2, 4], [256, 512, 1024], [1, 2, 4]) if bn * bk <= 64 * 32 * w]  # fmt: skip
+            else:  # tensor-core tiles
+                grid = [GemvConfig(bn, bk, 4, st, True) for bn, bk, st in itertools.product(
+                    [16, 32, 64], [128, 256, 512], [3, 5]) if bn * bk <= 16384]  # fmt: skip
+            for cfg in grid:
+                bn, bk, warps = cfg.block_n, cfg.block_k, cfg.num_warps
                 x, g = c["x"], gated
                 calls = [lambda w=w, x=x, g=g, cfg=cfg: gemv(x, w, gated=g, config=cfg, pdl=False)
                          for w in c["weights"]]  # fmt: skip
-                us = graph_us(calls)
+                try:
+                    us = graph_us(calls)
+                except Exception as exc:  # e.g. out of shared memory for deep pipelines
+                    sweep.append(f"| {name} | {rows} | {bn} | {bk} | {warps} x{cfg.num_stages} "
+                                 f"| {type(exc).__name__} | |")  # fmt: skip
+                    continue
                 sweep.append(
-                    f"| {name} | {rows} | {bn} | {bk} | {warps} | {us:.2f} | "
+                    f"| {name} | {rows} | {bn} | {bk} | {warps} x{cfg.num_stages} | {us:.2f} | "
                     f"{100 * floor_us / us:.0f}% |"
                 )
                 if best is None or us < best[0]:
                     best = (us, cfg)
-            default = launch_config(rows, n, k)
+            default = launch_config(rows, n, k, gated)
             sweep.append(f"| {name} | {rows} | best {best[1]} | default {default} | | "
                          f"{best[0]:.2f} | {100 * floor_us / best[0]:.0f}% |")  # fmt: skip
             print(sweep[-1], flush=True)

@@ -19,6 +19,8 @@ product, the residual sum each rounded to the activation dtype), so the result e
 torch reference up to the matmul's summation order.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -55,6 +57,9 @@ def _gemv_kernel(
     GATED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel before
+    DOT: tl.constexpr,  # tensor-core tiles (tl.dot, BLOCK_M >= 16) instead of a row loop
+    NUM_STAGES: tl.constexpr,  # DOT: software-pipeline depth of the weight loads
+    DOT_PRECISION: tl.constexpr,  # DOT: "ieee" for fp32 inputs (tests), else "tf32"
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -69,11 +74,13 @@ def _gemv_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
 
     # The weights do not depend on the kernel before: fetch the first tile, then wait for
-    # that kernel's output (x) to be complete and visible (a no-op without PDL).
-    w_mask = mask_n[:, None] & (offs_k0 < K)[None, :]
-    w_next = tl.load(w_rows + offs_k0[None, :], mask=w_mask, other=0.0)
-    if GATED:
-        wu_next = tl.load(w_rows + N * K + offs_k0[None, :], mask=w_mask, other=0.0)
+    # that kernel's output (x) to be complete and visible (a no-op without PDL). (The DOT
+    # loop leaves its loads to Triton's pipeliner.)
+    if not DOT:
+        w_mask = mask_n[:, None] & (offs_k0 < K)[None, :]
+        w_next = tl.load(w_rows + offs_k0[None, :], mask=w_mask, other=0.0)
+        if GATED:
+            wu_next = tl.load(w_rows + N * K + offs_k0[None, :], mask=w_mask, other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -90,30 +97,53 @@ def _gemv_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + offs_k0
-        mask_k = offs_k < K
-        w = w_next.to(tl.float32)
-        if GATED:
-            wu = wu_next.to(tl.float32)
-        # Next tile's loads go out before this tile's math (fully masked after the last).
-        next_k = offs_k + BLOCK_K
-        w_mask = mask_n[:, None] & (next_k < K)[None, :]
-        w_next = tl.load(w_rows + next_k[None, :], mask=w_mask, other=0.0)
-        if GATED:
-            wu_next = tl.load(w_rows + N * K + next_k[None, :], mask=w_mask, other=0.0)
-        xk = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        xk = xk.to(tl.float32)
-        if HAS_NORM:  # HF: weight * (x * rsqrt(var + eps)).to(dtype), rounded again
-            nw = tl.load(norm_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            xk = (xk * inv_rms[:, None]).to(dtype).to(tl.float32)
-            xk = (nw[None, :] * xk).to(dtype).to(tl.float32)
-        for m in tl.static_range(BLOCK_M):  # each weight tile is read once for all rows
-            row = offs_m[:, None] == m
-            xm = tl.sum(tl.where(row, xk, 0.0), 0)
-            acc = tl.where(row, acc + tl.sum(w * xm[None, :], 1)[None, :], acc)
+    if DOT:  # rows padded to 16 (zeros), each weight tile multiplied on tensor cores
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            offs_k = k0 + offs_k0
+            mask_k = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            xk = tl.load(
+                x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            )
+            if HAS_NORM:  # the same roundings as the row loop below
+                nw = tl.load(norm_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                xk = (xk.to(tl.float32) * inv_rms[:, None]).to(dtype).to(tl.float32)
+                xk = (nw[None, :] * xk).to(dtype)
+            acc = tl.dot(xk, tl.trans(w), acc, input_precision=DOT_PRECISION)
             if GATED:
-                acc_up = tl.where(row, acc_up + tl.sum(wu * xm[None, :], 1)[None, :], acc_up)
+                wu = tl.load(
+                    w_rows + N * K + offs_k[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0,
+                )
+                acc_up = tl.dot(xk, tl.trans(wu), acc_up, input_precision=DOT_PRECISION)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_k0
+            mask_k = offs_k < K
+            w = w_next.to(tl.float32)
+            if GATED:
+                wu = wu_next.to(tl.float32)
+            # Next tile's loads go out before this tile's math (fully masked after the last).
+            next_k = offs_k + BLOCK_K
+            w_mask = mask_n[:, None] & (next_k < K)[None, :]
+            w_next = tl.load(w_rows + next_k[None, :], mask=w_mask, other=0.0)
+            if GATED:
+                wu_next = tl.load(w_rows + N * K + next_k[None, :], mask=w_mask, other=0.0)
+            xk = tl.load(
+                x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            )
+            xk = xk.to(tl.float32)
+            if HAS_NORM:  # HF: weight * (x * rsqrt(var + eps)).to(dtype), rounded again
+                nw = tl.load(norm_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                xk = (xk * inv_rms[:, None]).to(dtype).to(tl.float32)
+                xk = (nw[None, :] * xk).to(dtype).to(tl.float32)
+            for m in tl.static_range(BLOCK_M):  # each weight tile is read once for all rows
+                row = offs_m[:, None] == m
+                xm = tl.sum(tl.where(row, xk, 0.0), 0)
+                acc = tl.where(row, acc + tl.sum(w * xm[None, :], 1)[None, :], acc)
+                if GATED:
+                    acc_up = tl.where(row, acc_up + tl.sum(wu * xm[None, :], 1)[None, :], acc_up)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -132,24 +162,47 @@ def _gemv_kernel(
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_config(rows: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for `rows` x rows of width k and n output columns.
+class GemvConfig(NamedTuple):
+    """How `gemv` launches: output columns and K width per tile, warps; with `dot`, the
+    tensor-core variant (rows padded to 16, `num_stages` weight tiles in flight)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 1
+    dot: bool = False
+
+
+def launch_config(rows: int, n: int, k: int, gated: bool = False) -> GemvConfig:
+    """The launch of `gemv` for `rows` x rows of width k and n output columns (per half of a
+    `gated` weight).
 
     From an H200 sweep of Qwen2.5-3B's projections (benchmarks/bench_gemv.py --sweep):
     one or two output columns per program keep thousands of small programs in flight to
     cover memory latency, and 1024-wide K tiles make each load long and coalesced. One row:
     long rows (down, K = 11008) best with 1 column x 1 warp (74% of the read rate vs 60%
     at 2 x 2), wide outputs (gate_up) with 1 column x 2 warps (93%), the small qkv / o_proj
-    with 2-4 columns x 4 warps; more rows: 2 columns x 2 warps.
+    with 2-4 columns x 4 warps. Two rows and more take the tensor-core variant: the row
+    loop multiplies each weight tile once per row on CUDA cores and fell behind cuBLAS from
+    four rows on (8 rows: 6.40 vs 2.96 ms per decode graph, H200, session 9). Its tiles
+    (H200 sweep at 4 rows, session 10, the projection alone): gated (gate_up) 32 x 128 x 3
+    stages 23.4 us (94% of the read rate, cuBLAS 25.0); long rows (down) 16 x 512 x 5 stages
+    17.5 us (cuBLAS 16.4); the small qkv / o_proj 32 x 512 x 3 stages 6.2 / 5.9 us (cuBLAS
+    6.4 / 6.1). Gated tiles stay narrow in K at any width so two weight pipelines fit in
+    shared memory.
     """
     block_k = min(1024, max(64, next_power_of_2(k)))
     if rows > 1:
-        return 2, block_k, 2
+        if gated:
+            return GemvConfig(32, min(128, block_k), 4, 3, dot=True)
+        if k >= 4096:
+            return GemvConfig(16, min(512, block_k), 4, 5, dot=True)
+        return GemvConfig(32, min(512, block_k), 4, 3, dot=True)
     if k >= 4096:
-        return 1, block_k, 1
+        return GemvConfig(1, block_k, 1)
     if n >= 8192:
-        return 1, block_k, 2
-    return 2, block_k, 4
+        return GemvConfig(1, block_k, 2)
+    return GemvConfig(2, block_k, 4)
 
 
 def gemv(
@@ -162,7 +215,7 @@ def gemv(
     eps: float = 1e-6,
     gated: bool = False,
     use_triton_kernel: bool | None = None,
-    config: tuple[int, int, int] | None = None,
+    config: GemvConfig | tuple[int, int, int] | None = None,
     pdl: bool | None = None,
 ) -> torch.Tensor:
     """`[norm](x) @ weight.T + bias`, then SiLU-and-mul and/or a residual add, for few rows.
@@ -176,7 +229,8 @@ def gemv(
         gated: return silu(gate) * up of the fused projection, [M, I].
         use_triton_kernel: force the kernel (True) or the torch reference (False); None takes
             the kernel on CUDA tensors or when MMENGINE_FORCE_TRITON=1.
-        config: (BLOCK_N, BLOCK_K, num_warps) to override `launch_config` (benchmarks).
+        config: a `GemvConfig` (or a (BLOCK_N, BLOCK_K, num_warps) row-loop launch) to
+            override `launch_config` (benchmarks, tests).
         pdl: launch as a programmatic dependent of the kernel before (None: on sm_90+):
             the weight fetch starts while that kernel finishes.
 
@@ -208,10 +262,12 @@ def gemv(
         raise ValueError(f"residual must be [{rows}, {n}] with contiguous rows")
     if rows == 0 or n == 0:
         return out
-    block_n, block_k, num_warps = config or launch_config(rows, n, k)
+    cfg = GemvConfig(*config) if config is not None else launch_config(rows, n, k, gated)
+    if cfg.dot and cfg.block_n < 16:
+        raise ValueError(f"tensor-core gemv tiles need BLOCK_N >= 16, got {cfg}")
     use_pdl = pdl_supported(x) if pdl is None else pdl
     dummy = x
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         out,
         x,
         weight,
@@ -230,10 +286,13 @@ def gemv(
         GATED=gated,
         HAS_RESIDUAL=residual is not None,
         USE_PDL=use_pdl,
-        BLOCK_M=next_power_of_2(rows),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
+        DOT=cfg.dot,
+        NUM_STAGES=cfg.num_stages,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=max(16, next_power_of_2(rows)) if cfg.dot else next_power_of_2(rows),
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
         launch_pdl=use_pdl,
     )
     return out

@@ -510,7 +510,11 @@ def _merge_splits_kernel(
     HEAD_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the split kernel
 ):
+    if USE_PDL:  # every program waits (even one that returns at once): see the wrapper
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0)
     head = tl.program_id(1)
     # Tokens past the last sequence (CUDA-graph padding) were never attended: leave them.
@@ -847,7 +851,12 @@ def paged_attention(
             HEAD_PAD=head_pad,
             NUM_SPLITS=num_kv_splits,
             SPLITS_PAD=next_power_of_2(num_kv_splits),
+            # Like the split kernel: the next kernel (the o_proj GEMV at batch 1) may
+            # start fetching weights while this one merges. Each program waits before
+            # anything else, so the ordering chain of PDL launches stays unbroken.
+            USE_PDL=pdl,
             num_warps=2,
+            launch_pdl=pdl,
         )
     return out
 

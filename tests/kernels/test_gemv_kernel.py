@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.activation import silu_and_mul_torch
-from kernels.gemv import MAX_ROWS, gemv, gemv_torch, launch_config
+from kernels.gemv import MAX_ROWS, GemvConfig, gemv, gemv_torch, launch_config
 from kernels.rms_norm import rms_norm_torch
 
 torch.set_num_threads(1)
@@ -41,9 +41,14 @@ def test_reference_is_the_decoder_ops_in_hf_order() -> None:
 FLAGS = list(itertools.product([False, True], repeat=4))  # norm, bias, gated, residual
 
 
+# The row loop (3 rows padded to 4, 37 columns over 5 programs) and the tensor-core tiles
+# (rows padded to 16, 37 columns over 3 programs, 2 pipeline stages); K = 200 over 4 chunks.
+CONFIGS = {"row-loop": (8, 64, 4), "dot": GemvConfig(16, 64, 4, 2, dot=True)}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize(("norm", "bias", "gated", "residual"), FLAGS)
-def test_every_fusion_matches_reference_in_fp32(norm, bias, gated, residual) -> None:  # noqa: ANN001
-    # 3 rows (padded to 4), 37 columns over 5 programs, K = 200 over 4 chunks of 64.
+def test_every_fusion_matches_reference_in_fp32(norm, bias, gated, residual, config) -> None:  # noqa: ANN001
     x, w, b, r, nw = _case(3, 37, 200, torch.float32, gated, seed=int(norm) + 2 * int(gated))
     kwargs = dict(
         bias=b if bias else None,
@@ -52,7 +57,7 @@ def test_every_fusion_matches_reference_in_fp32(norm, bias, gated, residual) -> 
         eps=EPS,
         gated=gated,
     )
-    out = gemv(x, w, use_triton_kernel=True, config=(8, 64, 4), **kwargs)
+    out = gemv(x, w, use_triton_kernel=True, config=config, **kwargs)
     ref = gemv_torch(x, w, **kwargs)
     assert out.shape == ref.shape == (3, 37) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -66,9 +71,15 @@ def test_row_counts_up_to_the_limit_with_default_launch_config(rows: int) -> Non
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2])  # the row loop, the tensor-core tiles
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_types_within_two_ulps_of_reference(dtype: torch.dtype) -> None:
-    x, w, b, r, nw = _case(2, 64, 256, dtype, gated=True, seed=7)
+def test_half_types_within_two_ulps_of_reference(dtype: torch.dtype, rows: int) -> None:
+    assert launch_config(rows, 64, 256).dot == (rows > 1)
+    if rows > 1 and dtype == torch.bfloat16:
+        # Triton's interpreter miscomputes tl.dot on bf16 (a 16 x 16 product came out 1e10
+        # off with triton 3.8); test_gpu_decoder_shapes_bf16 covers these tiles on a GPU.
+        pytest.skip("bf16 tl.dot is wrong in Triton's interpreter")
+    x, w, b, r, nw = _case(rows, 64, 256, dtype, gated=True, seed=7)
     out = gemv(x, w, b, residual=r, norm_weight=nw, eps=EPS, gated=True, use_triton_kernel=True)
     ref = gemv_torch(x.float(), w.float(), b.float(), residual=r.float(), norm_weight=nw.float(),
                      eps=EPS, gated=True)  # fmt: skip
@@ -132,5 +143,15 @@ def test_gpu_decoder_shapes_bf16(rows: int) -> None:
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 2560, 2048), (1, 11008, 2048), (1, 2048, 11008),
                                               (2, 2048, 2048)])  # fmt: skip
 def test_default_launch_config_covers_decoder_shapes(rows: int, n: int, k: int) -> None:
-    block_n, block_k, warps = launch_config(rows, n, k)
-    assert block_n in (1, 2, 4) and block_k == 1024 and warps in (1, 2, 4)
+    cfg = launch_config(rows, n, k)
+    if rows == 1:  # the row loop: few columns, long K tiles
+        assert cfg.block_n in (1, 2, 4) and cfg.block_k == 1024 and cfg.num_warps in (1, 2, 4)
+        assert not cfg.dot
+    else:  # tensor-core tiles need 16 columns
+        assert cfg.dot and cfg.block_n >= 16
+
+
+def test_tensor_core_config_with_narrow_tiles_is_refused() -> None:
+    x, w, *_ = _case(2, 16, 64, torch.float32, gated=False)
+    with pytest.raises(ValueError, match="BLOCK_N >= 16"):
+        gemv(x, w, use_triton_kernel=True, config=GemvConfig(8, 64, 4, 2, dot=True))

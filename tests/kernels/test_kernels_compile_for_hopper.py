@@ -55,24 +55,29 @@ GEMV_CHILD = textwrap.dedent(
     for rows, (norm, bias, gated, res) in itertools.product(
         [1, 2, 8], itertools.product([False, True], repeat=4)
     ):
-        block_n, block_k, warps = launch_config(rows, 2048, 2048)
+        cfg = launch_config(rows, 2048, 11008 if res else 2048, gated)
         sig = {
             "out_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16",
             "residual_ptr": "*bf16", "norm_w_ptr": "*bf16", "eps": "fp32", "M": "i32",
             "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "stride_rm": "i32",
             "HAS_NORM": "constexpr", "HAS_BIAS": "constexpr", "GATED": "constexpr",
-            "HAS_RESIDUAL": "constexpr", "USE_PDL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-            "BLOCK_K": "constexpr",
+            "HAS_RESIDUAL": "constexpr", "USE_PDL": "constexpr", "DOT": "constexpr",
+            "NUM_STAGES": "constexpr", "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
         }
         consts = {
             "HAS_NORM": norm, "HAS_BIAS": bias, "GATED": gated, "HAS_RESIDUAL": res, "USE_PDL": True,
-            "BLOCK_M": triton.next_power_of_2(rows), "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "DOT": cfg.dot, "NUM_STAGES": cfg.num_stages, "DOT_PRECISION": "tf32",
+            "BLOCK_M": max(16, triton.next_power_of_2(rows)) if cfg.dot else triton.next_power_of_2(rows),
+            "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         }
         compiled = triton.compile(
             ASTSource(_gemv_kernel, sig, constexprs=consts), target=target,
-            options={"num_warps": warps},
+            options={"num_warps": cfg.num_warps},
         )
         assert compiled.asm["ptx"], consts
+        # Pipelined tensor-core tiles must fit an sm_90 SM's shared memory (227 KiB).
+        assert compiled.metadata.shared <= 232448, (consts, compiled.metadata.shared)
     print("compiled")
     """
 )
