@@ -2,8 +2,9 @@
 their graph replays timed in alternation so that clock and thermal drift hit all alike.
 
 A variant is a name plus settings applied while its engine is built and its graphs are
-captured: environment variables (UPPER_CASE=value, e.g. MMENGINE_DISABLE_PDL=1) and
-engine options (lower_case=value, e.g. max_model_len=32768; ints where they parse).
+captured: environment variables (UPPER_CASE=value, e.g. MMENGINE_DISABLE_PDL=1), engine
+options (lower_case=value, e.g. max_model_len=32768) and entries of the engine's `extra`
+dict (extra.key=value, e.g. extra.gemv_max_tokens=8); values are ints where they parse.
 Graphs bake in what their kernels were launched with, so settings read at launch time
 (like PDL) stay in force for the replays. Qwen2.5-3B text config, random bf16 weights.
 
@@ -35,13 +36,20 @@ from benchmarks.profile_llm_steps import fill_graph_inputs  # noqa: E402
 
 
 def parse_variant(items: list[str]) -> tuple[str, dict[str, str], dict[str, object]]:
+    """(name, environment, engine options) of a `--variant NAME KEY=VALUE ...`; entries of
+    the engine's `extra` dict are gathered under opts["extra"]."""
     name, env, opts = items[0], {}, {}
     for item in items[1:]:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {name}: expected KEY=VALUE, got {item!r}")
+        parsed = int(value) if value.lstrip("-").isdigit() else value
         if key.isupper():
             env[key] = value
+        elif key.startswith("extra."):
+            opts.setdefault("extra", {})[key.removeprefix("extra.")] = parsed
         else:
-            opts[key] = int(value) if value.lstrip("-").isdigit() else value
+            opts[key] = parsed
     return name, env, opts
 
 
@@ -62,7 +70,9 @@ def build(cfg_dir: Path, args, env: dict[str, str], opts: dict[str, object]):
             num_kv_blocks=max(args.batches) * (-(-args.ctx // 16)) + 64,
             extra={"load_format": "dummy"},
         )
+        extra = {**kwargs["extra"], **opts.get("extra", {})}
         kwargs.update(opts)
+        kwargs["extra"] = extra
         return LLM(str(cfg_dir), **kwargs)
     finally:
         for k, v in saved.items():

@@ -69,9 +69,10 @@ _RETIRED_SPLIT_COUNTERS: list[torch.Tensor] = []
 # so an engine never grows it after start-up.
 _MIN_SPLIT_COUNTERS = 1 << 16
 # The fused merge fully unrolls its loops over splits (so that several splits' loads are in
-# flight at once) for at most _MERGE_UNROLL_MAX_SPLITS splits of partial tiles of at most this many fp32
-# values: the decode tile (16 rows × head 128). Taller tiles, unrolled, spill registers on
-# sm_90 (64 rows × 8 splits: 180 bytes, partly before the main loop); they loop instead.
+# flight at once) for at most _MERGE_UNROLL_MAX_SPLITS splits of partial tiles of at most
+# this many fp32 values: the decode tile (16 rows × head 128). Taller tiles, unrolled, spill
+# registers on sm_90 (64 rows × 8 splits: 180 bytes, partly before the main loop); they
+# loop instead.
 _MERGE_UNROLL_MAX_TILE = 16 * 128
 _MERGE_UNROLL_MAX_SPLITS = 32
 

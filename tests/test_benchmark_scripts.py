@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(
     p.name
     for p in (ROOT / "benchmarks").glob("*.py")
-    if p.name.startswith(("bench_", "profile_", "sweep_")) or p.name == "random_checkpoint.py"
+    if p.name.startswith(("ab_", "bench_", "profile_", "sweep_"))
+    or p.name == "random_checkpoint.py"
 )
 
 
@@ -28,6 +29,19 @@ def test_benchmark_script_shows_its_help_on_cpu(script: str) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage" in out.stdout.lower()
+
+
+def test_ab_variants_split_environment_engine_options_and_extra_entries() -> None:
+    from benchmarks.ab_decode_graphs import parse_variant
+
+    name, env, opts = parse_variant(
+        ["g8", "MMENGINE_DISABLE_PDL=1", "max_model_len=4096", "extra.gemv_max_tokens=8"]
+    )
+    assert name == "g8"
+    assert env == {"MMENGINE_DISABLE_PDL": "1"}
+    assert opts == {"max_model_len": 4096, "extra": {"gemv_max_tokens": 8}}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_variant(["bad", "max_model_len"])
 
 
 def test_w1_profile_analysis_counts_busy_time_phases_and_steps() -> None:
