@@ -5,7 +5,8 @@ time is the weight's bytes over memory bandwidth plus launch latency. cuBLAS rea
 for the big projections but not for the small ones (a 2048 x 2048 o_proj at ~36% of the read
 rate on an H200), and the RMSNorm, SiLU-and-mul and residual-add kernels between the
 projections each cost a launch of their own. `gemv` computes `x @ weight.T` with each
-program owning a few output columns for all rows of x, and optionally:
+program owning a few output columns for all rows of x (at one row a loop on CUDA cores over
+1024-wide K tiles; at 2-8 rows tensor-core tiles with x padded to 16 rows), and optionally:
 
 - an RMSNorm of x first (`norm_weight`): each program reads its x rows whole (a few KB) to
   get their rms, then normalizes the chunks as it streams them;
@@ -32,8 +33,9 @@ from kernels.rms_norm import rms_norm_torch
 
 MAX_ROWS = 8  # rows of x the kernel takes; more go to the regular matmul
 # Rows up to which the engine uses it by default: at one row a Qwen2.5-3B decode step on an
-# H200 ran 8% faster (CUDA graph 2.73 -> 2.51 ms); at two rows as fast as cuBLAS, at four
-# and eight rows slower (each weight tile is multiplied row by row on CUDA cores).
+# H200 ran 8% faster (CUDA graph 2.73 -> 2.51 ms). At 2-8 rows the tensor-core tiles beat
+# cuBLAS on three of four projections alone, but their fused RMSNorm still costs 3.5-15 us
+# (H200, session 10, benchmarks/bench_gemv.py), so more rows stay opt-in.
 DEFAULT_MAX_ROWS = 1
 
 
