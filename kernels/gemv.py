@@ -60,7 +60,7 @@ def _gemv_kernel(
     HAS_RESIDUAL: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel before
     DOT: tl.constexpr,  # tensor-core tiles (tl.dot, BLOCK_M >= 16) instead of a row loop
-    NUM_STAGES: tl.constexpr,  # DOT: software-pipeline depth of the weight loads
+    NUM_STAGES: tl.constexpr,  # DOT: software-pipeline depth of its loops (else None)
     DOT_PRECISION: tl.constexpr,  # DOT: "ieee" for fp32 inputs (tests), else "tf32"
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -89,7 +89,11 @@ def _gemv_kernel(
 
     if HAS_NORM:  # the rms of each whole x row, before any chunk is used
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # DOT: pipelined like its weight loop (at the DOT tiles' narrow K this is K /
+        # BLOCK_K load steps; the fused norm cost 3.5-15 us there in session 10's H200
+        # sweep, before this). The row loop passes NUM_STAGES None: the compiler's default,
+        # as with a plain range.
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
             offs_k = k0 + offs_k0
             xk = tl.load(
                 x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0
@@ -289,7 +293,7 @@ def gemv(
         HAS_RESIDUAL=residual is not None,
         USE_PDL=use_pdl,
         DOT=cfg.dot,
-        NUM_STAGES=cfg.num_stages,
+        NUM_STAGES=cfg.num_stages if cfg.dot else None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=max(16, next_power_of_2(rows)) if cfg.dot else next_power_of_2(rows),
         BLOCK_N=cfg.block_n,

@@ -67,7 +67,7 @@ GEMV_CHILD = textwrap.dedent(
         }
         consts = {
             "HAS_NORM": norm, "HAS_BIAS": bias, "GATED": gated, "HAS_RESIDUAL": res, "USE_PDL": True,
-            "DOT": cfg.dot, "NUM_STAGES": cfg.num_stages, "DOT_PRECISION": "tf32",
+            "DOT": cfg.dot, "NUM_STAGES": cfg.num_stages if cfg.dot else None, "DOT_PRECISION": "tf32",
             "BLOCK_M": max(16, triton.next_power_of_2(rows)) if cfg.dot else triton.next_power_of_2(rows),
             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         }
