@@ -144,20 +144,25 @@ def decode_calls(
     block_size: int = BLOCK_SIZE,
     layout: str = "nhd",
     fused_merge: bool = True,
+    copies: int | None = None,
+    attention: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[list[Callable[[], object]], int]:
-    """Calls of one decode step on enough distinct input sets to overflow L2, and the
-    bytes one call must move (K/V read, q read, out written)."""
+    """Calls of one decode step on enough distinct input sets to overflow L2 (or `copies`
+    of them), and the bytes one call must move (K/V read, q read, out written).
+    `attention` replaces `kernels.paged_attention.paged_attention` (e.g. an older copy)."""
     from kernels.paged_attention import paged_attention
 
+    attention = attention or paged_attention
     kv_bytes = 2 * batch * context * num_kv_heads * HEAD_SIZE * DTYPE.itemsize
     io_bytes = 2 * batch * num_q_heads * HEAD_SIZE * DTYPE.itemsize
-    copies = min(max(2, -(-L2_FLUSH_BYTES // kv_bytes)), 16)
+    if copies is None:
+        copies = min(max(2, -(-L2_FLUSH_BYTES // kv_bytes)), 16)
     calls = []
     for _ in range(copies):
         args = paged_decode_inputs(batch, context, num_q_heads, num_kv_heads, block_size, layout)
         calls.append(
             functools.partial(
-                paged_attention,
+                attention,
                 *args,
                 scale=HEAD_SIZE**-0.5,
                 max_query_len=1,

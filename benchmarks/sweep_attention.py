@@ -43,7 +43,7 @@ from benchmarks.bench_kernels import (  # noqa: E402
     bench,
     bench_graph,
     copy_bandwidth,
-    paged_decode_inputs,
+    decode_calls,
 )
 from benchmarks.sweep_decode_splits import same_size_copy_tbps  # noqa: E402
 
@@ -159,25 +159,6 @@ def prefill_part(modules: dict[str, ModuleType], rep_ms: int) -> list[str]:
     return lines
 
 
-def decode_calls(module, batch: int, ctx: int, splits: int, fused: bool, copies: int):
-    calls = []
-    for _ in range(copies):
-        args = paged_decode_inputs(batch, ctx, 16, 2)
-        calls.append(
-            functools.partial(
-                module.paged_attention,
-                *args,
-                scale=HEAD_SIZE**-0.5,
-                max_query_len=1,
-                max_seq_len=ctx,
-                out=torch.empty_like(args[0]),
-                num_kv_splits=splits,
-                fused_merge=fused,
-            )
-        )
-    return calls
-
-
 def decode_part(modules: dict[str, ModuleType], replays: int) -> list[str]:
     copy_tbps, _ = copy_bandwidth(200)
     lines = [
@@ -189,8 +170,7 @@ def decode_part(modules: dict[str, ModuleType], replays: int) -> list[str]:
         "|---|---|---|---|---:|---|---:|---:|---:|",
     ]
     for batch, ctx in DECODE_SHAPES:
-        nbytes = 2 * batch * ctx * 2 * HEAD_SIZE * 2 + 2 * batch * 16 * HEAD_SIZE * 2
-        copies = 36 if batch == 1 else min(max(2, -(-200 * 2**20 // nbytes)), 16)
+        copies = 36 if batch == 1 else None  # batch 1: one input set per layer
         same = same_size_copy_tbps(batch, ctx, 16, 2)
         variants = [
             (name, m, None, s, f)
@@ -207,7 +187,10 @@ def decode_part(modules: dict[str, ModuleType], replays: int) -> list[str]:
         for name, module, config, splits, fused in variants:
             try:
                 with tile(module, config):
-                    calls = decode_calls(module, batch, ctx, splits, fused, copies)
+                    calls, nbytes = decode_calls(
+                        batch, ctx, 16, 2, splits, fused_merge=fused, copies=copies,
+                        attention=module.paged_attention,
+                    )  # fmt: skip
                     ms = bench_graph(calls, replays)
             except Exception as exc:
                 lines.append(

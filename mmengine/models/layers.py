@@ -149,9 +149,9 @@ class PagedAttention(nn.Module):
 
 
 def set_kernel_mode(model: nn.Module, compiled: bool, gemv_max_tokens: int = 0) -> None:
-    """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses,
-    attention, the residual add + norm and the few-token projections as custom ops. Steps of at most
-    `gemv_max_tokens` tokens run the decoder layers' few-token path (0: off)."""
+    """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses;
+    attention, the residual add + norm and the few-token projections as custom ops. Steps
+    of at most `gemv_max_tokens` tokens run the decoder layers' few-token path (0: off)."""
     for m in model.modules():
         if hasattr(m, "gemv_max_tokens"):
             m.gemv_max_tokens = gemv_max_tokens
