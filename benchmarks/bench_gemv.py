@@ -14,9 +14,12 @@ Variants:
   - `gemv fused + PDL`: the same, launched as a programmatic dependent of the call before
     (the weight fetch starts while that call finishes; the engine's default on sm_90+).
 `--sweep` also times launch configs of the plain GEMV (the row loop at one row, the
-tensor-core tiles at more).
+tensor-core tiles at more). `--rope` times the QKV projection with rotary and the KV-cache
+write in its epilogue (`gemv_qkv_rope`) against the fused-norm GEMV followed by the
+`rotary_write_kv` kernel (the two launches it replaces), both with PDL, plus its launch
+configs.
 
-    python3 benchmarks/bench_gemv.py [--rows 1,2,4,8] [--sweep]
+    python3 benchmarks/bench_gemv.py [--rows 1,2,4,8] [--sweep] [--rope]
 
 Writes $OUT/gemv.md.
 """
@@ -37,11 +40,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_text_throughput import ceilings  # noqa: E402
 from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.gemv import GemvConfig, gemv, launch_config  # noqa: E402
+from kernels.gemv import GemvConfig, gemv, gemv_qkv_rope, launch_config  # noqa: E402
 from kernels.rms_norm import rms_norm  # noqa: E402
+from kernels.rotary import build_cos_sin_cache  # noqa: E402
+from kernels.rotary_kv import rotary_write_kv  # noqa: E402
 
 LAYERS = 36
 H, INTER, QKV = 2048, 11008, 2048 + 2 * 256
+HQ, HK, D = 16, 2, 128  # Qwen2.5-3B attention heads
 # name: (N, K, norm, bias, gated, residual) of Qwen2.5-3B's projections
 SHAPES = {
     "qkv (norm + bias)": (QKV, H, True, True, False, False),
@@ -119,11 +125,83 @@ def variants(c: dict, norm: bool, bias: bool, gated: bool, residual: bool):
     }
 
 
+def rope_rows(rows: int, configs: bool, floor_us_of) -> list[str]:  # noqa: ANN001
+    """The QKV projection + rotary + KV write: two launches (fused-norm GEMV, then
+    `rotary_write_kv`) vs one (`gemv_qkv_rope`), and with `configs` its launch configs."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    c = make_case(rows, QKV, H, False, dev)
+    cos_sin = build_cos_sin_cache(D, 4096, 1e6, device=dev)
+    positions = torch.randint(0, 4096, (rows,), device=dev)
+    kc = torch.zeros(64, 16, HK, D, device=dev, dtype=dt)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(64 * 16, device=dev)[:rows]
+    x, b, nw = c["x"], c["bias"], c["norm_w"]
+
+    def two(w):  # noqa: ANN001, ANN202
+        qkv = gemv(x, w, b, norm_weight=nw, pdl=True)
+        q, k, v = qkv.split([HQ * D, HK * D, HK * D], -1)
+        views = (q.view(rows, HQ, D), k.view(rows, HK, D), v.view(rows, HK, D))
+        return rotary_write_kv(*views, positions, cos_sin, kc, vc, slots)
+
+    def one(w, cfg=None, pdl=True):  # noqa: ANN001, ANN202
+        return gemv_qkv_rope(
+            x, w, b, norm_weight=nw, eps=1e-6, positions=positions, cos_sin_cache=cos_sin,
+            key_cache=kc, value_cache=vc, slot_mapping=slots, num_q_heads=HQ, config=cfg, pdl=pdl,
+        )  # fmt: skip
+
+    floor_us = floor_us_of(c["weights"][0])
+    out = []
+    for name, fn in (("gemv (norm, bias) + rotary_write_kv", two), ("gemv_qkv_rope", one)):
+        us = graph_us([lambda w=w, fn=fn: fn(w) for w in c["weights"]])
+        out.append(f"| {name} | {rows} | default | {us:.2f} | {100 * floor_us / us:.0f}% |")
+        print(out[-1], flush=True)
+    if configs:
+        if rows == 1:
+            grid = [GemvConfig(bn, bk, w) for bn, bk, w in itertools.product(
+                [1, 2], [512, 1024], [2, 4, 8]) if bn * bk <= 64 * 32 * w]  # fmt: skip
+        else:
+            grid = [GemvConfig(bn, bk, 4, st, True) for bn, bk, st in itertools.product(
+                [16, 32], [128, 256, 512], [2, 3]) if bn * bk <= 8192]  # fmt: skip
+        for cfg in grid:
+            try:
+                us = graph_us([lambda w=w, cfg=cfg: one(w, cfg) for w in c["weights"]])
+            except Exception as exc:  # e.g. out of shared memory
+                out.append(f"| gemv_qkv_rope | {rows} | {tuple(cfg)} | {type(exc).__name__} | |")
+                continue
+            out.append(f"| gemv_qkv_rope | {rows} | {tuple(cfg)} | {us:.2f} | "
+                       f"{100 * floor_us / us:.0f}% |")  # fmt: skip
+            print(out[-1], flush=True)
+    return out
+
+
+def fused_calls(c: dict, bias: bool, residual: bool, gated: bool, cfg: GemvConfig, pdl: bool):
+    """The fused projection (norm, bias, residual, SiLU as the shape has them) at `cfg`."""
+    x, nw = c["x"], c["norm_w"]
+    b = c["bias"] if bias else None
+    r = c["residual"] if residual else None
+    return [
+        lambda w=w: gemv(x, w, b, residual=r, norm_weight=nw, gated=gated, config=cfg, pdl=pdl)
+        for w in c["weights"]
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,2,4,8", type=lambda s: [int(v) for v in s.split(",")])
     ap.add_argument("--sweep", action="store_true", help="also time GEMV launch configs")
     ap.add_argument("--sweep-rows", default="1,4,8", type=lambda s: [int(v) for v in s.split(",")])
+    ap.add_argument(
+        "--norm-widths",
+        default="",
+        type=lambda s: [int(v) for v in s.split(",") if v],
+        help="tensor-core rows (> 1): also time the fused RMSNorm's prologue at these K widths "
+        "(0 = the weight tile's BLOCK_K, the session-10 kernel), with and without PDL",
+    )
+    ap.add_argument(
+        "--rope",
+        action="store_true",
+        help="also time the QKV projection with rotary + KV write fused (gemv_qkv_rope)",
+    )
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     read_bps = ceilings()["read_GBps"] * 1e9
@@ -140,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     sweep = ["", "| projection | rows | BLOCK_N | BLOCK_K | warps | us | % read rate |"]
     sweep.append("|---|---|---|---|---|---|---|")
+    norm_rows = ["", "Fused RMSNorm prologue width (tensor-core tiles at their defaults)", ""]
+    norm_rows += ["| projection | rows | prologue K | launch | us | % read rate |"]
+    norm_rows.append("|---|---|---|---|---|---|")
     for (name, (n, k, norm, bias, gated, residual)), rows in itertools.product(
         SHAPES.items(), args.rows
     ):
@@ -154,6 +235,17 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {rows} | {nbytes / 1e6:.1f} | {floor_us:.2f} | " + " | ".join(cells) + " |"
         )
         print(lines[-1], flush=True)
+        if norm and rows > 1 and args.norm_widths:
+            default = launch_config(rows, n, k, gated)
+            for width, pdl in itertools.product(args.norm_widths, (False, True)):
+                cfg = default._replace(norm_block_k=width)
+                calls = fused_calls(c, bias, residual, gated, cfg, pdl)
+                us = graph_us(calls)
+                norm_rows.append(
+                    f"| {name} | {rows} | {width or default.block_k} | {'PDL' if pdl else '-'} | "
+                    f"{us:.2f} | {100 * floor_us / us:.0f}% |"
+                )
+                print(norm_rows[-1], flush=True)
         if args.sweep and rows in args.sweep_rows:
             best = None
             if rows == 1:  # the row loop
@@ -185,7 +277,17 @@ def main(argv: list[str] | None = None) -> None:
             print(sweep[-1], flush=True)
         del c
         torch.cuda.empty_cache()
-    text = "\n".join(lines + (sweep if args.sweep else [])) + "\n"
+    rope = ["", "QKV projection + rotary + KV-cache write, PDL launches", ""]
+    rope += ["| kernels | rows | launch | us | % read rate |", "|---|---|---|---|---|"]
+    for rows in args.rows if args.rope else []:
+        rope += rope_rows(rows, args.sweep, lambda w: w.numel() * 2 / read_bps * 1e6)
+    text = "\n".join(
+        lines
+        + (norm_rows if args.norm_widths else [])
+        + (sweep if args.sweep else [])
+        + (rope if args.rope else [])
+    )
+    text += "\n"
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "gemv.md").write_text(text)

@@ -20,6 +20,7 @@ product, the residual sum each rounded to the activation dtype), so the result e
 torch reference up to the matmul's summation order.
 """
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,8 @@ import triton.language as tl
 from kernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
 from kernels.activation import silu_and_mul_torch
 from kernels.rms_norm import rms_norm_torch
+from kernels.rotary import _check_args, rotate_pair
+from kernels.rotary_kv import rotary_write_kv_torch
 
 MAX_ROWS = 8  # rows of x the kernel takes; more go to the regular matmul
 # Rows up to which the engine uses it by default: at one row a Qwen2.5-3B decode step on an
@@ -39,7 +42,8 @@ MAX_ROWS = 8  # rows of x the kernel takes; more go to the regular matmul
 DEFAULT_MAX_ROWS = 1
 
 
-@triton.jit
+# stride_pos_row (M-RoPE positions' token count) changes every eager step: not specialized.
+@triton.jit(do_not_specialize=["stride_pos_row"])
 def _gemv_kernel(
     out_ptr,  # [M, N] (row stride stride_om)
     x_ptr,  # [M, K] (row stride stride_xm, K contiguous)
@@ -47,17 +51,36 @@ def _gemv_kernel(
     bias_ptr,  # [N] (or [2N] when GATED), HAS_BIAS only
     residual_ptr,  # [M, N] (row stride stride_rm), HAS_RESIDUAL only
     norm_w_ptr,  # [K], HAS_NORM only
+    positions_ptr,  # ROPE: [M] int64, or [3, M] with IS_MROPE
+    cos_sin_ptr,  # ROPE: [max_position, 2 * HALF] fp32: cos | sin
+    key_cache_ptr,  # ROPE: [num_blocks, CACHE_BLOCK_SIZE, NUM_KV_HEADS, 2 * HALF]
+    value_cache_ptr,  # ROPE: same strides as key_cache
+    slot_mapping_ptr,  # ROPE: [M] int64; < 0: no cache write
     eps,
     M,
-    N,
+    N,  # output columns; with ROPE rotation pairs (all heads' rows / 2)
     K,
     stride_xm,
     stride_om,
     stride_rm,
+    stride_pos_row,
+    stride_cs_pos,
+    stride_cache_blk,
+    stride_cache_pos,
+    stride_cache_head,
     HAS_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    ROPE: tl.constexpr,  # a QKV projection: rotary on q and k, k and v into the KV cache
+    PAIRED: tl.constexpr,  # GATED or ROPE: each program owns pairs of weight rows
+    HALF: tl.constexpr,  # ROPE: head_size // 2
+    NUM_Q_HEADS: tl.constexpr,  # ROPE
+    NUM_KV_HEADS: tl.constexpr,  # ROPE
+    CACHE_BLOCK_SIZE: tl.constexpr,  # ROPE
+    IS_MROPE: tl.constexpr,  # ROPE
+    MROPE_END_T: tl.constexpr,  # ROPE with IS_MROPE: as in kernels/rotary.py
+    MROPE_END_H: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel before
     DOT: tl.constexpr,  # tensor-core tiles (tl.dot, BLOCK_M >= 16) instead of a row loop
     NUM_STAGES: tl.constexpr,  # DOT: software-pipeline depth of its loops (else None)
@@ -65,6 +88,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM_BLOCK_K: tl.constexpr,  # HAS_NORM: K width of the rms prologue's steps
 ):
     dtype = x_ptr.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
@@ -73,7 +97,17 @@ def _gemv_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    # Weight rows: column n's own; a pair's second row is n + N for GATED (up after gate)
+    # and, for ROPE, the row HALF further in the same head (x1 / x2 of rotate_half).
+    rows_a = offs_n
+    rows_b = offs_n + N
+    if ROPE:
+        head = offs_n // HALF
+        pair_i = offs_n % HALF
+        rows_a = head * (2 * HALF) + pair_i
+        rows_b = rows_a + HALF
+    w_rows = w_ptr + rows_a.to(tl.int64)[:, None] * K
+    w_rows_b = w_ptr + rows_b.to(tl.int64)[:, None] * K
 
     # The weights do not depend on the kernel before: fetch the first tile, then wait for
     # that kernel's output (x) to be complete and visible (a no-op without PDL). (The DOT
@@ -81,20 +115,21 @@ def _gemv_kernel(
     if not DOT:
         w_mask = mask_n[:, None] & (offs_k0 < K)[None, :]
         w_next = tl.load(w_rows + offs_k0[None, :], mask=w_mask, other=0.0)
-        if GATED:
-            wu_next = tl.load(w_rows + N * K + offs_k0[None, :], mask=w_mask, other=0.0)
+        if PAIRED:
+            wu_next = tl.load(w_rows_b + offs_k0[None, :], mask=w_mask, other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
     if HAS_NORM:  # the rms of each whole x row, before any chunk is used
+        # DOT: its own K width (the weight tiles' narrow K would make this K / BLOCK_K
+        # dependent load steps: the fused norm cost 3.5-15 us in session 10's H200 sweep),
+        # pipelined like the weight loop. The row loop passes BLOCK_K and NUM_STAGES None
+        # (the compiler's default, as with a plain range).
+        offs_nk = tl.arange(0, NORM_BLOCK_K)
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        # DOT: pipelined like its weight loop (at the DOT tiles' narrow K this is K /
-        # BLOCK_K load steps; the fused norm cost 3.5-15 us there in session 10's H200
-        # sweep, before this). The row loop passes NUM_STAGES None: the compiler's default,
-        # as with a plain range.
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-            offs_k = k0 + offs_k0
+        for k0 in tl.range(0, K, NORM_BLOCK_K, num_stages=NUM_STAGES):
+            offs_k = k0 + offs_nk
             xk = tl.load(
                 x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0
             ).to(tl.float32)
@@ -116,9 +151,9 @@ def _gemv_kernel(
                 xk = (xk.to(tl.float32) * inv_rms[:, None]).to(dtype).to(tl.float32)
                 xk = (nw[None, :] * xk).to(dtype)
             acc = tl.dot(xk, tl.trans(w), acc, input_precision=DOT_PRECISION)
-            if GATED:
+            if PAIRED:
                 wu = tl.load(
-                    w_rows + N * K + offs_k[None, :],
+                    w_rows_b + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0,
                 )
@@ -128,14 +163,14 @@ def _gemv_kernel(
             offs_k = k0 + offs_k0
             mask_k = offs_k < K
             w = w_next.to(tl.float32)
-            if GATED:
+            if PAIRED:
                 wu = wu_next.to(tl.float32)
             # Next tile's loads go out before this tile's math (fully masked after the last).
             next_k = offs_k + BLOCK_K
             w_mask = mask_n[:, None] & (next_k < K)[None, :]
             w_next = tl.load(w_rows + next_k[None, :], mask=w_mask, other=0.0)
-            if GATED:
-                wu_next = tl.load(w_rows + N * K + next_k[None, :], mask=w_mask, other=0.0)
+            if PAIRED:
+                wu_next = tl.load(w_rows_b + next_k[None, :], mask=w_mask, other=0.0)
             xk = tl.load(
                 x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
             )
@@ -148,24 +183,125 @@ def _gemv_kernel(
                 row = offs_m[:, None] == m
                 xm = tl.sum(tl.where(row, xk, 0.0), 0)
                 acc = tl.where(row, acc + tl.sum(w * xm[None, :], 1)[None, :], acc)
-                if GATED:
+                if PAIRED:
                     acc_up = tl.where(row, acc_up + tl.sum(wu * xm[None, :], 1)[None, :], acc_up)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            up_bias = tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0)
-            acc_up += up_bias.to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rows_a, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if PAIRED:
+            bias_b = tl.load(bias_ptr + rows_b, mask=mask_n, other=0.0)
+            acc_up += bias_b.to(tl.float32)[None, :]
     y = acc.to(dtype).to(tl.float32)
-    if GATED:  # silu rounded, up rounded, their product rounded (as silu_and_mul)
-        y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
-        y = (y * acc_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_RESIDUAL:
-        r_ptrs = residual_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
-        y = y + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if ROPE:
+        _rope_epilogue(
+            y,
+            acc_up.to(dtype).to(tl.float32),
+            out_ptr,
+            key_cache_ptr,
+            value_cache_ptr,
+            slot_mapping_ptr,
+            positions_ptr,
+            cos_sin_ptr,
+            offs_m,
+            mask_m,
+            mask,
+            head,
+            pair_i,
+            stride_om,
+            stride_pos_row,
+            stride_cs_pos,
+            stride_cache_blk,
+            stride_cache_pos,
+            stride_cache_head,
+            HALF,
+            NUM_Q_HEADS,
+            NUM_KV_HEADS,
+            CACHE_BLOCK_SIZE,
+            IS_MROPE,
+            MROPE_END_T,
+            MROPE_END_H,
+        )
+    else:
+        if GATED:  # silu rounded, up rounded, their product rounded (as silu_and_mul)
+            y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
+            y = (y * acc_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        if HAS_RESIDUAL:
+            r_ptrs = residual_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+            y = y + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_epilogue(
+    x1,  # [BLOCK_M, BLOCK_N] fp32 (rounded to the activation dtype): first-half elements
+    x2,  # the same pairs' second-half elements
+    q_out_ptr,  # [M, NUM_Q_HEADS * 2 * HALF]
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_mapping_ptr,
+    positions_ptr,
+    cos_sin_ptr,
+    offs_m,
+    mask_m,
+    mask,  # [BLOCK_M, BLOCK_N]: real rows and pairs
+    head,  # [BLOCK_N]: head of each pair, q heads then k heads then v heads
+    pair_i,  # [BLOCK_N]: frequency index within the head
+    stride_qo,
+    stride_pos_row,
+    stride_cs_pos,
+    stride_cache_blk,
+    stride_cache_pos,
+    stride_cache_head,
+    HALF: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    CACHE_BLOCK_SIZE: tl.constexpr,
+    IS_MROPE: tl.constexpr,
+    MROPE_END_T: tl.constexpr,
+    MROPE_END_H: tl.constexpr,
+):
+    """`rotary_write_kv` on a tile of the QKV projection: q pairs rotated into q_out, k
+    pairs rotated and v pairs as they are into each row's cache slot (none below 0)."""
+    dtype = q_out_ptr.dtype.element_ty
+    if IS_MROPE:  # frequency i takes the t, h or w position by the section it falls in
+        pos_t = tl.load(positions_ptr + offs_m, mask=mask_m, other=0)[:, None]
+        pos_h = tl.load(positions_ptr + stride_pos_row + offs_m, mask=mask_m, other=0)[:, None]
+        pos_w = tl.load(positions_ptr + 2 * stride_pos_row + offs_m, mask=mask_m, other=0)
+        i = pair_i[None, :]
+        pos = tl.where(i < MROPE_END_T, pos_t, tl.where(i < MROPE_END_H, pos_h, pos_w[:, None]))
+    else:
+        pos = tl.load(positions_ptr + offs_m, mask=mask_m, other=0)[:, None]
+    cs = cos_sin_ptr + pos.to(tl.int64) * stride_cs_pos + pair_i[None, :]
+    cos = tl.load(cs, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs + HALF, mask=mask, other=0.0).to(tl.float32)
+    r1, r2 = rotate_pair(x1, x2, cos, sin, dtype)
+    is_q = head < NUM_Q_HEADS
+    is_v = head >= NUM_Q_HEADS + NUM_KV_HEADS
+    o1 = tl.where(is_v[None, :], x1, r1)
+    o2 = tl.where(is_v[None, :], x2, r2)
+
+    q_cols = (head * (2 * HALF) + pair_i)[None, :]
+    q_ptrs = q_out_ptr + offs_m.to(tl.int64)[:, None] * stride_qo + q_cols
+    q_mask = mask & is_q[None, :]
+    tl.store(q_ptrs, o1.to(dtype), mask=q_mask)
+    tl.store(q_ptrs + HALF, o2.to(dtype), mask=q_mask)
+
+    slot = tl.load(slot_mapping_ptr + offs_m, mask=mask_m, other=-1).to(tl.int64)
+    # 64-bit: block id x block stride overflows int32 on large caches.
+    row_off = (slot // CACHE_BLOCK_SIZE) * stride_cache_blk
+    row_off += (slot % CACHE_BLOCK_SIZE) * stride_cache_pos
+    kv_head = tl.where(is_v, head - NUM_Q_HEADS - NUM_KV_HEADS, head - NUM_Q_HEADS)
+    off = row_off[:, None] + (kv_head.to(tl.int64) * stride_cache_head + pair_i)[None, :]
+    cache_mask = mask & (slot >= 0)[:, None] & ~is_q[None, :]
+    k_mask = cache_mask & ~is_v[None, :]
+    v_mask = cache_mask & is_v[None, :]
+    cache_dtype = key_cache_ptr.dtype.element_ty
+    tl.store(key_cache_ptr + off, o1.to(dtype).to(cache_dtype), mask=k_mask)
+    tl.store(key_cache_ptr + off + HALF, o2.to(dtype).to(cache_dtype), mask=k_mask)
+    tl.store(value_cache_ptr + off, o1.to(dtype).to(cache_dtype), mask=v_mask)
+    tl.store(value_cache_ptr + off + HALF, o2.to(dtype).to(cache_dtype), mask=v_mask)
 
 
 class GemvConfig(NamedTuple):
@@ -177,11 +313,12 @@ class GemvConfig(NamedTuple):
     num_warps: int
     num_stages: int = 1
     dot: bool = False
+    norm_block_k: int = 512  # dot with a fused norm: K width of its rms prologue
 
 
-def launch_config(rows: int, n: int, k: int, gated: bool = False) -> GemvConfig:
+def launch_config(rows: int, n: int, k: int, gated: bool = False, rope: bool = False) -> GemvConfig:
     """The launch of `gemv` for `rows` x rows of width k and n output columns (per half of a
-    `gated` weight).
+    `gated` weight; n rotation pairs for `gemv_qkv_rope`).
 
     From an H200 sweep of Qwen2.5-3B's projections (benchmarks/bench_gemv.py --sweep):
     one or two output columns per program keep thousands of small programs in flight to
@@ -198,6 +335,12 @@ def launch_config(rows: int, n: int, k: int, gated: bool = False) -> GemvConfig:
     shared memory.
     """
     block_k = min(1024, max(64, next_power_of_2(k)))
+    if rope:  # two weight rows per pair, like gated: one pair per program at one row
+        return (
+            GemvConfig(16, min(256, block_k), 4, 3, dot=True)
+            if rows > 1
+            else (GemvConfig(1, block_k, 4))
+        )
     if rows > 1:
         if gated:
             return GemvConfig(32, min(128, block_k), 4, 3, dot=True)
@@ -269,10 +412,73 @@ def gemv(
     if rows == 0 or n == 0:
         return out
     cfg = GemvConfig(*config) if config is not None else launch_config(rows, n, k, gated)
+    _launch(out, x, weight, bias, residual, norm_weight, eps, n, cfg, pdl, gated=gated)
+    return out
+
+
+@dataclass(frozen=True)
+class _Rope:
+    """The ROPE epilogue's tensors and shape (see `gemv_qkv_rope`)."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_q_heads: int
+    mrope_section: list[int] | None
+
+
+def _launch(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    n: int,
+    cfg: GemvConfig,
+    pdl: bool | None,
+    *,
+    gated: bool = False,
+    rope: _Rope | None = None,
+) -> None:
+    """One `_gemv_kernel` launch over n output columns (or n rotation pairs with rope)."""
     if cfg.dot and cfg.block_n < 16:
         raise ValueError(f"tensor-core gemv tiles need BLOCK_N >= 16, got {cfg}")
     use_pdl = pdl_supported(x) if pdl is None else pdl
+    rows, k = x.shape
     dummy = x
+    if rope is None:
+        rope_tensors = (dummy,) * 5
+        rope_strides = (0,) * 5
+        rope_meta = dict(HALF=1, NUM_Q_HEADS=1, NUM_KV_HEADS=1, CACHE_BLOCK_SIZE=1)
+        rope_meta.update(IS_MROPE=False, MROPE_END_T=0, MROPE_END_H=0)
+    else:
+        cache = rope.key_cache
+        sections = rope.mrope_section or [cache.shape[-1] // 2, 0, 0]
+        rope_tensors = (
+            rope.positions,
+            rope.cos_sin_cache,
+            rope.key_cache,
+            rope.value_cache,
+            rope.slot_mapping,
+        )
+        rope_strides = (
+            rope.positions.stride(0) if rope.mrope_section else 0,
+            rope.cos_sin_cache.stride(0),
+            *cache.stride()[:3],
+        )
+        rope_meta = dict(
+            HALF=cache.shape[-1] // 2,
+            NUM_Q_HEADS=rope.num_q_heads,
+            NUM_KV_HEADS=cache.shape[2],
+            CACHE_BLOCK_SIZE=cache.shape[1],
+            IS_MROPE=rope.mrope_section is not None,
+            MROPE_END_T=sections[0],
+            MROPE_END_H=sections[0] + sections[1],
+        )
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         out,
         x,
@@ -280,6 +486,7 @@ def gemv(
         bias if bias is not None else dummy,
         residual if residual is not None else dummy,
         norm_weight if norm_weight is not None else dummy,
+        *rope_tensors,
         eps,
         rows,
         n,
@@ -287,10 +494,14 @@ def gemv(
         x.stride(0),
         out.stride(0),
         residual.stride(0) if residual is not None else 0,
+        *rope_strides,
         HAS_NORM=norm_weight is not None,
         HAS_BIAS=bias is not None,
         GATED=gated,
         HAS_RESIDUAL=residual is not None,
+        ROPE=rope is not None,
+        PAIRED=gated or rope is not None,
+        **rope_meta,
         USE_PDL=use_pdl,
         DOT=cfg.dot,
         NUM_STAGES=cfg.num_stages if cfg.dot else None,
@@ -298,10 +509,134 @@ def gemv(
         BLOCK_M=max(16, next_power_of_2(rows)) if cfg.dot else next_power_of_2(rows),
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        NORM_BLOCK_K=max(cfg.block_k, min(cfg.norm_block_k, next_power_of_2(k)))
+        if cfg.dot
+        else cfg.block_k,
         num_warps=cfg.num_warps,
         launch_pdl=use_pdl,
     )
-    return out
+
+
+def gemv_qkv_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_q_heads: int,
+    mrope_section: list[int] | None = None,
+    use_triton_kernel: bool | None = None,
+    config: GemvConfig | None = None,
+    pdl: bool | None = None,
+) -> torch.Tensor:
+    """The QKV projection of a few tokens with rotary and the KV-cache write in its
+    epilogue: `gemv` (norm, bias) then `rotary_write_kv`, in one launch.
+
+    Each program owns pairs of weight rows (element i and i + head_size / 2 of a head),
+    so it holds both halves that rotate_half mixes; the q pairs go out rotated, the k pairs
+    rotated and the v pairs as they are into each token's cache slot.
+
+    Args:
+        x: [M, hidden], M <= MAX_ROWS; weight: [(Hq + 2 Hk) * D, hidden] (q, k, v rows);
+        bias, norm_weight, eps: as in `gemv`.
+        positions, cos_sin_cache, mrope_section: as in `rotary_write_kv` (full-width rotary).
+        key_cache, value_cache: [num_blocks, block_size, Hk, D], equal strides, last dim
+            contiguous; slot_mapping: int64 [M] (< 0: no write).
+        num_q_heads: Hq.
+
+    Returns:
+        q rotated, [M, Hq, D].
+    """
+    head_size, num_kv_heads = key_cache.shape[-1], key_cache.shape[2]
+    q_rows = num_q_heads * head_size
+    if weight.shape[0] != q_rows + 2 * num_kv_heads * head_size or head_size % 2:
+        raise ValueError(
+            f"QKV weight {tuple(weight.shape)} does not fit {num_q_heads} q heads and "
+            f"{num_kv_heads} kv heads of size {head_size} (even)"
+        )
+    _check_args(x.new_empty(0, head_size), positions, cos_sin_cache, head_size, mrope_section)
+    if not use_triton(x, use_triton_kernel):
+        return gemv_qkv_rope_torch(
+            x,
+            weight,
+            bias,
+            norm_weight=norm_weight,
+            eps=eps,
+            positions=positions,
+            cos_sin_cache=cos_sin_cache,
+            key_cache=key_cache,
+            value_cache=value_cache,
+            slot_mapping=slot_mapping,
+            num_q_heads=num_q_heads,
+            mrope_section=mrope_section,
+        )
+    check_launchable(_gemv_kernel, x)
+    if x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"gemv takes [M <= {MAX_ROWS}, K] inputs, got {tuple(x.shape)}")
+    if any(t.stride(-1) != 1 for t in (key_cache, cos_sin_cache)):
+        raise ValueError("the caches and cos_sin_cache need a contiguous last dim")
+    if key_cache.stride() != value_cache.stride():
+        raise ValueError("key_cache and value_cache need equal strides")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    rows, k = x.shape
+    q = torch.empty((rows, num_q_heads, head_size), dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return q
+    pairs = weight.shape[0] // 2
+    cfg = config if config is not None else launch_config(rows, pairs, k, rope=True)
+    rope = _Rope(
+        positions,
+        cos_sin_cache,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        num_q_heads,
+        list(mrope_section) if mrope_section is not None else None,
+    )
+    _launch(
+        q.view(rows, q_rows), x, weight, bias, None, norm_weight, eps, pairs, cfg, pdl, rope=rope
+    )
+    return q
+
+
+def gemv_qkv_rope_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_q_heads: int,
+    mrope_section: list[int] | None = None,
+) -> torch.Tensor:
+    """Plain-torch reference of `gemv_qkv_rope`: `gemv_torch`, then `rotary_write_kv_torch`
+    on the q / k / v column blocks."""
+    qkv = gemv_torch(x, weight, bias, norm_weight=norm_weight, eps=eps)
+    t, d, hk = x.shape[0], key_cache.shape[-1], key_cache.shape[2]
+    q, k, v = qkv.split([num_q_heads * d, hk * d, hk * d], -1)
+    return rotary_write_kv_torch(
+        q.view(t, num_q_heads, d),
+        k.view(t, hk, d),
+        v.view(t, hk, d),
+        positions,
+        cos_sin_cache,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        mrope_section=mrope_section,
+    )
 
 
 def gemv_torch(

@@ -49,6 +49,19 @@ def build_cos_sin_cache(
 
 
 @triton.jit
+def rotate_pair(x1, x2, cos, sin, dtype: tl.constexpr):
+    """(x1, x2) rotated by (cos, sin) (fp32, broadcastable), the way HF's eager bf16/fp16
+    rotary rounds: the table values rounded to the activation dtype first (its
+    cos.to(x.dtype)), then x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1),
+    each product and the sum rounded to `dtype`. Returns fp32 values already rounded."""
+    c = cos.to(dtype).to(tl.float32)
+    s = sin.to(dtype).to(tl.float32)
+    o1 = (x1 * c).to(dtype).to(tl.float32) + (-x2 * s).to(dtype).to(tl.float32)
+    o2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
+    return o1.to(dtype).to(tl.float32), o2.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rotate_heads(
     src_ptr,  # the token's first head: [num_heads, head_size] at src_stride_head
     dst_ptr,  # where the rotated heads go (src_ptr itself to rotate in place)
@@ -68,13 +81,7 @@ def _rotate_heads(
     first = src_ptr + offs_h * src_stride_head + offs_i  # [HEADS_PAD, HALF_PAD]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    # HF's cos.to(x.dtype): round the table values to the activation dtype first.
-    c = cos.to(dtype).to(tl.float32)[None, :]
-    s = sin.to(dtype).to(tl.float32)[None, :]
-    # x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); round each product
-    # and the sum to the activation dtype, as eager torch does in bf16/fp16.
-    o1 = (x1 * c).to(dtype).to(tl.float32) + (-x2 * s).to(dtype).to(tl.float32)
-    o2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
+    o1, o2 = rotate_pair(x1, x2, cos[None, :], sin[None, :], dtype)
     out = dst_ptr + offs_h * dst_stride_head + offs_i
     tl.store(out, o1.to(dtype).to(dst_ptr.dtype.element_ty), mask=mask)
     tl.store(out + HALF, o2.to(dtype).to(dst_ptr.dtype.element_ty), mask=mask)

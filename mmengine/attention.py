@@ -99,6 +99,43 @@ def rotary_paged_attention_forward(
     return _attend(q, key_cache, value_cache, scale, meta)
 
 
+def gemv_rope_attention_forward(
+    x: torch.Tensor,  # [T, hidden]: the residual stream (T <= the GEMV's row limit)
+    weight: torch.Tensor,  # [(Hq + 2 Hk) D, hidden]: the fused QKV projection
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,  # the input RMSNorm's weight
+    eps: float,
+    positions: torch.Tensor,  # [T], or [3, T] with mrope_section
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    scale: float,
+    num_heads: int,
+    mrope_section: list[int] | None,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Norm, QKV projection, rotary and the K/V cache write in one GEMV launch
+    (`kernels.gemv.gemv_qkv_rope`), then paged attention: a few-token step's attention
+    half of a decoder layer in two or three launches."""
+    from kernels.gemv import gemv_qkv_rope
+
+    meta = current_metadata()
+    q = gemv_qkv_rope(
+        x,
+        weight,
+        bias,
+        norm_weight=norm_weight,
+        eps=eps,
+        positions=positions,
+        cos_sin_cache=cos_sin_cache,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        slot_mapping=meta.slot_mapping,
+        num_q_heads=num_heads,
+        mrope_section=mrope_section,
+    )
+    return _attend(q, key_cache, value_cache, scale, meta)
+
+
 def _attend(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -212,3 +249,54 @@ def _rotary_paged_attention_fake(
     mrope_section: list[int] | None,
 ) -> torch.Tensor:
     return qkv.new_empty((qkv.shape[0], num_heads, key_cache.shape[-1]))
+
+
+@torch.library.custom_op(
+    "mmengine::gemv_rope_paged_attention", mutates_args=("key_cache", "value_cache")
+)
+def gemv_rope_paged_attention_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    scale: float,
+    num_heads: int,
+    mrope_section: list[int] | None,
+) -> torch.Tensor:
+    return gemv_rope_attention_forward(
+        x,
+        weight,
+        bias,
+        norm_weight,
+        eps,
+        positions,
+        cos_sin_cache,
+        key_cache,
+        value_cache,
+        scale,
+        num_heads,
+        mrope_section,
+    )
+
+
+@gemv_rope_paged_attention_op.register_fake
+def _gemv_rope_paged_attention_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    scale: float,
+    num_heads: int,
+    mrope_section: list[int] | None,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], num_heads, key_cache.shape[-1]))

@@ -131,7 +131,10 @@ class ModelRunner:
         # 0.255 vs 0.184 ms with the argmax on an H200.)
         default_gemv = GEMV_MAX_ROWS if device.type == "cuda" else 0
         self.gemv_max_tokens = int(config.extra.get("gemv_max_tokens", default_gemv))
-        set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens)
+        # Rotary + KV write in the QKV projection's epilogue on that path (one launch fewer
+        # per layer); `gemv_rope=0` keeps them in their own kernel (A/B benchmarks).
+        gemv_rope = bool(int(config.extra.get("gemv_rope", 1)))
+        set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens, gemv_rope)
         if self.compiled:
             # Compile the decoder layer, not the whole model: all layers share one compiled
             # graph (parameters are graph inputs), so start-up does not grow with depth.

@@ -79,3 +79,52 @@ def test_rotary_paged_attention_compiled_equals_eager_and_fills_the_same_slots(
     assert not torch.equal(caches[0][0][1, 3:8], key_cache[1, 3:8])
     assert torch.equal(caches[0][0][1, 8:], key_cache[1, 8:])
     assert torch.equal(caches[0][0][[0, 2, 3]], key_cache[[0, 2, 3]])
+
+
+def _gemv_step(mrope: bool):
+    """`_step`'s chunk, from the residual stream: (x, QKV weight, bias, norm weight) in
+    front of the rotary op's arguments."""
+    meta, (qkv, positions, cos_sin, kc, vc, scale, heads, section) = _step(mrope)
+    gen = torch.Generator().manual_seed(1)
+    hidden = 48
+    x = torch.randn(qkv.shape[0], hidden, generator=gen)
+    weight = torch.randn(qkv.shape[1], hidden, generator=gen) / hidden**0.5
+    bias = torch.randn(qkv.shape[1], generator=gen)
+    norm_w = 1 + 0.1 * torch.randn(hidden, generator=gen)
+    args = (x, weight, bias, norm_w, 1e-6, positions, cos_sin, kc, vc, scale, heads, section)
+    return meta, args
+
+
+@pytest.mark.parametrize("mrope", [False, True], ids=["1d", "mrope"])
+def test_gemv_rope_paged_attention_op_passes_opcheck(mrope: bool) -> None:
+    meta, args = _gemv_step(mrope)
+    with forward_context(meta):
+        torch.library.opcheck(torch.ops.mmengine.gemv_rope_paged_attention.default, args)
+
+
+@pytest.mark.parametrize("mrope", [False, True], ids=["1d", "mrope"])
+def test_gemv_rope_paged_attention_equals_projection_then_rotary_op_and_compiles(
+    mrope: bool,
+) -> None:
+    from kernels.rms_norm import rms_norm_torch
+
+    meta, args = _gemv_step(mrope)
+    x, weight, bias, norm_w, eps, positions, cos_sin, kc, vc, scale, heads, section = args
+    caches = [(kc.clone(), vc.clone()) for _ in range(3)]
+    qkv = torch.nn.functional.linear(rms_norm_torch(x, norm_w, eps), weight, bias)
+
+    def fused(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mmengine.gemv_rope_paged_attention(
+            x, weight, bias, norm_w, eps, positions, cos_sin, k, v, scale, heads, section
+        )
+
+    with forward_context(meta):
+        unfused = torch.ops.mmengine.rotary_paged_attention(
+            qkv, positions, cos_sin, *caches[0], scale, heads, section
+        )
+        eager = fused(*caches[1])
+        compiled = torch.compile(fused, backend="aot_eager", dynamic=True)(*caches[2])
+    assert torch.equal(eager, unfused) and torch.equal(compiled, eager)
+    for cache in caches[1:]:
+        assert torch.equal(cache[0], caches[0][0]) and torch.equal(cache[1], caches[0][1])
+    assert not torch.equal(caches[1][0][1, 3:8], kc[1, 3:8])

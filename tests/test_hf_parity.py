@@ -124,16 +124,21 @@ def test_greedy_tokens_identical_to_hf(text_ckpt: Path, mode: str, async_schedul
         assert stats["num_preemptions"] > 0
 
 
-def test_few_token_layer_path_greedy_tokens_identical_to_hf(text_ckpt: Path) -> None:
+@pytest.mark.parametrize("gemv_rope", [1, 0], ids=["rope_in_qkv", "rope_kernel"])
+def test_few_token_layer_path_greedy_tokens_identical_to_hf(
+    text_ckpt: Path, gemv_rope: int
+) -> None:
     # Decode steps of <= 8 tokens through DecoderLayer._forward_few_tokens (norms and
-    # residual adds moved into the projections; the GPU default): on CPU its torch
-    # reference, which must not change a single token.
+    # residual adds moved into the projections, rotary + KV write into the QKV one or not;
+    # the GPU default): on CPU its torch reference, which must not change a single token.
     prompts = make_prompts(12)
     refs = hf_greedy(text_ckpt, prompts)
     kwargs = dict(dtype="float32", device="cpu", max_model_len=256, multiprocess=False)
-    with LLM(str(text_ckpt), max_num_seqs=4, extra={"gemv_max_tokens": 8}, **kwargs) as llm:
+    extra = {"gemv_max_tokens": 8, "gemv_rope": gemv_rope}
+    with LLM(str(text_ckpt), max_num_seqs=4, extra=extra, **kwargs) as llm:
         model = llm._client.core.runner.model
         assert all(layer.gemv_max_tokens == 8 for layer in model.layers)
+        assert all(layer.gemv_rope == bool(gemv_rope) for layer in model.layers)
         got = engine_greedy(llm, prompts)
     assert got == refs
 

@@ -23,6 +23,7 @@ class DecoderLayer(nn.Module):
     # Steps of at most this many tokens take `_forward_few_tokens` (0: never); the runner
     # sets it on GPU. `gemv_as_custom_op` is set under torch.compile.
     gemv_max_tokens = 0
+    gemv_rope = True  # few-token path: rotary + KV write in the QKV projection's epilogue
     gemv_as_custom_op = False
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
@@ -73,16 +74,22 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         """The same layer in four launches around attention, for steps of a few tokens:
         each norm is fused into the projection after it, each residual add into the
-        projection before it, SiLU-and-mul into gate_up. Returns the residual stream whole
-        (residual None)."""
+        projection before it, SiLU-and-mul into gate_up, and (`gemv_rope`, no q/k norms)
+        rotary and the KV-cache write into the QKV projection. Returns the residual stream
+        whole (residual None)."""
         stream = hidden if residual is None else residual + hidden
         op = self.gemv_as_custom_op
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        qkv = fused_linear(
-            stream, self.qkv_proj.weight, self.qkv_proj.bias,
-            norm_weight=ln1.weight, eps=ln1.eps, as_custom_op=op,
-        )  # fmt: skip
-        attn = self._attention(qkv, positions, kv_cache)
+        if self.gemv_rope and self.q_norm is None:
+            attn = self.attn.forward_gemv_qkv(
+                stream, self.qkv_proj, ln1, positions, self.rotary, kv_cache
+            )
+        else:
+            qkv = fused_linear(
+                stream, self.qkv_proj.weight, self.qkv_proj.bias,
+                norm_weight=ln1.weight, eps=ln1.eps, as_custom_op=op,
+            )  # fmt: skip
+            attn = self._attention(qkv, positions, kv_cache)
         stream = fused_linear(attn, self.o_proj.weight, residual=stream, as_custom_op=op)
         act = fused_linear(
             stream, self.gate_up_proj.weight,

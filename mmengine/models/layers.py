@@ -17,7 +17,11 @@ from torch import nn
 from kernels.activation import silu_and_mul
 from kernels.rms_norm import rms_norm
 from kernels.rotary import apply_rotary
-from mmengine.attention import paged_attention_forward, rotary_paged_attention_forward
+from mmengine.attention import (
+    gemv_rope_attention_forward,
+    paged_attention_forward,
+    rotary_paged_attention_forward,
+)
 from mmengine.models import custom_ops  # noqa: F401  (registers mmengine::add_rms_norm)
 
 
@@ -147,14 +151,49 @@ class PagedAttention(nn.Module):
             out = rotary_paged_attention_forward(*args)
         return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
 
+    def forward_gemv_qkv(
+        self,
+        x: torch.Tensor,  # [T, hidden]: the residual stream, T few
+        qkv_proj: nn.Linear,
+        norm: RMSNorm,  # the RMSNorm in front of the projection
+        positions: torch.Tensor,  # [T] or [3, T] (M-RoPE)
+        rotary: RotaryEmbedding,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:  # [T, Hq * D]
+        """`forward_qkv` with the norm and the QKV projection fused in too: one GEMV launch
+        (rotary and the KV-cache write in its epilogue) before attention."""
+        args = (
+            x,
+            qkv_proj.weight,
+            qkv_proj.bias,
+            norm.weight,
+            norm.eps,
+            positions,
+            rotary.cos_sin_cache,
+            kv_cache[0],
+            kv_cache[1],
+            self.scale,
+            self.num_heads,
+            rotary.mrope_section,
+        )
+        if self.as_custom_op:
+            out = torch.ops.mmengine.gemv_rope_paged_attention(*args)
+        else:
+            out = gemv_rope_attention_forward(*args)
+        return out.reshape(x.shape[0], self.num_heads * self.head_dim)
 
-def set_kernel_mode(model: nn.Module, compiled: bool, gemv_max_tokens: int = 0) -> None:
+
+def set_kernel_mode(
+    model: nn.Module, compiled: bool, gemv_max_tokens: int = 0, gemv_rope: bool = True
+) -> None:
     """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses;
     attention, the residual add + norm and the few-token projections as custom ops. Steps
-    of at most `gemv_max_tokens` tokens run the decoder layers' few-token path (0: off)."""
+    of at most `gemv_max_tokens` tokens run the decoder layers' few-token path (0: off),
+    with rotary and the KV write in the QKV projection's epilogue when `gemv_rope`."""
     for m in model.modules():
         if hasattr(m, "gemv_max_tokens"):
             m.gemv_max_tokens = gemv_max_tokens
+            m.gemv_rope = gemv_rope
             m.gemv_as_custom_op = compiled
         if isinstance(m, RMSNorm):
             m.residual_as_custom_op = compiled

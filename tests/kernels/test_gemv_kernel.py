@@ -43,7 +43,13 @@ FLAGS = list(itertools.product([False, True], repeat=4))  # norm, bias, gated, r
 
 # The row loop (3 rows padded to 4, 37 columns over 5 programs) and the tensor-core tiles
 # (rows padded to 16, 37 columns over 3 programs, 2 pipeline stages); K = 200 over 4 chunks.
-CONFIGS = {"row-loop": (8, 64, 4), "dot": GemvConfig(16, 64, 4, 2, dot=True)}
+# The tensor-core norm prologue takes its own K width: one masked 256-wide step by default,
+# two 128-wide steps (the second partial) in "dot-norm-128".
+CONFIGS = {
+    "row-loop": (8, 64, 4),
+    "dot": GemvConfig(16, 64, 4, 2, dot=True),
+    "dot-norm-128": GemvConfig(16, 64, 4, 2, dot=True, norm_block_k=128),
+}
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
