@@ -20,6 +20,7 @@ product, the residual sum each rounded to the activation dtype), so the result e
 torch reference up to the matmul's summation order.
 """
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -82,6 +83,7 @@ def _gemv_kernel(
     MROPE_END_T: tl.constexpr,  # ROPE with IS_MROPE: as in kernels/rotary.py
     MROPE_END_H: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel before
+    LATE_TRIGGER: tl.constexpr,  # USE_PDL: let the next kernel launch after the K loop
     DOT: tl.constexpr,  # tensor-core tiles (tl.dot, BLOCK_M >= 16) instead of a row loop
     NUM_STAGES: tl.constexpr,  # DOT: software-pipeline depth of its loops (else None)
     DOT_PRECISION: tl.constexpr,  # DOT: "ieee" for fp32 inputs (tests), else "tf32"
@@ -119,7 +121,8 @@ def _gemv_kernel(
             wu_next = tl.load(w_rows_b + offs_k0[None, :], mask=w_mask, other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not LATE_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
 
     if HAS_NORM:  # the rms of each whole x row, before any chunk is used
         # DOT: its own K width (the weight tiles' narrow K would make this K / BLOCK_K
@@ -186,6 +189,8 @@ def _gemv_kernel(
                 if PAIRED:
                     acc_up = tl.where(row, acc_up + tl.sum(wu * xm[None, :], 1)[None, :], acc_up)
 
+    if USE_PDL and LATE_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_a, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if PAIRED:
@@ -335,12 +340,10 @@ def launch_config(rows: int, n: int, k: int, gated: bool = False, rope: bool = F
     shared memory.
     """
     block_k = min(1024, max(64, next_power_of_2(k)))
-    if rope:  # two weight rows per pair, like gated: one pair per program at one row
-        return (
-            GemvConfig(16, min(256, block_k), 4, 3, dot=True)
-            if rows > 1
-            else (GemvConfig(1, block_k, 4))
-        )
+    if rope:  # two weight rows per pair (q/k/v elements i and i + head_size / 2)
+        if rows > 1:
+            return GemvConfig(32, min(256, block_k), 4, 3, dot=True)
+        return GemvConfig(1, block_k, 4)
     if rows > 1:
         if gated:
             return GemvConfig(32, min(128, block_k), 4, 3, dot=True)
@@ -414,6 +417,20 @@ def gemv(
     cfg = GemvConfig(*config) if config is not None else launch_config(rows, n, k, gated)
     _launch(out, x, weight, bias, residual, norm_weight, eps, n, cfg, pdl, gated=gated)
     return out
+
+
+# Which GEMV launches let their PDL dependent launch only after their K loop (otherwise
+# at their start): "rope" (the QKV + rotary launch, whose dependent is attention), "all",
+# or "none". MMENGINE_GEMV_LATE_TRIGGER overrides it (read at launch; A/B benchmarks).
+LATE_TRIGGER = "rope"
+LATE_TRIGGER_ENV = "MMENGINE_GEMV_LATE_TRIGGER"
+
+
+def _late_trigger(rope: bool) -> bool:
+    mode = os.environ.get(LATE_TRIGGER_ENV, LATE_TRIGGER)
+    if mode not in ("rope", "all", "none"):
+        raise ValueError(f"{LATE_TRIGGER_ENV} must be rope, all or none, got {mode!r}")
+    return mode == "all" or (mode == "rope" and rope)
 
 
 @dataclass(frozen=True)
@@ -503,6 +520,7 @@ def _launch(
         PAIRED=gated or rope is not None,
         **rope_meta,
         USE_PDL=use_pdl,
+        LATE_TRIGGER=_late_trigger(rope is not None),
         DOT=cfg.dot,
         NUM_STAGES=cfg.num_stages if cfg.dot else None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -52,25 +52,33 @@ GEMV_CHILD = textwrap.dedent(
     from kernels.gemv import _gemv_kernel, launch_config
 
     target = GPUTarget("cuda", 90, 32)
-    for rows, (norm, bias, gated, res) in itertools.product(
-        [1, 2, 8], itertools.product([False, True], repeat=4)
-    ):
-        cfg = launch_config(rows, 2048, 11008 if res else 2048, gated)
-        sig = {
-            "out_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16",
-            "residual_ptr": "*bf16", "norm_w_ptr": "*bf16", "eps": "fp32", "M": "i32",
-            "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "stride_rm": "i32",
-            "HAS_NORM": "constexpr", "HAS_BIAS": "constexpr", "GATED": "constexpr",
-            "HAS_RESIDUAL": "constexpr", "USE_PDL": "constexpr", "DOT": "constexpr",
-            "NUM_STAGES": "constexpr", "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr",
-            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-        }
+    POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "cos_sin_ptr": "*fp32"}
+    flags = list(itertools.product([False, True], repeat=4))  # norm, bias, gated, residual
+    cases = [(rows, *f, False) for rows, f in itertools.product([1, 2, 8], flags)]
+    cases += [(rows, norm, True, False, False, True) for rows in (1, 2, 8) for norm in (0, 1)]
+    for rows, norm, bias, gated, res, rope in cases:
+        if rope:  # Qwen2.5-3B's QKV: 1280 rotation pairs
+            cfg = launch_config(rows, 1280, 2048, rope=True)
+        else:
+            cfg = launch_config(rows, 2048, 11008 if res else 2048, gated)
         consts = {
-            "HAS_NORM": norm, "HAS_BIAS": bias, "GATED": gated, "HAS_RESIDUAL": res, "USE_PDL": True,
+            "HAS_NORM": bool(norm), "HAS_BIAS": bias, "GATED": gated, "HAS_RESIDUAL": res,
+            "ROPE": rope, "PAIRED": gated or rope, "HALF": 64, "NUM_Q_HEADS": 16,
+            "NUM_KV_HEADS": 2, "CACHE_BLOCK_SIZE": 16, "IS_MROPE": bool(rope and norm),
+            "MROPE_END_T": 16, "MROPE_END_H": 40, "USE_PDL": True, "LATE_TRIGGER": rope,
             "DOT": cfg.dot, "NUM_STAGES": cfg.num_stages if cfg.dot else None, "DOT_PRECISION": "tf32",
             "BLOCK_M": max(16, triton.next_power_of_2(rows)) if cfg.dot else triton.next_power_of_2(rows),
             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+            "NORM_BLOCK_K": max(cfg.block_k, min(cfg.norm_block_k, 2048)) if cfg.dot else cfg.block_k,
         }
+        sig = {}
+        for name in _gemv_kernel.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = POINTERS.get(name, "*bf16")
+            else:
+                sig[name] = "fp32" if name == "eps" else "i32"
         compiled = triton.compile(
             ASTSource(_gemv_kernel, sig, constexprs=consts), target=target,
             options={"num_warps": cfg.num_warps},
