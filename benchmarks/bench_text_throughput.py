@@ -78,12 +78,26 @@ def add_gemv_argument(ap: argparse.ArgumentParser) -> None:
         help="decode steps of at most this many tokens use the fused GEMV layer path "
         "(0: off; default: the engine's)",
     )
+    ap.add_argument(
+        "--engine-extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an engine `extra` option (integer value), e.g. split_mixed_attention=0; repeatable",
+    )
 
 
 def gemv_option(args) -> dict:
-    """The engine's `gemv_max_tokens` when the command line sets it (else its default)."""
+    """Engine `extra` options from the command line: `gemv_max_tokens` when set, and each
+    `--engine-extra KEY=VALUE`."""
     gemv = getattr(args, "gemv_max_tokens", None)
-    return {} if gemv is None else {"gemv_max_tokens": gemv}
+    opts = {} if gemv is None else {"gemv_max_tokens": gemv}
+    for item in getattr(args, "engine_extra", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--engine-extra takes KEY=VALUE, got {item!r}")
+        opts[key] = int(value)
+    return opts
 
 
 def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:

@@ -128,3 +128,73 @@ def test_gemv_rope_paged_attention_equals_projection_then_rotary_op_and_compiles
     for cache in caches[1:]:
         assert torch.equal(cache[0], caches[0][0]) and torch.equal(cache[1], caches[0][1])
     assert not torch.equal(caches[1][0][1, 3:8], kc[1, 3:8])
+
+
+def _mixed_step(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """3 decodes (contexts 40, 7, 1) then prompt chunks of 9 and 4 tokens (continuing 0 and
+    5 cached tokens), over shuffled pages of 4 positions: q and metadata."""
+    from mmengine.model_runner import leading_single_token_seqs
+
+    gen = torch.Generator().manual_seed(2)
+    q_lens, seq_lens = [1, 1, 1, 9, 4], [41, 8, 2, 9, 9]
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    bs, blocks = 4, 40
+    perm = torch.randperm(blocks, generator=gen).tolist()
+    tables = torch.zeros(len(q_lens), 11, dtype=torch.int32)
+    used = 0
+    for i, s in enumerate(seq_lens):
+        nb = -(-s // bs)
+        tables[i, :nb] = torch.tensor(perm[used : used + nb])
+        used += nb
+    nd = leading_single_token_seqs(qsl)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        slot_mapping=torch.zeros(qsl[-1], dtype=torch.int64, device=device),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+    )
+    split = AttentionMetadata(**{**meta.__dict__})
+    split.num_decodes = nd
+    split.prefill_query_start_loc = torch.tensor(
+        [v - nd for v in qsl[nd:]], dtype=torch.int32, device=device
+    )
+    q = torch.randn(qsl[-1], HQ, D, generator=gen).to(device, dtype)
+    kc = torch.randn(blocks, bs, HK, D, generator=gen).to(device, dtype)
+    vc = torch.randn(blocks, bs, HK, D, generator=gen).to(device, dtype)
+    return q, kc, vc, meta, split
+
+
+def test_leading_single_token_seqs_counts_the_decodes_at_the_head() -> None:
+    from mmengine.model_runner import leading_single_token_seqs
+
+    assert leading_single_token_seqs([0, 1, 2, 3, 12, 16]) == 3
+    assert leading_single_token_seqs([0, 9, 10]) == 0
+    assert leading_single_token_seqs([0, 1, 2]) == 2
+    assert leading_single_token_seqs([0]) == 0
+
+
+def test_mixed_step_in_two_launches_equals_one_launch() -> None:
+    from mmengine.attention import _attend
+
+    q, kc, vc, meta, split = _mixed_step()
+    assert split.num_decodes == 3
+    one = _attend(q, kc, vc, D**-0.5, meta)
+    two = _attend(q, kc, vc, D**-0.5, split)
+    torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_mixed_step_in_two_launches_equals_one_launch(dtype: torch.dtype) -> None:
+    from mmengine.attention import _attend
+
+    q, kc, vc, meta, split = _mixed_step("cuda", dtype)
+    one = _attend(q, kc, vc, D**-0.5, meta)
+    two = _attend(q, kc, vc, D**-0.5, split)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(two.float(), one.float(), atol=tol, rtol=tol)
