@@ -27,12 +27,6 @@ class AttentionMetadata:
     # Split-KV programs per sequence (None: the kernel chooses). Decode steps use powers
     # of two so that few kernel variants get compiled (one per distinct split count).
     num_kv_splits: int | None = None
-    # Mixed steps: the leading `num_decodes` sequences have one query token each (query
-    # rows 0..num_decodes-1) and the rest longer chunks, whose query_start_loc rebased to
-    # row num_decodes is `prefill_query_start_loc`. Attention then runs the two groups as
-    # separate launches (see `_attend`); 0 / None: one launch for the whole batch.
-    num_decodes: int = 0
-    prefill_query_start_loc: torch.Tensor | None = None
 
 
 _CURRENT: ContextVar[AttentionMetadata | None] = ContextVar("mmengine_attn_meta", default=None)
@@ -151,9 +145,6 @@ def _attend(
 ) -> torch.Tensor:
     from kernels.paged_attention import paged_attention
 
-    nd = meta.num_decodes
-    if nd and meta.prefill_query_start_loc is not None:
-        return _attend_mixed(q, key_cache, value_cache, scale, meta)
     splits = (
         meta.num_kv_splits
         if meta.num_kv_splits is not None
@@ -175,62 +166,6 @@ def _attend(
         # benchmarks/RESULTS.md "Split merge fused into the split kernel").
         fused_merge=splits is not None and splits <= FUSED_MERGE_MAX_SPLITS,
     )
-
-
-def _attend_mixed(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    scale: float,
-    meta: AttentionMetadata,
-) -> torch.Tensor:
-    """A step of decodes and longer chunks as two launches into one output: the decodes
-    with one query row per program (split-KV as in a decode step), the chunks with the
-    tiles of their own mean length. In one launch the batch's mean query length decides the
-    tile for all: long prompts fall back to 128-row tiles (0.85x SDPA flash instead of 1.05x
-    at 8 x 1024, H200, session 10) and each decode computes whole tiles for its one row."""
-    from kernels.paged_attention import paged_attention
-
-    nd = meta.num_decodes
-    assert meta.prefill_query_start_loc is not None
-    out = torch.empty_like(q)
-    decodes = AttentionMetadata(
-        query_start_loc=meta.query_start_loc[: nd + 1],
-        seq_lens=meta.seq_lens[:nd],
-        block_tables=meta.block_tables[:nd],
-        slot_mapping=meta.slot_mapping[:nd],
-        max_query_len=1,
-        max_seq_len=meta.max_seq_len,
-    )
-    splits = decode_kv_splits(q, key_cache, decodes)
-    paged_attention(
-        q[:nd],
-        key_cache,
-        value_cache,
-        decodes.block_tables,
-        decodes.query_start_loc,
-        decodes.seq_lens,
-        scale=scale,
-        max_query_len=1,
-        max_seq_len=meta.max_seq_len,
-        out=out[:nd],
-        num_kv_splits=splits,
-        fused_merge=splits is not None and splits <= FUSED_MERGE_MAX_SPLITS,
-    )
-    paged_attention(
-        q[nd:],
-        key_cache,
-        value_cache,
-        meta.block_tables[nd:],
-        meta.prefill_query_start_loc,
-        meta.seq_lens[nd:],
-        scale=scale,
-        max_query_len=meta.max_query_len,
-        max_seq_len=meta.max_seq_len,
-        out=out[nd:],
-        num_kv_splits=meta.num_kv_splits,
-    )
-    return out
 
 
 def decode_kv_splits(

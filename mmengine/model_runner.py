@@ -134,9 +134,6 @@ class ModelRunner:
         # Rotary + KV write in the QKV projection's epilogue on that path (one launch fewer
         # per layer); `gemv_rope=0` keeps them in their own kernel (A/B benchmarks).
         gemv_rope = bool(int(config.extra.get("gemv_rope", 1)))
-        # Steps mixing decodes with prefill chunks attend in two launches (decodes, then
-        # chunks); `split_mixed_attention=0` keeps one launch (A/B benchmarks).
-        self.split_mixed_attention = bool(int(config.extra.get("split_mixed_attention", 1)))
         set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens, gemv_rope)
         if self.compiled:
             # Compile the decoder layer, not the whole model: all layers share one compiled
@@ -533,14 +530,6 @@ class ModelRunner:
             max_query_len=max_query_len,
             max_seq_len=max(seq_lens),
         )
-        if max_query_len > 1 and self.split_mixed_attention:
-            # Decodes come first in the batch: attention runs them as a launch of their own.
-            nd = leading_single_token_seqs(qsl)
-            if 0 < nd < len(seq_lens):
-                meta.num_decodes = nd
-                meta.prefill_query_start_loc = self._to_device(
-                    [v - nd for v in qsl[nd:]], torch.int32
-                )
         if self.spec.mrope_section is not None:
             positions = self._to_device(pos3, torch.long)
         else:
@@ -725,14 +714,6 @@ class ModelRunner:
             prompt_token_ids=req.prompt_token_ids if penal else [],
             output_token_ids=req.output_token_ids if penal else [],
         )
-
-
-def leading_single_token_seqs(query_start_loc: list[int]) -> int:
-    """How many sequences at the head of the batch have exactly one query token."""
-    n = 0
-    while n + 1 < len(query_start_loc) and query_start_loc[n + 1] - query_start_loc[n] == 1:
-        n += 1
-    return n
 
 
 def _round_up(n: int, multiple: int) -> int:
