@@ -83,7 +83,7 @@ def add_gemv_argument(ap: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an engine `extra` option (integer value), e.g. split_mixed_attention=0; repeatable",
+        help="an engine `extra` option (integer value), e.g. gemv_rope=0; repeatable",
     )
 
 

@@ -47,3 +47,27 @@ def test_residual_add_reaches_addmm_only_without_the_custom_op(as_op: bool) -> N
     assert ("mmengine.add_rms_norm" in code) == as_op
     torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new_residual, expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_mode_keeps_the_triton_norm_only_outside_the_compiled_layers() -> None:
+    # Only the decoder layers are compiled: their norms take torch forms for the compiler
+    # to fuse, but the model's final norm runs eagerly (inside the decode CUDA graph), where
+    # its torch form would be ~7 separate kernels; it keeps the Triton kernel.
+    from mmengine.config import ModelSpec
+    from mmengine.models.decoder import DecoderModel
+    from mmengine.models.layers import set_kernel_mode
+
+    spec = ModelSpec(
+        architecture="Qwen2ForCausalLM", model_type="qwen2", text_model_type="qwen2",
+        hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=64, vocab_size=50, rms_norm_eps=1e-6, rope_theta=1e4,
+        max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=True, qk_norm=False,
+        mrope_section=None, rope_scaling=None, eos_token_ids=[0], dtype="float32", hf_config={},
+    )  # fmt: skip
+    model = DecoderModel(spec, max_position=64)
+    set_kernel_mode(model, compiled=True, gemv_max_tokens=1)
+    assert model.norm.use_triton is None
+    layer_norms = [m for layer in model.layers for m in layer.modules() if isinstance(m, RMSNorm)]
+    assert layer_norms and all(m.use_triton is False for m in layer_norms)
+    set_kernel_mode(model, compiled=False)
+    assert model.norm.use_triton is None and all(m.use_triton is None for m in layer_norms)

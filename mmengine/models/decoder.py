@@ -129,6 +129,7 @@ class DecoderModel(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(spec, rotary) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm.outside_compiled_region = True  # only the decoder layers are compiled
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

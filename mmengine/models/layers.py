@@ -28,6 +28,10 @@ from mmengine.models import custom_ops  # noqa: F401  (registers mmengine::add_r
 class RMSNorm(nn.Module):
     use_triton: bool | None = None  # None: Triton on CUDA tensors
     residual_as_custom_op = False  # under torch.compile: the add + norm as one opaque op
+    # True for a norm that runs outside the compiled layers (the model's final norm): it
+    # keeps the Triton kernel under torch.compile too, where its torch form would run as
+    # ~7 uncompiled elementwise / reduction kernels.
+    outside_compiled_region = False
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -197,7 +201,9 @@ def set_kernel_mode(
             m.gemv_as_custom_op = compiled
         if isinstance(m, RMSNorm):
             m.residual_as_custom_op = compiled
-        if isinstance(m, (RMSNorm, SiluAndMul, RotaryEmbedding)):
+        if isinstance(m, RMSNorm) and m.outside_compiled_region:
+            m.use_triton = None
+        elif isinstance(m, (RMSNorm, SiluAndMul, RotaryEmbedding)):
             m.use_triton = False if compiled else None
         elif isinstance(m, PagedAttention):
             m.as_custom_op = compiled
