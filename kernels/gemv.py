@@ -13,7 +13,11 @@ program owning a few output columns for all rows of x (at one row a loop on CUDA
 - a bias, added in fp32 before the single rounding (as cuBLAS's bias epilogue does);
 - SiLU-and-mul of a fused [gate | up] weight (`gated`): a program owns columns j of the gate
   half and j of the up half, and writes silu(gate) * up;
-- a residual add (`residual`): out = residual + x @ weight.T.
+- a residual add (`residual`): out = residual + x @ weight.T;
+- for a QKV projection (`gemv_qkv_rope`): rotary on q and k and the KV-cache write, in
+  place of `kernels/rotary_kv.py`'s launch. A program owns pairs of weight rows, element i
+  and i + head_size / 2 of a head (the two halves rotate_half mixes), the way `gated`
+  pairs gate and up rows.
 
 Roundings fall where HF's decoder layer puts them (norm output, matmul output, silu, the
 product, the residual sum each rounded to the activation dtype), so the result equals the
@@ -38,8 +42,10 @@ from kernels.rotary_kv import rotary_write_kv_torch
 MAX_ROWS = 8  # rows of x the kernel takes; more go to the regular matmul
 # Rows up to which the engine uses it by default: at one row a Qwen2.5-3B decode step on an
 # H200 ran 8% faster (CUDA graph 2.73 -> 2.51 ms). At 2-8 rows the tensor-core tiles beat
-# cuBLAS on three of four projections alone, but their fused RMSNorm still costs 3.5-15 us
-# (H200, session 10, benchmarks/bench_gemv.py), so more rows stay opt-in.
+# cuBLAS on three of four projections alone, but their fused RMSNorm costs 4-10 us a
+# projection, and the engine's decode graphs were slower with them (B=2 / 4 / 8: 2.784 /
+# 2.830 / 2.943 ms vs cuBLAS 2.597 / 2.677 / 2.771, H200, session 11,
+# benchmarks/ab_decode_graphs.py), so more rows stay opt-in.
 DEFAULT_MAX_ROWS = 1
 
 
