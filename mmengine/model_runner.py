@@ -18,6 +18,7 @@ import torch
 from torch.profiler import record_function
 
 from encoders.staging import host_to_device
+from kernels._dispatch import pdl_supported
 from kernels.gemv import DEFAULT_MAX_ROWS as GEMV_MAX_ROWS
 from mmengine.attention import AttentionMetadata, forward_context
 from mmengine.config import EngineConfig, ModelSpec
@@ -135,6 +136,16 @@ class ModelRunner:
         # per layer); `gemv_rope=0` keeps them in their own kernel (A/B benchmarks).
         gemv_rope = bool(int(config.extra.get("gemv_rope", 1)))
         set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens, gemv_rope)
+        if self.gemv_max_tokens:
+            pdl = pdl_supported(next(self.model.parameters()))
+            logger.info(
+                "steps of <= %d token(s): each decoder layer as fused GEMV launches around "
+                "attention (rotary + KV write in the QKV one: %s; programmatic dependent "
+                "launch: %s)",
+                self.gemv_max_tokens,
+                "on" if gemv_rope else "off",
+                "on" if pdl else "off",
+            )
         if self.compiled:
             # Compile the decoder layer, not the whole model: all layers share one compiled
             # graph (parameters are graph inputs), so start-up does not grow with depth.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_greedy_tokens_identical_to_hf(text_ckpt: Path, mode: str, async_schedul
 
 @pytest.mark.parametrize("gemv_rope", [1, 0], ids=["rope_in_qkv", "rope_kernel"])
 def test_few_token_layer_path_greedy_tokens_identical_to_hf(
-    text_ckpt: Path, gemv_rope: int
+    text_ckpt: Path, gemv_rope: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Decode steps of <= 8 tokens through DecoderLayer._forward_few_tokens (norms and
     # residual adds moved into the projections, rotary + KV write into the QKV one or not;
@@ -135,10 +136,16 @@ def test_few_token_layer_path_greedy_tokens_identical_to_hf(
     refs = hf_greedy(text_ckpt, prompts)
     kwargs = dict(dtype="float32", device="cpu", max_model_len=256, multiprocess=False)
     extra = {"gemv_max_tokens": 8, "gemv_rope": gemv_rope}
-    with LLM(str(text_ckpt), max_num_seqs=4, extra=extra, **kwargs) as llm:
+    with (
+        caplog.at_level(logging.INFO, logger="mmengine.model_runner"),
+        LLM(str(text_ckpt), max_num_seqs=4, extra=extra, **kwargs) as llm,
+    ):
         model = llm._client.core.runner.model
         assert all(layer.gemv_max_tokens == 8 for layer in model.layers)
         assert all(layer.gemv_rope == bool(gemv_rope) for layer in model.layers)
+        # The start-up log says which decode path runs.
+        assert "steps of <= 8 token(s)" in caplog.text
+        assert f"in the QKV one: {'on' if gemv_rope else 'off'}" in caplog.text
         got = engine_greedy(llm, prompts)
     assert got == refs
 
