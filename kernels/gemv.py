@@ -131,10 +131,10 @@ def _gemv_kernel(
             tl.extra.cuda.gdc_launch_dependents()
 
     if HAS_NORM:  # the rms of each whole x row, before any chunk is used
-        # DOT: its own K width (the weight tiles' narrow K would make this K / BLOCK_K
-        # dependent load steps: the fused norm cost 3.5-15 us in session 10's H200 sweep),
-        # pipelined like the weight loop. The row loop passes BLOCK_K and NUM_STAGES None
-        # (the compiler's default, as with a plain range).
+        # DOT: its own K width, pipelined like the weight loop (widths 128-1024 timed alike
+        # on an H200 in session 11: the fused norm's cost there is the K loop's per-tile
+        # normalization, not this). The row loop passes BLOCK_K and NUM_STAGES None (the
+        # compiler's default, as with a plain range).
         offs_nk = tl.arange(0, NORM_BLOCK_K)
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in tl.range(0, K, NORM_BLOCK_K, num_stages=NUM_STAGES):

@@ -79,7 +79,7 @@ CONFIGS = {
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("mrope", [False, True], ids=["rope", "mrope"])
-@pytest.mark.parametrize(("norm", "bias"), [(True, True), (False, False)])
+@pytest.mark.parametrize(("norm", "bias"), [(True, True), (True, False), (False, False)])
 def test_fused_qkv_rope_matches_projection_then_rotary_kv_write(
     config,
     shape,
