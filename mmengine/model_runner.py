@@ -138,12 +138,13 @@ class ModelRunner:
         set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens, gemv_rope)
         if self.gemv_max_tokens:
             pdl = pdl_supported(next(self.model.parameters()))
+            rope_state = "off" if not gemv_rope else "off (q/k norms)" if spec.qk_norm else "on"
             logger.info(
                 "steps of <= %d token(s): each decoder layer as fused GEMV launches around "
                 "attention (rotary + KV write in the QKV one: %s; programmatic dependent "
                 "launch: %s)",
                 self.gemv_max_tokens,
-                "on" if gemv_rope else "off",
+                rope_state,
                 "on" if pdl else "off",
             )
         if self.compiled:
