@@ -47,6 +47,10 @@ _SPLIT_MAX_QUERY_LEN = 8
 # every program is past its KV loop, not at their start (read at launch; A/B benchmarks).
 LATE_TRIGGER_ENV = "MMENGINE_ATTN_LATE_TRIGGER"
 _MIN_SPLIT_LEN = 32
+# `fused_merge=None` fuses the split merge into the split kernel up to this many splits:
+# beyond, its last program merges alone and the two-launch merge is faster (H100 sweep,
+# session 3; at 64 splits 21 vs 6.8 + 3.0 us, H200, session 10).
+FUSED_MERGE_MAX_SPLITS = 8
 _MAX_SPLITS = 64
 # From this many splits on, decode tiles are 32 positions wide (one tile per split at the
 # contexts where so many splits are chosen); fewer splits keep 64-wide tiles, which were
@@ -674,7 +678,7 @@ def paged_attention(
     max_seq_len: int,
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
-    fused_merge: bool = True,
+    fused_merge: bool | None = None,
     longest_first: bool = True,
     use_triton_kernel: bool | None = None,
 ) -> torch.Tensor:
@@ -702,7 +706,8 @@ def paged_attention(
         num_kv_splits: KV splits per sequence; None chooses from the batch shape and the
             device, 1 disables the split path.
         fused_merge: with splits, let the last split of each tile merge the partials in
-            the same launch (True) or merge them in a second kernel launch (False). Both
+            the same launch (True) or merge them in a second kernel launch (False); None
+            (default): fused up to FUSED_MERGE_MAX_SPLITS splits, two launches above. Both
             give the same result; the fused path saves the second launch. The fused path
             shares a per-device counter buffer between calls, so calls on one device must
             not run concurrently on different streams.
@@ -792,6 +797,8 @@ def paged_attention(
     else:
         part_acc = part_max = part_sum = out  # never touched: NUM_SPLITS == 1 compiles them out
     counters = None
+    if fused_merge is None:
+        fused_merge = num_kv_splits <= FUSED_MERGE_MAX_SPLITS
     if num_kv_splits > 1 and fused_merge:
         counters = _split_counters(q.device, num_q_blocks * num_kv_heads)
         if counters is None:
@@ -884,7 +891,7 @@ def paged_attention_torch(
     max_seq_len: int,
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
-    fused_merge: bool = True,
+    fused_merge: bool | None = None,
     longest_first: bool = True,
 ) -> torch.Tensor:
     """Plain-torch reference of `paged_attention` (same arguments and result).

@@ -48,9 +48,6 @@ def current_metadata() -> AttentionMetadata:
     return meta
 
 
-FUSED_MERGE_MAX_SPLITS = 8
-
-
 def paged_attention_forward(
     q: torch.Tensor,  # [T, Hq, D]
     k: torch.Tensor,  # [T, Hk, D]
@@ -163,8 +160,10 @@ def _attend(
         num_kv_splits=splits,
         # The in-launch merge is within -3..+5% of the two-launch one up to 8 splits and
         # 2-18% behind beyond, where its last program merges alone (H100 sweep,
-        # benchmarks/RESULTS.md "Split merge fused into the split kernel").
-        fused_merge=splits is not None and splits <= FUSED_MERGE_MAX_SPLITS,
+        # benchmarks/RESULTS.md "Split merge fused into the split kernel"): the kernel's
+        # default (None) fuses up to its FUSED_MERGE_MAX_SPLITS. Steps where the kernel
+        # picks the split count (not pure decodes) keep the two-launch merge.
+        fused_merge=None if splits is not None else False,
     )
 
 

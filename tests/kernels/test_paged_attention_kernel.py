@@ -333,7 +333,11 @@ def run_fused_and_unfused(batch: Batch, num_kv_splits: int, monkeypatch, **kwarg
     with monkeypatch.context() as m:
         m.setattr(pa, "_merge_splits_kernel", _NoLaunch())
         fused = batch.run(
-            use_triton_kernel=True, out=sentinel.clone(), num_kv_splits=num_kv_splits, **kwargs
+            use_triton_kernel=True,
+            out=sentinel.clone(),
+            num_kv_splits=num_kv_splits,
+            fused_merge=True,
+            **kwargs,
         )
     unfused = batch.run(
         use_triton_kernel=True,
@@ -426,7 +430,7 @@ def test_fused_merge_runs_once_per_tile_with_its_own_counter(monkeypatch) -> Non
     batch = make_batch(
         [1, 1, 0, 1], [300, 5, 0, 63], num_kv_heads=2, queries_per_kv=3, head_size=64
     )
-    out = batch.run(use_triton_kernel=True, num_kv_splits=5)
+    out = batch.run(use_triton_kernel=True, num_kv_splits=5, fused_merge=True)
     torch.testing.assert_close(out, batch.run(paged_attention_torch), atol=2e-5, rtol=1e-4)
     # One merge per (sequence with a query token, KV head), none for the empty sequence 2;
     # tile (sequence b, KV head h) counts in slot 2 * b + h. Query heads 0 and 3 start the
@@ -451,13 +455,13 @@ def test_fused_merge_twice_in_a_row_with_the_same_buffers() -> None:
     # would count past it, no program would merge, and `out` would keep the first result.
     batch = make_batch([1, 1, 1], [200, 77, 150], num_kv_heads=2, queries_per_kv=4, head_size=64)
     out = torch.zeros_like(batch.q)
-    first = batch.run(use_triton_kernel=True, out=out, num_kv_splits=4).clone()
+    first = batch.run(use_triton_kernel=True, out=out, num_kv_splits=4, fused_merge=True).clone()
     torch.testing.assert_close(first, batch.run(paged_attention_torch), atol=2e-5, rtol=1e-4)
     assert_counters_zero("cpu")
 
     batch.q.copy_(torch.randn(batch.q.shape, generator=torch.Generator().manual_seed(9)))
     batch.seq_lens.copy_(torch.tensor([130, 201, 64], dtype=torch.int32))
-    second = batch.run(use_triton_kernel=True, out=out, num_kv_splits=4)
+    second = batch.run(use_triton_kernel=True, out=out, num_kv_splits=4, fused_merge=True)
     torch.testing.assert_close(second, batch.run(paged_attention_torch), atol=2e-5, rtol=1e-4)
     assert not torch.allclose(first, second)
     assert_counters_zero("cpu")
@@ -470,7 +474,7 @@ def test_fused_merge_counter_buffer_grows_and_keeps_the_old_one(monkeypatch) -> 
     small = make_batch([1, 1], [40, 90], num_kv_heads=2, queries_per_kv=2, head_size=64)
     big = make_batch([1] * 5, [33, 64, 90, 12, 70], num_kv_heads=2, queries_per_kv=2, head_size=64)
     for batch, size in ((small, 4), (big, 16)):  # 2 x 2 tiles, then 5 x 2 tiles
-        out = batch.run(use_triton_kernel=True, num_kv_splits=3)
+        out = batch.run(use_triton_kernel=True, num_kv_splits=3, fused_merge=True)
         torch.testing.assert_close(out, batch.run(paged_attention_torch), atol=2e-5, rtol=1e-4)
         assert pa._SPLIT_COUNTERS[torch.device("cpu")].numel() == size
         assert_counters_zero("cpu")
@@ -671,7 +675,7 @@ def test_gpu_fused_merge_on_long_decodes_matches_reference_and_two_launch_merge(
     expected = batch.run(paged_attention_torch)
     # Three launches back to back, no synchronization between them: each must find the
     # counters reset by the one before.
-    outs = [batch.run(num_kv_splits=num_kv_splits) for _ in range(3)]
+    outs = [batch.run(num_kv_splits=num_kv_splits, fused_merge=True) for _ in range(3)]
     for fused in outs:
         torch.testing.assert_close(fused, expected, **GPU_TOLERANCES[dtype])
     unfused = batch.run(num_kv_splits=num_kv_splits, fused_merge=False)
@@ -694,7 +698,7 @@ def test_gpu_fused_merge_on_mixed_batch_with_chunked_prefill(num_kv_splits: int)
         head_size=128,
         dtype=torch.bfloat16,
     )
-    fused = batch.run(num_kv_splits=num_kv_splits)
+    fused = batch.run(num_kv_splits=num_kv_splits, fused_merge=True)
     torch.testing.assert_close(
         fused, batch.run(paged_attention_torch), **GPU_TOLERANCES[torch.bfloat16]
     )
@@ -751,7 +755,7 @@ def test_gpu_fused_merge_in_a_cuda_graph_replayed_with_changing_inputs(monkeypat
     out = torch.full_like(static.q, 5.0)
 
     def step() -> torch.Tensor:
-        return static.run(out=out)
+        return static.run(out=out, fused_merge=True)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -798,7 +802,7 @@ def test_gpu_capture_without_counters_falls_back_to_the_two_launch_merge(monkeyp
     monkeypatch.setattr(pa, "_SPLIT_COUNTERS", {})
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        batch.run(out=out, num_kv_splits=8)
+        batch.run(out=out, num_kv_splits=8, fused_merge=True)
     assert pa._SPLIT_COUNTERS == {}
     out.zero_()
     graph.replay()
@@ -806,3 +810,29 @@ def test_gpu_capture_without_counters_falls_back_to_the_two_launch_merge(monkeyp
     torch.testing.assert_close(
         out, batch.run(paged_attention_torch), **GPU_TOLERANCES[torch.bfloat16]
     )
+
+
+def test_default_merge_is_fused_up_to_the_limit_and_two_launches_above(monkeypatch) -> None:
+    # fused_merge=None: the split kernel merges in the same launch up to
+    # FUSED_MERGE_MAX_SPLITS splits (the merge kernel must not launch), a second launch
+    # merges above (where a tile's last program would merge alone).
+    batch = make_batch([1, 1], [600, 90], num_kv_heads=2, queries_per_kv=2, head_size=64)
+    expected = batch.run(paged_attention_torch)
+    limit = pa.FUSED_MERGE_MAX_SPLITS
+    with monkeypatch.context() as m:
+        m.setattr(pa, "_merge_splits_kernel", _NoLaunch())
+        out = batch.run(use_triton_kernel=True, num_kv_splits=limit)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    merges = []
+    original = pa._merge_splits_kernel
+
+    class Recording:
+        def __getitem__(self, grid):  # noqa: ANN001, ANN204
+            merges.append(grid)
+            return original[grid]
+
+    with monkeypatch.context() as m:
+        m.setattr(pa, "_merge_splits_kernel", Recording())
+        out = batch.run(use_triton_kernel=True, num_kv_splits=limit + 1)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    assert len(merges) == 1
