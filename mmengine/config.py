@@ -6,6 +6,20 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# EngineConfig.extra: switches of the GPU path, mostly for A/B benchmarks (`--extra
+# KEY=VALUE` on the command line). Any other key is refused, so a typo cannot go unnoticed.
+GEMV_ROWS = 8  # kernels/gemv.MAX_ROWS (not imported here: that would load Triton)
+EXTRA_OPTIONS: dict[str, str] = {
+    "torch_compile": "GPU: torch.compile the decoder layers (default true)",
+    "cuda_graphs": "GPU: replay decode steps as CUDA graphs (default true)",
+    "gemv_max_tokens": "GPU: steps of at most this many tokens (0-8) run each decoder layer "
+    "as fused skinny-matmul launches (default 1; 0 turns it off)",
+    "gemv_rope": "that path applies rotary and writes K/V in the QKV launch (default 1)",
+    "compile_encoder": "GPU: torch.compile the vision encoder (default true)",
+    "vision_segment_kernel": "vision attention through the Triton segment kernel (default false)",
+    "load_format": "'dummy': random weights of the checkpoint's shapes (benchmarks)",
+}
+
 
 @dataclass
 class EngineConfig:
@@ -39,11 +53,21 @@ class EngineConfig:
     cpu_threads: int | None = None
     revision: str | None = None
     log_stats_interval_s: float = 10.0  # how often the engine core logs its state
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of EXTRA_OPTIONS only
 
     def __post_init__(self) -> None:
         if os.environ.get("MMENGINE_MULTIPROCESS", "").lower() in ("0", "false", "no"):
             self.multiprocess = False
+        unknown = sorted(set(self.extra) - set(EXTRA_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown extra option(s) {unknown}; known: {', '.join(sorted(EXTRA_OPTIONS))}"
+            )
+        gemv = self.extra.get("gemv_max_tokens", 0)
+        if not isinstance(gemv, int) or isinstance(gemv, bool) or not 0 <= gemv <= GEMV_ROWS:
+            raise ValueError(
+                f"extra gemv_max_tokens must be an integer 0-{GEMV_ROWS}, got {gemv!r}"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

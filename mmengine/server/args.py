@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any
 
-from mmengine.config import EngineConfig
+from mmengine.config import EXTRA_OPTIONS, EngineConfig
 from processors.config import MediaConfig
 
 # EngineConfig fields that are not flags: the model is the positional argument; the server
@@ -223,6 +223,31 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         else:
             kind = _json_value if base in (dict, list) else base
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+    known = "; ".join(f"{k}: {v}" for k, v in EXTRA_OPTIONS.items())
+    p.add_argument(
+        "--extra",
+        type=_extra_item,
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help=f"A switch of the GPU path, repeatable (e.g. --extra gemv_max_tokens=0). {known}.".replace(
+            "%", "%%"
+        ),
+    )
+
+
+def _extra_item(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of --extra; VALUE as JSON (numbers, true/false), else as a string."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or key not in EXTRA_OPTIONS:
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE with KEY one of {', '.join(sorted(EXTRA_OPTIONS))}; got {text!r}"
+        )
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def _base_type(tp: Any) -> Any:
@@ -244,7 +269,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if "limit_mm_per_prompt" in given:
         given["limit_mm_per_prompt"] = mm_limits_from_args(args)
-    return EngineConfig(model=args.model, multiprocess=True, **given)
+    extra = dict(getattr(args, "extra", None) or [])
+    return EngineConfig(model=args.model, multiprocess=True, extra=extra, **given)
 
 
 def media_config_from_args(args: argparse.Namespace) -> MediaConfig:

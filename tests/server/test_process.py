@@ -175,3 +175,32 @@ def test_every_engine_option_is_a_flag_with_an_explained_help_line() -> None:
         32,
     )
     assert config.multiprocess and config.seed == EngineConfig(model="m").seed
+
+
+def test_extra_flag_sets_engine_switches_and_refuses_unknown_keys(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    args = make_parser().parse_args(
+        ["serve", "m", "--extra", "gemv_max_tokens=0", "--extra", "load_format=dummy"]
+    )
+    config = engine_config_from_args(args)
+    assert config.extra == {"gemv_max_tokens": 0, "load_format": "dummy"}
+    assert engine_config_from_args(make_parser().parse_args(["serve", "m"])).extra == {}
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["serve", "m", "--extra", "gemv_max_token=0"])
+    err = capsys.readouterr().err
+    assert "gemv_max_token=0" in err and "gemv_max_tokens" in err
+
+
+def test_engine_config_refuses_unknown_extra_keys_and_out_of_range_gemv_rows() -> None:
+    from kernels.gemv import MAX_ROWS
+    from mmengine.config import EXTRA_OPTIONS, GEMV_ROWS
+
+    assert GEMV_ROWS == MAX_ROWS  # the limit config checks is the kernel's
+    with pytest.raises(ValueError, match="unknown extra option.*'cuda_graph'"):
+        EngineConfig(model="m", extra={"cuda_graph": False})
+    for bad in (GEMV_ROWS + 1, -1, 2.0, True):
+        with pytest.raises(ValueError, match="gemv_max_tokens"):
+            EngineConfig(model="m", extra={"gemv_max_tokens": bad})
+    config = EngineConfig(model="m", extra={k: 0 for k in EXTRA_OPTIONS if k != "load_format"})
+    assert config.extra["gemv_max_tokens"] == 0
