@@ -14,7 +14,8 @@ Variants:
   - `gemv fused + PDL`: the same, launched as a programmatic dependent of the call before
     (the weight fetch starts while that call finishes; the engine's default on sm_90+).
 `--sweep` also times launch configs of the plain GEMV (the row loop at one row, the
-tensor-core tiles at more). `--rope` times the QKV projection with rotary and the KV-cache
+tensor-core tiles at more); with `--fused-sweep` each config runs with the projection's
+fusions and PDL, as the engine launches it. `--rope` times the QKV projection with rotary and the KV-cache
 write in its epilogue (`gemv_qkv_rope`) against the fused-norm GEMV followed by the
 `rotary_write_kv` kernel (the two launches it replaces), both with PDL, plus its launch
 configs.
@@ -198,6 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         "(0 = the weight tile's BLOCK_K, the session-10 kernel), with and without PDL",
     )
     ap.add_argument(
+        "--fused-sweep",
+        action="store_true",
+        help="--sweep times each config with the projection's fusions (norm, bias, residual, "
+        "SiLU) and PDL, as the engine runs it, instead of the projection alone",
+    )
+    ap.add_argument(
         "--rope",
         action="store_true",
         help="also time the QKV projection with rotary + KV write fused (gemv_qkv_rope)",
@@ -216,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         "| gemv fused + PDL |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    sweep = ["", "| projection | rows | BLOCK_N | BLOCK_K | warps | us | % read rate |"]
+    what = "fused + PDL, as in the engine" if args.fused_sweep else "the projection alone"
+    sweep = ["", f"Launch configs ({what})", ""]
+    sweep += ["| projection | rows | BLOCK_N | BLOCK_K | warps | us | % read rate |"]
     sweep.append("|---|---|---|---|---|---|---|")
     norm_rows = ["", "Fused RMSNorm prologue width (tensor-core tiles at their defaults)", ""]
     norm_rows += ["| projection | rows | prologue K | launch | us | % read rate |"]
@@ -257,8 +266,11 @@ def main(argv: list[str] | None = None) -> None:
             for cfg in grid:
                 bn, bk, warps = cfg.block_n, cfg.block_k, cfg.num_warps
                 x, g = c["x"], gated
-                calls = [lambda w=w, x=x, g=g, cfg=cfg: gemv(x, w, gated=g, config=cfg, pdl=False)
-                         for w in c["weights"]]  # fmt: skip
+                if args.fused_sweep:  # as the engine launches it: its fusions, PDL
+                    calls = fused_calls(c, bias, residual, gated, cfg, True)
+                else:
+                    calls = [lambda w=w, x=x, g=g, cfg=cfg: gemv(x, w, gated=g, config=cfg,
+                             pdl=False) for w in c["weights"]]  # fmt: skip
                 try:
                     us = graph_us(calls)
                 except Exception as exc:  # e.g. out of shared memory for deep pipelines
