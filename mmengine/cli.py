@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                 # is ~10x faster than two on a busy 2-core machine).
                 args.cpu_threads = 1
         from mmengine.server.api_server import run_server
+        from mmengine.server.args import engine_config_from_args
 
+        try:  # option values the flags' types let through but the engine refuses
+            engine_config_from_args(args)
+        except ValueError as e:
+            parser.error(str(e))
         return run_server(args)
     parser.error(f"unknown command {args.command!r}")
     return 2

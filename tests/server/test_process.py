@@ -204,3 +204,21 @@ def test_engine_config_refuses_unknown_extra_keys_and_out_of_range_gemv_rows() -
             EngineConfig(model="m", extra={"gemv_max_tokens": bad})
     config = EngineConfig(model="m", extra={k: 0 for k in EXTRA_OPTIONS if k != "load_format"})
     assert config.extra["gemv_max_tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--block-size", "3"], "block_size must be a power of two"),
+        (["--extra", "gemv_max_tokens=abc"], "gemv_max_tokens must be an integer 0-8"),
+        (["--dtype", "int8"], "dtype must be"),
+    ],
+)
+def test_serve_refuses_bad_engine_option_values_with_a_usage_error_not_a_traceback(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "/nonexistent/model", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
