@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_sampler import time_ms  # noqa: E402
 from benchmarks.model_configs import write_config_dir  # noqa: E402
 from benchmarks.profile_llm_steps import fill_graph_inputs  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
 
 
 def parse_variant(items: list[str]) -> tuple[str, dict[str, str], dict[str, object]]:
@@ -128,11 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             llm.shutdown()
     engines.clear()
     gc.collect()
-    text = "\n".join(lines) + "\n"
-    out = Path(os.environ.get("OUT", "/tmp/out"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ab_decode_graphs.md").write_text(text)
-    print(text)
+    write_report("ab_decode_graphs", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 from pathlib import Path
 
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_text_throughput import ceilings  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
 from kernels.activation import silu_and_mul  # noqa: E402
 from kernels.gemv import GemvConfig, gemv, gemv_qkv_rope, launch_config  # noqa: E402
 from kernels.rms_norm import rms_norm  # noqa: E402
@@ -293,17 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     rope += ["| kernels | rows | launch | us | % read rate |", "|---|---|---|---|---|"]
     for rows in args.rows if args.rope else []:
         rope += rope_rows(rows, args.sweep, lambda w: w.numel() * 2 / read_bps * 1e6)
-    text = "\n".join(
-        lines
-        + (norm_rows if args.norm_widths else [])
-        + (sweep if args.sweep else [])
-        + (rope if args.rope else [])
-    )
-    text += "\n"
-    out = Path(os.environ.get("OUT", "/tmp/out"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gemv.md").write_text(text)
-    print(text)
+    parts = lines + (norm_rows if args.norm_widths else []) + (sweep if args.sweep else [])
+    write_report("gemv", "\n".join(parts + (rope if args.rope else [])))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import contextlib
 import functools
 import importlib.util
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from benchmarks.bench_kernels import (  # noqa: E402
     copy_bandwidth,
     decode_calls,
 )
+from benchmarks.report import write_report  # noqa: E402
 from benchmarks.sweep_decode_splits import same_size_copy_tbps  # noqa: E402
 
 PREFILL_SHAPES = [(32, 8, 8, 1024), (32, 8, 2, 4096), (16, 2, 8, 1024)]  # hq, hkv, B, S
@@ -230,11 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if "decode" in args.only:
         lines += decode_part(modules, args.replays) + [""]
     lines.append(f"({time.perf_counter() - t0:.0f} s)")
-    text = "\n".join(lines) + "\n"
-    out = Path(os.environ.get("OUT", "/tmp/out"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep_attention.md").write_text(text)
-    print(text)
+    write_report("sweep_attention", "\n".join(lines))
 
 
 if __name__ == "__main__":
