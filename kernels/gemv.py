@@ -584,7 +584,7 @@ def gemv_qkv_rope(
             f"QKV weight {tuple(weight.shape)} does not fit {num_q_heads} q heads and "
             f"{num_kv_heads} kv heads of size {head_size} (even)"
         )
-    _check_args(x.new_empty(0, head_size), positions, cos_sin_cache, head_size, mrope_section)
+    _check_args(key_cache, positions, cos_sin_cache, head_size, mrope_section)  # head_size fits
     if not use_triton(x, use_triton_kernel):
         return gemv_qkv_rope_torch(
             x,

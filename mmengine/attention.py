@@ -250,52 +250,14 @@ def _rotary_paged_attention_fake(
     return qkv.new_empty((qkv.shape[0], num_heads, key_cache.shape[-1]))
 
 
-@torch.library.custom_op(
+# The few-token path's norm + QKV projection + rotary + cache write + attention as one
+# opaque op: the forward itself, registered.
+gemv_rope_paged_attention_op = torch.library.custom_op(
     "mmengine::gemv_rope_paged_attention", mutates_args=("key_cache", "value_cache")
-)
-def gemv_rope_paged_attention_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
-    eps: float,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    scale: float,
-    num_heads: int,
-    mrope_section: list[int] | None,
-) -> torch.Tensor:
-    return gemv_rope_attention_forward(
-        x,
-        weight,
-        bias,
-        norm_weight,
-        eps,
-        positions,
-        cos_sin_cache,
-        key_cache,
-        value_cache,
-        scale,
-        num_heads,
-        mrope_section,
-    )
+)(gemv_rope_attention_forward)
 
 
 @gemv_rope_paged_attention_op.register_fake
-def _gemv_rope_paged_attention_fake(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
-    eps: float,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    scale: float,
-    num_heads: int,
-    mrope_section: list[int] | None,
-) -> torch.Tensor:
+def _gemv_rope_paged_attention_fake(x, weight, bias, norm_weight, eps, positions, cos_sin,  # noqa: ANN001, ANN202
+                                    key_cache, value_cache, scale, num_heads, mrope_section):  # fmt: skip
     return x.new_empty((x.shape[0], num_heads, key_cache.shape[-1]))
