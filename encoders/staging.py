@@ -1,11 +1,13 @@
-"""Host-to-GPU transfer of packed encoder inputs through a reused pinned buffer.
+"""Host-to-GPU transfer of packed encoder inputs through reused pinned buffers.
 
-Pixel values arrive as separate float32 CPU tensors (one per item, ~22 MB for a 1280x720
-image). Concatenating them into a fresh pageable tensor and copying that to the GPU cost
-the CPU ~200 ms per 62k-patch batch on an H100 host (page faults on the new allocation,
-then a staged pageable copy) while the GPU did 232 ms of work: the transfer took as long
-as the tower. Packing into one pinned buffer that lives as long as the encoder, then one
-asynchronous copy, removes both costs.
+Pixel values arrive as separate CPU tensors, one per item (~22 MB as float32 for a 1280x720
+image; the engine's input workers send uint8, a quarter of that). Concatenating
+them into a fresh pageable tensor and copying that to the GPU cost the CPU ~200 ms per
+62k-patch batch on an H100 host (page faults on the new allocation, then a staged pageable
+copy) while the GPU did 232 ms of work: the transfer took as long as the tower. Packing into
+one of two pinned byte buffers that live as long as the encoder (used in turn, see
+PinnedStaging), then one asynchronous copy, removes both costs; uint8 pixels are normalized
+on the device (stage_pixels).
 """
 
 from __future__ import annotations
