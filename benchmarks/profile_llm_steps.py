@@ -18,8 +18,14 @@ benchmark's 8 x 1024), generating one token; GPU kernel time by kind against the
 floor of the step's GEMMs and attention at the measured bf16 matmul rate, and the top
 kernels.
 
+Mixed (`--mixed-decodes D`): the text benchmark's costly step, prompt chunks with D decodes
+riding along in one token budget. D requests decode (prompts of ctx - 128 tokens), then each
+profiled step gets `--prefill-seqs` fresh prompts; its kernels by kind are set beside the
+prefill-only step's, so the decodes' extra cost shows where it lands (GEMM, attention, ...).
+
     python3 benchmarks/profile_llm_steps.py [--batches 1,16,64,192] [--ctx 1152]
         [--prefill-seqs 8 --prefill-len 1024]   # --prefill-seqs 0 skips the prefill part
+        [--mixed-decodes 192]                   # 0 (default) skips the mixed step
 
 Writes $OUT/llm_steps.md.
 """
@@ -76,11 +82,17 @@ def kernels_of(fn, replays: int = 5) -> list[tuple[str, float, int]]:
     """(kernel name, GPU ms per call, launches per call), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    cuda = torch.cuda.is_available()  # without a GPU (the CPU test): no kernels to list
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(replays):
             fn()
-        torch.cuda.synchronize()
+        sync()
     rows = []
     for ev in prof.key_averages():
         t = getattr(ev, "self_device_time_total", 0) or 0
@@ -156,8 +168,11 @@ def profile_batch(runner, model, b: int, args, gen, read_bps: float, cfg: dict):
     return lines, details
 
 
-def profile_prefill(llm, cfg: dict, args, matmul_rate: float) -> list[str]:
-    """Kernel time by kind of one prefill step of fresh prompts, against matmul floors."""
+def profile_prefill(
+    llm, cfg: dict, args, matmul_rate: float
+) -> tuple[list[str], dict[str, float]]:
+    """Kernel time by kind of one prefill step of fresh prompts, against matmul floors;
+    (report lines, GPU ms per step by kernel kind)."""
     from mmengine import SamplingParams
 
     h, n_layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
@@ -199,6 +214,106 @@ def profile_prefill(llm, cfg: dict, args, matmul_rate: float) -> list[str]:
     lines += ["", "| kernel | ms per step | launches |", "|---|---|---|"]
     lines += [f"| `{name[:90]}` | {kms:.3f} | {c} |" for name, kms, c in kernels[:15]]
     print("\n".join(lines), flush=True)
+    return lines, dict(by_kind)
+
+
+def mixed_steps(
+    llm, decodes: int, ctx: int, prompts: int, prompt_len: int, steps: int, seed: int = 2
+) -> tuple[list[tuple[int, int]], list[tuple[str, float, int]], float]:
+    """Runs `steps` engine steps that each take `prompts` fresh prompts of `prompt_len`
+    tokens while `decodes` requests decode, as the text benchmark's steps do once its first
+    requests have their first tokens. Returns each profiled step's (decode rows, prompt
+    tokens), its kernels (name, GPU ms per step, launches per step) and its host-to-host
+    ms per step. Needs an in-process LLM (multiprocess=False); leaves no request behind."""
+    from mmengine import SamplingParams
+    from mmengine.llm import params_to_msg
+    from mmengine.messages import EngineCoreRequest
+
+    core = llm._client.core
+    gen = torch.Generator().manual_seed(seed)
+    vocab = core.spec.vocab_size
+
+    def add(prefix: str, n: int, length: int, max_tokens: int) -> list[str]:
+        msg = params_to_msg(SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        ids = [f"{prefix}{i}" for i in range(n)]
+        for rid in ids:
+            prompt = torch.randint(1000, vocab, (length,), generator=gen).tolist()
+            err = core.add_request(EngineCoreRequest(rid, prompt, msg))
+            if err is not None:
+                raise ValueError(f"request {rid} refused: {err.error}")
+        return ids
+
+    # The decoding requests: prefill them, then step until each has produced a token.
+    decode_ids = add("dec", decodes, max(1, ctx - 128), 10**6)
+    started: set[str] = set()
+    while len(started) < decodes:
+        started.update(o.request_id for o in core.step() if o.new_token_ids)
+    was_async = core.async_scheduling
+    core.async_scheduling = False  # one step = one call: launch, wait, update
+    core._finish_in_flight()
+    seen: list[tuple[int, int]] = []
+    execute = core.runner.execute
+
+    def recording_execute(sched):  # noqa: ANN001, ANN202
+        rows = [s.num_tokens for s in sched.scheduled]
+        seen.append((sum(1 for r in rows if r == 1), sum(r for r in rows if r > 1)))
+        return execute(sched)
+
+    core.runner.execute = recording_execute
+    batch = [0]
+
+    def one_step() -> None:
+        add(f"p{batch[0]}-", prompts, prompt_len, 1)
+        batch[0] += 1
+        core.step()
+
+    try:
+        one_step()  # compiles what this step's shapes need
+        seen.clear()
+        t0 = time.perf_counter()
+        kernels = kernels_of(one_step, steps)
+        host_ms = (time.perf_counter() - t0) * 1e3 / steps
+    finally:
+        core.runner.execute = execute
+        core.async_scheduling = was_async
+        core.abort_requests(decode_ids)
+        while core.has_unfinished():
+            core.step()
+    return seen, kernels, host_ms
+
+
+def profile_mixed(
+    llm, args, prefill_by_kind: dict[str, float] | None
+) -> list[str]:
+    """The mixed step's kernel time by kind, beside the prefill-only step's."""
+    d = args.mixed_decodes
+    steps = 3
+    seen, kernels, host_ms = mixed_steps(
+        llm, d, args.ctx, args.prefill_seqs, args.prefill_len, steps
+    )
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, kms, _ in kernels:
+        by_kind[kernel_kind(name)] += kms
+    busy = sum(by_kind.values())
+    rows = ", ".join(f"{a} decodes + {b} prompt tokens" for a, b in seen)
+    base = prefill_by_kind or {}
+    lines = [
+        "",
+        f"## Mixed step: {d} decodes (context ~{args.ctx}) riding along prompt chunks",
+        "",
+        f"Profiled steps: {rows}. Kernel time per step {busy:.2f} ms; host to host "
+        f"{host_ms:.2f} ms per step (synchronous steps, profiler on). The prefill-only column "
+        f"is the step of {args.prefill_seqs} x {args.prefill_len} prompt tokens above.",
+        "",
+        "| kind | mixed ms | prefill-only ms | difference ms |",
+        "|---|---|---|---|",
+    ]
+    for k in sorted(set(by_kind) | set(base), key=lambda k: -by_kind.get(k, 0.0)):
+        m, p = by_kind.get(k, 0.0), base.get(k, 0.0)
+        lines.append(f"| {k} | {m:.2f} | {p:.2f} | {m - p:+.2f} |")
+    lines += ["", "| kernel | ms per step | launches |", "|---|---|---|"]
+    lines += [f"| `{name[:90]}` | {kms:.3f} | {c} |" for name, kms, c in kernels[:15]]
+    print("\n".join(lines), flush=True)
     return lines
 
 
@@ -215,7 +330,7 @@ def profile_engine(
         skip_tokenizer_init=True,
         multiprocess=False,
         max_model_len=args.ctx + 192,
-        max_num_seqs=max(args.batches),
+        max_num_seqs=max(*args.batches, args.mixed_decodes + args.prefill_seqs),
         max_num_batched_tokens=max(8192, args.prefill_seqs * args.prefill_len),
         extra={"load_format": "dummy", **gemv_option(args)},
     )
@@ -252,8 +367,12 @@ def profile_engine(
         f"{b1 / b1_floor:.2f}x.",
     ]
     print(lines[-1], flush=True)
+    prefill_by_kind = None
     if args.prefill_seqs > 0:
-        details += profile_prefill(llm, cfg, args, matmul_rate)
+        prefill_lines, prefill_by_kind = profile_prefill(llm, cfg, args, matmul_rate)
+        details += prefill_lines
+    if args.mixed_decodes > 0:
+        details += profile_mixed(llm, args, prefill_by_kind)
     llm.shutdown()
     llm = runner = model = None
     gc.collect()
@@ -270,6 +389,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=1152, help="KV positions per sequence")
     ap.add_argument("--prefill-seqs", type=int, default=8, help="prompts in the prefill step")
     ap.add_argument("--prefill-len", type=int, default=1024, help="tokens per prompt")
+    ap.add_argument(
+        "--mixed-decodes",
+        type=int,
+        default=0,
+        help="decoding requests riding along the profiled mixed step (0: no mixed step)",
+    )
     add_gemv_argument(ap)
     ap.add_argument("--out-name", default="llm_steps.md", help="file written under $OUT")
     args = ap.parse_args(argv)

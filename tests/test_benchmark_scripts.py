@@ -216,3 +216,40 @@ def test_random_checkpoint_with_the_borrowed_tokenizer_runs_the_chat_benchmark(
     turns_on = next(r for r in rows if r["workload"] == "multi turn" and r["caching"] == "on")
     # Turn 2 resends turn 1's image and history: the chat template placed the image tokens.
     assert turns_on["embedding_cache_hits"] > 0 and turns_on["prefix_cache_hit_tokens"] > 0
+
+
+def test_mixed_step_profile_runs_prompt_chunks_with_decodes_riding_along(
+    qwen2_ckpt: Path,
+) -> None:
+    """profile_llm_steps' mixed step (GPU kernels on the device; here its driving): the
+    profiled steps hold every decode plus a full budget of prompt tokens, and it leaves no
+    request behind."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.profile_llm_steps import mixed_steps
+    from mmengine import LLM
+
+    torch.set_num_threads(1)
+    llm = LLM(
+        str(qwen2_ckpt),
+        dtype="float32",
+        device="cpu",
+        skip_tokenizer_init=True,
+        multiprocess=False,
+        max_model_len=160,
+        max_num_batched_tokens=64,
+    )
+    core = llm._client.core
+    core.async_scheduling = True  # as on a GPU; the profile turns it off for its steps
+    try:
+        seen, kernels, host_ms = mixed_steps(
+            llm, decodes=5, ctx=140, prompts=2, prompt_len=40, steps=2
+        )
+        assert seen == [(5, 59), (5, 59)]  # 64-token budget: 5 decodes + 59 prompt tokens
+        assert kernels == []  # CPU: no GPU kernels to report
+        assert host_ms > 0
+        assert not core.has_unfinished() and core.async_scheduling
+        assert core.stats().kv_blocks_used == 0
+    finally:
+        llm.shutdown()
