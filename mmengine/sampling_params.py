@@ -9,6 +9,10 @@ MAX_N = 64
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_LEN = 512
+# Integer parameters become int64 tensors and msgspec fields in the engine core: an
+# unbounded one (top_k = 2**63) failed there and took the engine down with it.
+MAX_COUNT = 2**31 - 1  # top_k, max_tokens, min_tokens, stop token ids
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # seeds: anything a 64-bit seed holds
 
 
 @dataclass
@@ -53,14 +57,17 @@ class SamplingParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"invalid sampling parameter {name!r}: {why}")
 
-        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise bad("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
         if not 0.0 <= self.temperature <= 100.0:
             raise bad("temperature", f"must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", f"must be 0/-1 (disabled) or a positive integer, got {self.top_k}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_COUNT:
+            raise bad(
+                "top_k",
+                f"must be 0/-1 (disabled) or an integer in [1, {MAX_COUNT}], got {self.top_k}",
+            )
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -70,18 +77,24 @@ class SamplingParams:
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
         if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+            not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_COUNT
         ):
-            raise bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", f"must be >= 0, got {self.min_tokens!r}")
+            raise bad(
+                "max_tokens", f"must be an integer in [1, {MAX_COUNT}], got {self.max_tokens!r}"
+            )
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= MAX_COUNT:
+            raise bad(
+                "min_tokens", f"must be an integer in [0, {MAX_COUNT}], got {self.min_tokens!r}"
+            )
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", "must not exceed max_tokens")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
+        if self.seed is not None and (
+            not _is_int(self.seed) or not INT64_MIN <= self.seed <= UINT64_MAX
+        ):
+            raise bad("seed", f"must be a 64-bit integer, got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings")
@@ -91,8 +104,8 @@ class SamplingParams:
                     "stop", f"stop strings must be non-empty and <= {MAX_STOP_STRING_LEN} chars"
                 )
         for t in self.stop_token_ids:
-            if not isinstance(t, int) or t < 0:
-                raise bad("stop_token_ids", f"must be non-negative integers, got {t!r}")
+            if not _is_int(t) or not 0 <= t <= MAX_COUNT:
+                raise bad("stop_token_ids", f"must be integers in [0, {MAX_COUNT}], got {t!r}")
 
     @property
     def has_penalties(self) -> bool:
@@ -109,3 +122,7 @@ class SamplingParams:
         """Params of the ``index``-th of ``n`` completions: n=1, seed offset by index."""
         seed = None if self.seed is None else self.seed + index
         return replace(self, n=1, seed=seed)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -257,6 +257,10 @@ def test_other_special_tokens_typed_as_text_are_served(api: str) -> None:
         ({"stop_token_ids": [10**6]}, "stop_token_ids"), ({"n": "many"}, "n"),
         ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ({"tools": [{"type": "function"}]}, "tools"), ({"chat_template": "{{ 1 }}"}, "chat_template"),
+        # Huge integers: 2**63 once took the engine core down (int64 overflow in a step),
+        # 2**70 failed the engine message's encoding (500).
+        ({"top_k": 2**63}, "top_k"), ({"top_k": 2**70}, "top_k"), ({"min_tokens": 2**70}, "min_tokens"),
+        ({"max_tokens": 2**70}, "max_tokens"), ({"stop_token_ids": [2**70]}, "stop_token_ids.0"),
     ],
 )  # fmt: skip
 def test_out_of_range_chat_parameters_are_400_naming_the_parameter(
@@ -271,6 +275,7 @@ def test_out_of_range_chat_parameters_are_400_naming_the_parameter(
         ({"logprobs": 50}, "logprobs"), ({"prompt": ["a"] * 100}, "prompt"), ({"prompt": []}, "prompt"),
         ({"prompt": [5, 99999]}, "prompt"), ({"prompt": [-1, 5]}, "prompt"), ({"n": 65}, "n"),
         ({"max_tokens": 5000}, "max_tokens"), ({"suffix": "x"}, "suffix"),
+        ({"top_k": 2**63}, "top_k"), ({"seed": -(2**70)}, "seed"),
     ],
 )  # fmt: skip
 def test_out_of_range_completion_parameters_are_400_naming_the_parameter(
