@@ -168,9 +168,7 @@ def profile_batch(runner, model, b: int, args, gen, read_bps: float, cfg: dict):
     return lines, details
 
 
-def profile_prefill(
-    llm, cfg: dict, args, matmul_rate: float
-) -> tuple[list[str], dict[str, float]]:
+def profile_prefill(llm, cfg: dict, args, matmul_rate: float) -> tuple[list[str], dict[str, float]]:
     """Kernel time by kind of one prefill step of fresh prompts, against matmul floors;
     (report lines, GPU ms per step by kernel kind)."""
     from mmengine import SamplingParams
@@ -282,9 +280,7 @@ def mixed_steps(
     return seen, kernels, host_ms
 
 
-def profile_mixed(
-    llm, args, prefill_by_kind: dict[str, float] | None
-) -> list[str]:
+def profile_mixed(llm, args, prefill_by_kind: dict[str, float] | None) -> list[str]:
     """The mixed step's kernel time by kind, beside the prefill-only step's."""
     d = args.mixed_decodes
     steps = 3

@@ -40,13 +40,7 @@ from kernels.rotary import _check_args, rotate_pair
 from kernels.rotary_kv import rotary_write_kv_torch
 
 MAX_ROWS = 8  # rows of x the kernel takes; more go to the regular matmul
-# Rows up to which the engine uses it by default: at one row a Qwen2.5-3B decode step on an
-# H200 ran 8% faster (CUDA graph 2.73 -> 2.51 ms). At 2-8 rows the tensor-core tiles beat
-# cuBLAS on three of four projections alone, but their fused RMSNorm costs 4-10 us a
-# projection, and the engine's decode graphs were slower with them (B=2 / 4 / 8: 2.784 /
-# 2.830 / 2.943 ms vs cuBLAS 2.597 / 2.677 / 2.771, H200, session 11,
-# benchmarks/ab_decode_graphs.py), so more rows stay opt-in.
-DEFAULT_MAX_ROWS = 1
+# (The engine's default row count is EngineConfig.extra's gemv_max_tokens, mmengine/config.py.)
 
 
 # stride_pos_row (M-RoPE positions' token count) changes every eager step: not specialized.

@@ -7,18 +7,80 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # EngineConfig.extra: switches of the GPU path, mostly for A/B benchmarks (`--extra
-# KEY=VALUE` on the command line). Any other key is refused, so a typo cannot go unnoticed.
-GEMV_ROWS = 8  # kernels/gemv.MAX_ROWS (not imported here: that would load Triton)
-EXTRA_OPTIONS: dict[str, str] = {
-    "torch_compile": "GPU: torch.compile the decoder layers (default true)",
-    "cuda_graphs": "GPU: replay decode steps as CUDA graphs (default true)",
-    "gemv_max_tokens": "GPU: steps of at most this many tokens (0-8) run each decoder layer "
-    "as fused skinny-matmul launches (default 1; 0 turns it off)",
-    "gemv_rope": "that path applies rotary and writes K/V in the QKV launch (default 1)",
-    "compile_encoder": "GPU: torch.compile the vision encoder (default true)",
-    "vision_segment_kernel": "vision attention through the Triton segment kernel (default false)",
-    "load_format": "'dummy': random weights of the checkpoint's shapes (benchmarks)",
+# KEY=VALUE` on the command line). Unknown keys and values of the wrong kind are refused,
+# so a typo cannot go unnoticed; EngineConfig stores each value in its kind.
+GEMV_MAX_ROWS = 8  # kernels/gemv.MAX_ROWS (not imported here: that would load Triton)
+
+
+@dataclass(frozen=True)
+class ExtraOption:
+    kind: type  # bool, int or str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None  # the allowed values, if not any of the kind
+
+
+EXTRA_OPTIONS: dict[str, ExtraOption] = {
+    "torch_compile": ExtraOption(bool, True, "GPU: torch.compile the decoder layers"),
+    "cuda_graphs": ExtraOption(bool, True, "GPU: replay decode steps as CUDA graphs"),
+    # Default 1: at one row a Qwen2.5-3B decode step on an H200 ran 8% faster (CUDA graph
+    # 2.73 -> 2.51 ms). At 2-8 rows the tensor-core tiles beat cuBLAS on three of four
+    # projections alone, but their fused RMSNorm costs 4-10 us a projection, and the decode
+    # graphs were slower with them (B=2 / 4 / 8: 2.784 / 2.830 / 2.943 ms vs cuBLAS 2.597 /
+    # 2.677 / 2.771, H200, session 11, benchmarks/ab_decode_graphs.py).
+    "gemv_max_tokens": ExtraOption(
+        int,
+        1,
+        "GPU: steps of at most this many tokens run each decoder layer as fused "
+        "skinny-matmul launches (0 turns it off)",
+        tuple(range(GEMV_MAX_ROWS + 1)),
+    ),
+    "gemv_rope": ExtraOption(
+        bool,
+        True,
+        "GPU, with gemv_max_tokens > 0: rotary and the K/V-cache write run in the QKV "
+        "projection's launch",
+    ),
+    "compile_encoder": ExtraOption(bool, True, "GPU: torch.compile the vision encoder"),
+    "vision_segment_kernel": ExtraOption(
+        bool, False, "vision window attention through the Triton segment kernel"
+    ),
+    "load_format": ExtraOption(
+        str,
+        "auto",
+        "'dummy': random weights of the checkpoint's shapes, nothing read (benchmarks)",
+        ("auto", "dummy"),
+    ),
 }
+_TRUE, _FALSE = ("true", "1", "on", "yes"), ("false", "0", "off", "no")
+
+
+def parse_extra_value(key: str, value: Any) -> Any:
+    """`value` of EngineConfig.extra[key] in its option's kind; ValueError naming the key
+    and what it takes otherwise. Booleans also take 0/1 and true/false/on/off/yes/no."""
+    opt = EXTRA_OPTIONS.get(key)
+    if opt is None:
+        raise ValueError(f"unknown extra option {key!r}; known: {', '.join(sorted(EXTRA_OPTIONS))}")
+    parsed: Any = None
+    if opt.kind is bool:
+        text = str(value).strip().lower() if isinstance(value, (bool, int, str)) else None
+        parsed = True if text in _TRUE else False if text in _FALSE else None
+        what = "true or false (also 1/0, on/off, yes/no)"
+    elif opt.kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            parsed = value
+        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            parsed = int(value)
+        what = "an integer"
+    else:
+        parsed = value if isinstance(value, str) else None
+        what = "a string"
+    if parsed is not None and opt.choices is not None and parsed not in opt.choices:
+        parsed = None
+        what = "one of " + ", ".join(str(c) for c in opt.choices)
+    if parsed is None:
+        raise ValueError(f"extra option {key} takes {what}; got {value!r}")
+    return parsed
 
 
 @dataclass
@@ -47,7 +109,9 @@ class EngineConfig:
     # Plan and launch step N+1 before waiting for step N's tokens (None: on for GPUs, off
     # on CPU, where nothing runs concurrently with the host anyway).
     async_scheduling: bool | None = None
-    multiprocess: bool = True  # engine core in its own process (False: in-process, to debug)
+    # Engine core in its own process (False: in-process, to debug). None: True, unless the
+    # environment variable MMENGINE_MULTIPROCESS is 0/false/no.
+    multiprocess: bool | None = None
     # torch CPU threads of the engine-core process (None: min(4, the frontend's setting) on
     # a GPU, the frontend's setting on the CPU; see core_client.default_core_threads)
     cpu_threads: int | None = None
@@ -55,19 +119,15 @@ class EngineConfig:
     log_stats_interval_s: float = 10.0  # how often the engine core logs its state
     extra: dict[str, Any] = field(default_factory=dict)  # keys of EXTRA_OPTIONS only
 
+    def extra_option(self, key: str) -> Any:
+        """The value of an EXTRA_OPTIONS switch: the one set in ``extra``, else its default."""
+        return self.extra.get(key, EXTRA_OPTIONS[key].default)
+
     def __post_init__(self) -> None:
-        if os.environ.get("MMENGINE_MULTIPROCESS", "").lower() in ("0", "false", "no"):
-            self.multiprocess = False
-        unknown = sorted(set(self.extra) - set(EXTRA_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"unknown extra option(s) {unknown}; known: {', '.join(sorted(EXTRA_OPTIONS))}"
-            )
-        gemv = self.extra.get("gemv_max_tokens", 0)
-        if not isinstance(gemv, int) or isinstance(gemv, bool) or not 0 <= gemv <= GEMV_ROWS:
-            raise ValueError(
-                f"extra gemv_max_tokens must be an integer 0-{GEMV_ROWS}, got {gemv!r}"
-            )
+        if self.multiprocess is None:
+            env = os.environ.get("MMENGINE_MULTIPROCESS", "").strip().lower()
+            self.multiprocess = env not in _FALSE
+        self.extra = {k: parse_extra_value(k, v) for k, v in self.extra.items()}
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -110,6 +170,9 @@ class ModelSpec:
     eos_token_ids: list[int]
     dtype: str  # the checkpoint's dtype ("float32", "bfloat16", ...)
     hf_config: dict[str, Any]  # the raw config.json (the vision stage reads its own part)
+    # Layers attend only to their last this-many keys (Mistral-7B-v0.1); not implemented,
+    # so the engine caps the context at it (where windowed = full attention).
+    sliding_window: int | None = None
 
     @property
     def is_multimodal(self) -> bool:

@@ -92,7 +92,8 @@ class LLM:
         max_num_batched_tokens: tokens processed in one step (prefill is chunked to fit).
         enable_prefix_caching: reuse the KV of identical prompt prefixes.
         multiprocess: run the engine core in its own process (default); False runs it
-            in this process, which is easier to debug.
+            in this process, which is easier to debug. None: the environment variable
+            MMENGINE_MULTIPROCESS decides (0/false/no: in this process).
         skip_tokenizer_init: no tokenizer: prompts must be token ids, outputs have no text.
         **kwargs: any other ``EngineConfig`` field (block_size, num_kv_blocks, seed, ...).
     """
@@ -108,7 +109,7 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,
         enable_prefix_caching: bool = True,
-        multiprocess: bool = True,
+        multiprocess: bool | None = None,
         skip_tokenizer_init: bool = False,
         **kwargs: Any,
     ) -> None:

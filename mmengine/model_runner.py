@@ -19,7 +19,6 @@ from torch.profiler import record_function
 
 from encoders.staging import host_to_device
 from kernels._dispatch import pdl_supported
-from kernels.gemv import DEFAULT_MAX_ROWS as GEMV_MAX_ROWS
 from mmengine.attention import AttentionMetadata, forward_context
 from mmengine.config import EngineConfig, ModelSpec
 from mmengine.cuda_graphs import CudaGraphRunner
@@ -124,17 +123,17 @@ class ModelRunner:
         self._last_tokens: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
         on_gpu = device.type == "cuda" and not config.enforce_eager
-        self.compiled = on_gpu and bool(config.extra.get("torch_compile", True))
-        self.use_cuda_graphs = on_gpu and bool(config.extra.get("cuda_graphs", True))
+        self.compiled = on_gpu and config.extra_option("torch_compile")
+        self.use_cuda_graphs = on_gpu and config.extra_option("cuda_graphs")
         # Decode steps of one token run each layer as four fused skinny-matmul launches
         # (kernels/gemv.py) around attention; on CUDA in eager mode too, so graphs and
         # eager agree. (The LM head stays on cuBLAS: the GEMV kernel was slower there,
         # 0.255 vs 0.184 ms with the argmax on an H200.)
-        default_gemv = GEMV_MAX_ROWS if device.type == "cuda" else 0
-        self.gemv_max_tokens = int(config.extra.get("gemv_max_tokens", default_gemv))
+        on_cuda = device.type == "cuda"
+        self.gemv_max_tokens = config.extra_option("gemv_max_tokens") if on_cuda else 0
         # Rotary + KV write in the QKV projection's epilogue on that path (one launch fewer
         # per layer); `gemv_rope=0` keeps them in their own kernel (A/B benchmarks).
-        gemv_rope = bool(int(config.extra.get("gemv_rope", 1)))
+        gemv_rope = config.extra_option("gemv_rope")
         set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens, gemv_rope)
         if self.gemv_max_tokens:
             pdl = pdl_supported(next(self.model.parameters()))
@@ -177,11 +176,11 @@ class ModelRunner:
         # 12.9 -> 16.4 req/s end to end); extra={"compile_encoder": False} turns it off.
         if (
             self.compiled
-            and self.config.extra.get("compile_encoder", True)
+            and self.config.extra_option("compile_encoder")
             and hasattr(encoder, "compile_blocks")
         ):
             encoder.compile_blocks()
-        if self.config.extra.get("vision_segment_kernel", False) and hasattr(
+        if self.config.extra_option("vision_segment_kernel") and hasattr(
             encoder, "short_segment_kernel"
         ):
             # Opt-in until measured end to end: short window segments through a Triton
@@ -255,7 +254,7 @@ class ModelRunner:
             layer.rotary = fresh_rotary
         if self.spec.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        if self.config.extra.get("load_format") == "dummy":
+        if self.config.extra_option("load_format") == "dummy":
             # Benchmarks: random weights of the right shapes, no checkpoint tensors read.
             gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
             with torch.no_grad():

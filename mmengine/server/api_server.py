@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mmengine import __version__
 from mmengine.async_llm import AsyncLLM
-from mmengine.server.args import engine_config_from_args, media_config_from_args
+from mmengine.server.args import engine_config_from_args, media_config_from_args, split_list
 from mmengine.server.errors import APIError, install_error_handlers
 from mmengine.server.media import MediaLoader
 from mmengine.server.metrics import ServerMetrics
@@ -59,7 +59,7 @@ def build_app(
         media_loader: Overrides the media fetcher built from ``args`` (tests pass one
             with a stub DNS resolver and short timeouts).
     """
-    served = list(args.served_model_name or [args.model])
+    served = list(split_list(args.served_model_name)) or [args.model]
     metrics = ServerMetrics(engine, served[0])
     state = ServerState(
         engine=engine,

@@ -15,11 +15,11 @@ import types
 import typing
 from typing import Any
 
-from mmengine.config import EXTRA_OPTIONS, EngineConfig
+from mmengine.config import EXTRA_OPTIONS, EngineConfig, parse_extra_value
 from processors.config import MediaConfig
 
 # EngineConfig fields that are not flags: the model is the positional argument; the server
-# always runs the engine core in its own process; `extra` is for programmatic use.
+# always runs the engine core in its own process; `extra` has its own repeatable --extra.
 NOT_FLAGS = frozenset({"model", "multiprocess", "extra"})
 # EngineConfig fields set by a server flag of the same name (which also sets the media path).
 SERVER_OWNED = frozenset({"limit_mm_per_prompt"})
@@ -32,11 +32,12 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "block_size": "Tokens per KV-cache block (a power of two).",
     "num_kv_blocks": "KV-cache size in blocks. Default: sized from free memory.",
     "gpu_memory_utilization": "Fraction of GPU memory the engine may use (weights + KV cache).",
-    "cpu_kv_cache_gib": "KV-cache budget in GiB when running on CPU and num-kv-blocks is unset.",
+    "cpu_kv_cache_gib": "KV-cache budget in GiB when running on CPU and --num-kv-blocks is unset.",
     "cpu_threads": "torch CPU threads of the engine-core process. Default: 4 on a GPU (more "
     "only competed with the input workers for the cores), this process's setting on the CPU.",
     "max_num_seqs": "Most requests processed together in one engine step.",
-    "max_num_batched_tokens": "Most tokens per step; longer prefills are chunked to fit.",
+    "max_num_batched_tokens": "Most tokens per step; longer prefills are chunked to fit. "
+    "Default: 8192 on a GPU, 2048 on the CPU.",
     "enable_prefix_caching": "Reuse the KV cache of identical prompt prefixes across requests.",
     "seed": "Seed for requests that do not set their own.",
     "enforce_eager": "GPU: run eagerly, without CUDA graphs or torch.compile (slower, for debugging).",
@@ -84,7 +85,7 @@ def mm_limits_from_args(args: argparse.Namespace) -> dict[str, int]:
     return {**_default_mm_limits(), **getattr(args, "limit_mm_per_prompt", {})}
 
 
-def _split_list(values: list[str] | None) -> tuple[str, ...]:
+def split_list(values: list[str] | None) -> tuple[str, ...]:
     """Flags given several times, space- or comma-separated, as one tuple."""
     return tuple(v.strip() for raw in values or [] for v in raw.split(",") if v.strip())
 
@@ -107,19 +108,25 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="Require 'Authorization: Bearer KEY' on every /v1 route. "
         "Default: the MMENGINE_API_KEY environment variable, if set.",
     )
+    # Lists are repeatable flags or comma-separated values, never nargs="+": that would
+    # swallow a MODEL given after them ("--allowed-media-domains a.com /models/x").
     p.add_argument(
         "--served-model-name",
-        nargs="+",
+        action="append",
         default=None,
-        help="Model name(s) clients use in requests. Default: the MODEL argument.",
+        metavar="NAME",
+        help="Model name clients use in requests; repeatable or comma-separated, the first "
+        "is the one reported. Default: the MODEL argument.",
     )
     p.add_argument(
         "--allowed-media-domains",
-        nargs="+",
+        action="append",
         default=None,
+        metavar="HOST",
         help="Only fetch image/video URLs from these hosts ('example.com', '.example.com' for "
-        "subdomains too). Listed hosts may be private or loopback addresses. Default: any "
-        "public host; private, loopback and link-local addresses are refused.",
+        "subdomains too); repeatable or comma-separated. Listed hosts may be private or "
+        "loopback addresses. Default: any public host; private, loopback and link-local "
+        "addresses are refused.",
     )
     p.add_argument(
         "--allowed-local-media-path",
@@ -215,7 +222,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = ENGINE_FLAG_HELP.get(f.name, "Engine option (see EngineConfig).")
-        help_text += f" (default: {default})".replace("%", "%%")
+        if default is not None:  # None: the help text says what the default is
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")
         base = _base_type(hints[f.name])
         if base is bool:
             action: Any = argparse.BooleanOptionalAction
@@ -223,7 +232,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         else:
             kind = _json_value if base in (dict, list) else base
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
-    known = "; ".join(f"{k}: {v}" for k, v in EXTRA_OPTIONS.items())
+    known = "; ".join(
+        f"{k}: {o.help} (default {str(o.default).lower() if o.kind is bool else o.default})"
+        for k, o in EXTRA_OPTIONS.items()
+    )
     p.add_argument(
         "--extra",
         type=_extra_item,
@@ -237,7 +249,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _extra_item(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` of --extra; VALUE as JSON (numbers, true/false), else as a string."""
+    """``KEY=VALUE`` of --extra, VALUE checked and converted to the option's kind."""
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or key not in EXTRA_OPTIONS:
@@ -245,9 +257,9 @@ def _extra_item(text: str) -> tuple[str, Any]:
             f"expected KEY=VALUE with KEY one of {', '.join(sorted(EXTRA_OPTIONS))}; got {text!r}"
         )
     try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
+        return key, parse_extra_value(key, value.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _base_type(tp: Any) -> Any:
@@ -275,9 +287,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 def media_config_from_args(args: argparse.Namespace) -> MediaConfig:
     kwargs: dict[str, Any] = {
-        "allowed_domains": _split_list(args.allowed_media_domains),
+        "allowed_domains": split_list(args.allowed_media_domains),
         "allowed_local_paths": tuple(
-            os.path.abspath(p) for p in _split_list(args.allowed_local_media_path)
+            os.path.abspath(p) for p in split_list(args.allowed_local_media_path)
         ),
         "fetch_deadline_s": args.media_fetch_timeout,
         "connect_timeout_s": min(MediaConfig.connect_timeout_s, args.media_fetch_timeout),

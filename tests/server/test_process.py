@@ -28,6 +28,8 @@ from mmengine.server.args import (
     NOT_FLAGS,
     SERVER_OWNED,
     engine_config_from_args,
+    media_config_from_args,
+    split_list,
 )
 from tests.processors.media_helpers import png_bytes
 from tests.server.harness import ServerProcess, engine_argv, pid_alive, wait_for
@@ -181,10 +183,19 @@ def test_extra_flag_sets_engine_switches_and_refuses_unknown_keys(
     capsys: pytest.CaptureFixture,
 ) -> None:
     args = make_parser().parse_args(
-        ["serve", "m", "--extra", "gemv_max_tokens=0", "--extra", "load_format=dummy"]
+        [
+            "serve",
+            "m",
+            "--extra",
+            "gemv_max_tokens=0",
+            "--extra",
+            "load_format=dummy",
+            "--extra",
+            "cuda_graphs=off",
+        ]
     )
     config = engine_config_from_args(args)
-    assert config.extra == {"gemv_max_tokens": 0, "load_format": "dummy"}
+    assert config.extra == {"gemv_max_tokens": 0, "load_format": "dummy", "cuda_graphs": False}
     assert engine_config_from_args(make_parser().parse_args(["serve", "m"])).extra == {}
     with pytest.raises(SystemExit):
         make_parser().parse_args(["serve", "m", "--extra", "gemv_max_token=0"])
@@ -192,25 +203,76 @@ def test_extra_flag_sets_engine_switches_and_refuses_unknown_keys(
     assert "gemv_max_token=0" in err and "gemv_max_tokens" in err
 
 
-def test_engine_config_refuses_unknown_extra_keys_and_out_of_range_gemv_rows() -> None:
+def test_engine_config_checks_extra_values_and_stores_them_in_their_kind() -> None:
     from kernels.gemv import MAX_ROWS
-    from mmengine.config import EXTRA_OPTIONS, GEMV_ROWS
+    from mmengine.config import EXTRA_OPTIONS, GEMV_MAX_ROWS
 
-    assert GEMV_ROWS == MAX_ROWS  # the limit config checks is the kernel's
-    with pytest.raises(ValueError, match="unknown extra option.*'cuda_graph'"):
+    assert GEMV_MAX_ROWS == MAX_ROWS  # the limit config checks is the kernel's
+    with pytest.raises(ValueError, match="unknown extra option 'cuda_graph'"):
         EngineConfig(model="m", extra={"cuda_graph": False})
-    for bad in (GEMV_ROWS + 1, -1, 2.0, True):
-        with pytest.raises(ValueError, match="gemv_max_tokens"):
+    for bad in (GEMV_MAX_ROWS + 1, -1, 2.0, True, "abc"):
+        with pytest.raises(ValueError, match="gemv_max_tokens takes"):
             EngineConfig(model="m", extra={"gemv_max_tokens": bad})
-    config = EngineConfig(model="m", extra={k: 0 for k in EXTRA_OPTIONS if k != "load_format"})
-    assert config.extra["gemv_max_tokens"] == 0
+    # "no" / "off" used to be kept as (truthy) strings, so the switch silently stayed on.
+    for off in (False, 0, "0", "no", "off", "False"):
+        assert (
+            EngineConfig(model="m", extra={"torch_compile": off}).extra_option("torch_compile")
+            is False
+        )
+    for bad in ("maybe", 2, 0.5, None):
+        with pytest.raises(ValueError, match="cuda_graphs takes true or false"):
+            EngineConfig(model="m", extra={"cuda_graphs": bad})
+    with pytest.raises(ValueError, match="load_format takes one of auto, dummy"):
+        EngineConfig(model="m", extra={"load_format": "foo"})
+    config = EngineConfig(model="m", extra={"gemv_max_tokens": "4", "gemv_rope": 1})
+    assert config.extra == {"gemv_max_tokens": 4, "gemv_rope": True}
+    assert config.extra_option("cuda_graphs") is True  # unset: the default
+    assert {k: EngineConfig(model="m").extra_option(k) for k in EXTRA_OPTIONS} == {
+        k: o.default for k, o in EXTRA_OPTIONS.items()
+    }
+
+
+def test_multiprocess_follows_the_environment_only_when_not_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MMENGINE_MULTIPROCESS", "0")
+    assert EngineConfig(model="m").multiprocess is False
+    assert EngineConfig(model="m", multiprocess=True).multiprocess is True
+    monkeypatch.delenv("MMENGINE_MULTIPROCESS")
+    assert EngineConfig(model="m").multiprocess is True
+
+
+def test_list_flags_do_not_swallow_the_model_argument() -> None:
+    args = make_parser().parse_args(
+        ["serve", "--allowed-media-domains", "cdn.example.com", "/models/x"]
+    )
+    assert args.model == "/models/x"
+    args = make_parser().parse_args(
+        [
+            "serve",
+            "--served-model-name",
+            "qwen,qwen-vl",
+            "--served-model-name",
+            "q3",
+            "--allowed-media-domains",
+            "a.com,.b.org",
+            "--allowed-media-domains",
+            "c.net",
+            "/models/x",
+        ]
+    )
+    assert args.model == "/models/x"
+    assert split_list(args.served_model_name) == ("qwen", "qwen-vl", "q3")
+    assert media_config_from_args(args).allowed_domains == ("a.com", ".b.org", "c.net")
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--block-size", "3"], "block_size must be a power of two"),
-        (["--extra", "gemv_max_tokens=abc"], "gemv_max_tokens must be an integer 0-8"),
+        (["--extra", "gemv_max_tokens=abc"], "gemv_max_tokens takes an integer"),
+        (["--extra", "gemv_max_tokens=9"], "gemv_max_tokens takes one of 0, 1, 2"),
+        (["--extra", "torch_compile=maybe"], "torch_compile takes true or false"),
         (["--dtype", "int8"], "dtype must be"),
     ],
 )
