@@ -60,6 +60,16 @@ class EngineCore:
                 max_len,
                 self.spec.max_position_embeddings,
             )
+        window = self.spec.sliding_window
+        if window is not None and max_len > window:
+            logger.warning(
+                "this model uses sliding-window attention (window %d), which mmengine does "
+                "not implement: max_model_len capped %d -> %d, where it equals full attention",
+                window,
+                max_len,
+                window,
+            )
+            max_len = window
         self.max_model_len = max_len
         self.runner = ModelRunner(config, self.spec, path, self.device, self.dtype, max_len)
         default_tokens = 2048 if self.device.type == "cpu" else 8192

@@ -164,7 +164,23 @@ def load_model_spec(path: Path) -> ModelSpec:
         eos_token_ids=_eos_ids(path, cfg, tc),
         dtype=dtype,
         hf_config=cfg,
+        sliding_window=_sliding_window(tc),
     )
+
+
+def _sliding_window(tc: dict[str, Any]) -> int | None:
+    """The attention window if some layers attend only to their last N keys (Mistral-7B
+    v0.1: 4096), else None. Qwen2-style configs name a window but use it only with
+    ``use_sliding_window``; transformers 5 may list ``layer_types`` instead."""
+    window = tc.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    layer_types = tc.get("layer_types")
+    if isinstance(layer_types, list):
+        return window if "sliding_attention" in layer_types else None
+    if "use_sliding_window" in tc:
+        return window if tc["use_sliding_window"] else None
+    return window
 
 
 def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torch.dtype:

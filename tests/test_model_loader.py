@@ -106,3 +106,37 @@ def test_hub_id_resolves_from_the_local_cache(
     assert resolve_model_path("tiny-org/tiny-qwen2") == snap
     with pytest.raises(FileNotFoundError, match="not-there"):
         resolve_model_path("tiny-org/not-there")
+
+
+@pytest.mark.parametrize(
+    ("fields", "window"),
+    [
+        ({"sliding_window": 64}, 64),  # Mistral-7B-v0.1 style: the window is always on
+        ({"sliding_window": None}, None),  # Mistral v0.2+
+        ({"sliding_window": 64, "use_sliding_window": False}, None),  # Qwen2 style, off
+        ({"sliding_window": 64, "use_sliding_window": True}, 64),
+        ({"sliding_window": 64, "layer_types": ["full_attention"] * 2}, None),
+        ({"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]}, 64),
+    ],
+)
+def test_sliding_window_models_get_their_context_capped_at_the_window(
+    fields: dict, window: int | None, llama_ckpt: Path, tmp_path: Path, caplog
+) -> None:
+    """Sliding-window attention is not implemented: within the window it equals full
+    attention, so the engine caps max_model_len there (with a warning) instead of
+    silently disagreeing with HF on longer contexts."""
+    path = tmp_path / "model"
+    shutil.copytree(llama_ckpt, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(fields)
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert load_model_spec(path).sliding_window == window
+    with (
+        caplog.at_level("WARNING"),
+        LLM(str(path), dtype="float32", device="cpu", max_model_len=128, multiprocess=False) as llm,
+    ):
+        assert llm.max_model_len == (window or 128)
+        assert ("sliding-window attention (window 64)" in caplog.text) == (window is not None)
+        if window:
+            with pytest.raises(ValueError, match="max_model_len is 64"):
+                llm.generate([{"prompt_token_ids": list(range(10, 80))}], GREEDY, use_tqdm=False)
