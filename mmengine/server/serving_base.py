@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -45,6 +46,17 @@ def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only escapes can carry a surrogate
+
+
+def _has_lone_surrogate(obj: object) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
     """Strict UTF-8 + JSON + schema parsing, each failure a 400 that says which."""
     raw = await request.body()
@@ -58,6 +70,12 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise APIError(400, "The request body is not valid JSON.") from None
     if not isinstance(obj, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+        # JSON may escape half of a UTF-16 pair ("\ud800"); such a string cannot be
+        # tokenized or even encoded back to UTF-8 (it was a 500 in the tokenizer).
+        raise APIError(
+            400, "The request body holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)."
+        )
     try:
         return model.model_validate(obj)
     except ValidationError as e:

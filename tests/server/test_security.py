@@ -318,6 +318,32 @@ def test_malformed_bodies_are_400(api: str, body: bytes) -> None:
     assert_refused(resp, api, 400)
 
 
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("completions", rb'{"model": "\ud800", "prompt": "x"}'),
+        ("completions", rb'{"prompt": "a\udc00b", "max_tokens": 1}'),
+        ("chat/completions", rb'{"messages": [{"role": "user", "content": "\ud800"}]}'),
+    ],
+    ids=["model", "prompt", "message"],
+)
+def test_unpaired_utf16_surrogate_escapes_are_400_not_500(
+    api: str, route: str, body: bytes
+) -> None:
+    resp = httpx.post(
+        f"{api}/v1/{route}", content=body, headers={"content-type": "application/json"}
+    )
+    assert_refused(resp, api, 400, says="surrogate")
+
+
+def test_escaped_surrogate_pairs_are_ordinary_text(api: str) -> None:
+    body = rb'{"prompt": "smile \ud83d\ude00", "max_tokens": 1}'
+    resp = httpx.post(
+        f"{api}/v1/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 200, resp.text
+
+
 def test_unknown_routes_and_methods_answer_in_openai_shape(api: str) -> None:
     assert_refused(httpx.get(f"{api}/v1/nope"), api, 404)
     assert_refused(httpx.get(f"{api}/v1/chat/completions"), api, 405)
