@@ -69,7 +69,11 @@ def build_app(
             allow_request_templates=args.trust_request_chat_template,
         ),
         media=media_loader
-        or MediaLoader(media_config_from_args(args), max_workers=args.media_workers),
+        or MediaLoader(
+            media_config_from_args(args),
+            max_workers=args.media_workers,
+            trust_uuids=args.trust_media_uuids,
+        ),
         metrics=metrics,
         admission=Admission(args.max_concurrent_requests, engine),
         served_names=served,

@@ -153,7 +153,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--media-workers",
         type=int,
         default=4,
-        help="Threads that fetch and decode media (default: %(default)s).",
+        help="Threads of this server process that download image/video URLs (default: "
+        "%(default)s). Decoding happens in the input workers (--num-input-workers).",
+    )
+    p.add_argument(
+        "--trust-media-uuids",
+        action="store_true",
+        help="Use the 'uuid' of image/video content parts as their cache key instead of "
+        "hashing their bytes. Only for clients that may share a cache: a client could "
+        "otherwise name its image after another's and be served the other's cached "
+        "embeddings. Default: uuids are ignored.",
     )
     p.add_argument(
         "--max-request-body-bytes",

@@ -1,11 +1,17 @@
-"""Media in chat requests: find the parts, enforce per-prompt limits, fetch and decode.
+"""Media in chat requests: find the parts, enforce per-prompt limits, fetch.
 
-Fetching and decoding run on a bounded thread pool through the ``processors`` package,
-which enforces SECURITY.md items 1-7 (SSRF guard, allowlists, byte/pixel/frame caps,
-format checks) and raises ``MediaError`` with a client-safe message and an HTTP status.
-This module turns those into API errors and returns the decoded items in prompt order;
-``engine_media`` then hands their encoded bytes to the engine's input workers (preprocess,
-hash, expand placeholders), which decode them again in their own processes.
+Fetching runs on a bounded thread pool through the ``processors`` package, which enforces
+SECURITY.md items 1-4 (SSRF guard, allowlists, byte caps, content types) and raises
+``MediaError`` with a client-safe message and an HTTP status; this module turns those into
+API errors. ``engine_media`` hands the fetched bytes to the engine's input workers, which
+decode them once, in their own processes, under the pixel/frame/format caps (items 5-7):
+a decoder crash or hang costs a worker (restarted, the request failed), never this server.
+(The server used to decode every item here too, only to throw the pixels away.)
+
+Client-supplied ``uuid``s of media parts are dropped unless the server trusts them
+(``--trust-media-uuids``): a uuid replaces the content hash as the embedding- and
+prefix-cache key, so one client could otherwise name its image after another's and be
+served the other's cached embeddings.
 """
 
 from __future__ import annotations
@@ -18,16 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from PIL import Image
-
 from mmengine.server.errors import APIError
 from processors.config import MediaConfig
 from processors.errors import MediaError
 from processors.fetch import fetch_media
-from processors.image import decode_image
 from processors.netpolicy import Resolver
 from processors.placeholders import check_limit_mm_per_prompt
-from processors.video import DecodedVideo, decode_video
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +48,13 @@ class MediaRef:
     part_index: int  # which content part of that message
 
 
-@dataclass
-class DecodedMedia:
-    """One fetched and decoded item, in the order it appears in the prompt."""
+@dataclass(frozen=True)
+class FetchedMedia:
+    """One fetched item, in the order it appears in the prompt."""
 
     modality: Modality
-    uuid: str | None
+    uuid: str | None  # the client's cache key, kept only when the server trusts uuids
     data: bytes  # the encoded bytes as fetched (what content hashes are taken of)
-    image: Image.Image | None = None  # RGB, EXIF orientation applied (images)
-    video: DecodedVideo | None = None  # sampled RGB frames + timing (videos)
 
 
 def extract_media(messages: Sequence[dict[str, Any]]) -> list[MediaRef]:
@@ -78,7 +78,7 @@ def media_counts(refs: Sequence[MediaRef]) -> dict[str, int]:
 
 
 def engine_media(
-    items: Sequence[DecodedMedia],
+    items: Sequence[FetchedMedia],
 ) -> tuple[dict[str, list[bytes]], dict[str, list[str | None]]]:
     """``multi_modal_data`` and ``multi_modal_uuids`` for ``AsyncLLM`` from loaded items.
 
@@ -102,14 +102,16 @@ def check_media_limits(refs: Sequence[MediaRef], config: MediaConfig) -> None:
 
 
 class MediaLoader:
-    """Fetches and decodes media items on a thread pool, never on the event loop.
+    """Fetches media items on a thread pool, never on the event loop.
 
     Args:
         config: Allowlists and limits (see ``processors.config.MediaConfig``).
-        max_workers: Threads for fetch + decode; more requests queue for them.
+        max_workers: Threads for fetching; more requests queue for them.
         resolver: Host name resolver for http(s) URLs (tests stub it).
         timeout_s: Bound on one request's media (queueing included); by default the
-            fetch deadline plus the video decode deadline.
+            fetch deadline plus 5 s of queueing.
+        trust_uuids: Keep the ``uuid`` of media parts as cache keys (only for clients
+            that may share a cache); otherwise items are keyed by their bytes.
     """
 
     def __init__(
@@ -119,17 +121,19 @@ class MediaLoader:
         max_workers: int = 4,
         resolver: Resolver | None = None,
         timeout_s: float | None = None,
+        trust_uuids: bool = False,
     ) -> None:
         self.config = config
         self.resolver = resolver
-        self.timeout_s = timeout_s or config.fetch_deadline_s + config.video_decode_deadline_s
+        self.timeout_s = timeout_s or config.fetch_deadline_s + 5.0
+        self.trust_uuids = trust_uuids
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="media")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def load(self, refs: Sequence[MediaRef]) -> list[DecodedMedia]:
-        """Fetches and decodes every item concurrently; the first failure (in prompt order) wins.
+    async def load(self, refs: Sequence[MediaRef]) -> list[FetchedMedia]:
+        """Fetches every item concurrently; the first failure (in prompt order) wins.
 
         Raises:
             APIError: 400/413 with the media error's client-safe message, or 400 when the
@@ -143,22 +147,18 @@ class MediaLoader:
             async with asyncio.timeout(self.timeout_s):
                 results = await asyncio.gather(*futures, return_exceptions=True)
         except TimeoutError:
-            # The worker threads finish on their own (fetch and decode have deadlines);
-            # this request does not wait for them.
-            raise APIError(
-                400, "Media took too long to fetch and decode.", param="messages"
-            ) from None
+            # The worker threads finish on their own (fetches have deadlines); this
+            # request does not wait for them.
+            raise APIError(400, "Media took too long to fetch.", param="messages") from None
         for result in results:
             if isinstance(result, MediaError):
                 raise APIError(result.status, result.message, param="messages")
             if isinstance(result, BaseException):
-                # A decoder bug or crash on hostile input fails this request only.
-                logger.error("media processing failed: %s", type(result).__name__, exc_info=result)
+                # A fetcher bug on hostile input fails this request only.
+                logger.error("media fetch failed: %s", type(result).__name__, exc_info=result)
                 raise APIError(400, "Media could not be processed.", param="messages")
         return list(results)  # type: ignore[arg-type]
 
-    def _load_one(self, ref: MediaRef) -> DecodedMedia:
+    def _load_one(self, ref: MediaRef) -> FetchedMedia:
         data = fetch_media(ref.url, self.config, modality=ref.modality, resolver=self.resolver)
-        if ref.modality == "image":
-            return DecodedMedia("image", ref.uuid, data, image=decode_image(data, self.config))
-        return DecodedMedia("video", ref.uuid, data, video=decode_video(data, self.config))
+        return FetchedMedia(ref.modality, ref.uuid if self.trust_uuids else None, data)

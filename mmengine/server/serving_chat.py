@@ -17,7 +17,7 @@ from mmengine.outputs import CompletionOutput, Logprob, RequestOutput
 from mmengine.sampling_params import SamplingParams
 from mmengine.server.errors import APIError
 from mmengine.server.media import (
-    DecodedMedia,
+    FetchedMedia,
     check_media_limits,
     engine_media,
     extract_media,
@@ -110,15 +110,15 @@ class ChatService:
         )
 
     async def _expand_media(
-        self, text: str, ids: list[int], items: list[DecodedMedia]
+        self, text: str, ids: list[int], items: list[FetchedMedia]
     ) -> EnginePrompt:
         """Hands fetched media to the engine's input workers; returns the expanded prompt.
 
-        The media was fetched under the server's policy and decoded once here to refuse
-        bad input early; the workers get the encoded bytes, so content hashes (the
-        embedding- and prefix-cache keys) are of the bytes, and decode them again there,
-        off this process. Worker failures arrive as MediaInputError (4xx) or
-        InputWorkerDiedError (5xx), mapped by ``response_error``.
+        The media was fetched under the server's policy; the workers get the encoded
+        bytes, so content hashes (the embedding- and prefix-cache keys) are of the bytes,
+        and decode them there, off this process, under the pixel/frame caps. Worker
+        failures arrive as MediaInputError (4xx) or InputWorkerDiedError (5xx), mapped by
+        ``response_error``.
         """
         data, uuids = engine_media(items)
         prompt = {

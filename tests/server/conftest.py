@@ -167,7 +167,10 @@ def vlm_harness(qwen2_vl_ckpt: Path) -> Iterator[ServerHarness]:
     """The Qwen2-VL fixture with one input-processing worker process. The workers may
     fetch from the test media server (only tests that call AsyncLLM directly use URLs;
     the server hands the workers bytes)."""
-    h = _start_harness(qwen2_vl_ckpt, MediaConfig(allowed_domains=("127.0.0.1",)))
+    # The workers decode every item (the server only fetches): the decode caps the tests
+    # probe are theirs. A small frame cap, so a short clip can cross it.
+    config = MediaConfig(allowed_domains=("127.0.0.1",), video_max_source_frames=5)
+    h = _start_harness(qwen2_vl_ckpt, config)
     yield h
     h.close()
 
@@ -181,9 +184,10 @@ def _loader(extra: list[str], harness: ServerHarness) -> MediaLoader:
         read_timeout_s=1.0,
         fetch_deadline_s=1.5,
         max_image_bytes=256 * 1024,
-        video_max_source_frames=5,
     )
-    return MediaLoader(config, resolver=stub_resolver, timeout_s=10)
+    return MediaLoader(
+        config, resolver=stub_resolver, timeout_s=10, trust_uuids=args.trust_media_uuids
+    )
 
 
 DEFAULT_FLAGS = ["--limit-mm-per-prompt", "image=2,video=1", "--max-request-body-bytes", "2000000"]
@@ -199,7 +203,7 @@ def _allowlisted_flags(media_dirs: tuple[Path, Path]) -> list[str]:
     """The local media server and one local directory explicitly allowed."""
     return [
         *DEFAULT_FLAGS,
-        "--allowed-media-domains", "127.0.0.1", "localhost",
+        "--allowed-media-domains", "127.0.0.1,localhost",
         "--allowed-local-media-path", str(media_dirs[0]),
     ]  # fmt: skip
 
@@ -215,6 +219,13 @@ def api_allowlisted(harness: ServerHarness, media_dirs: tuple[Path, Path]) -> st
 def vlm_api(vlm_harness: ServerHarness) -> str:
     """The VLM behind the default media policy: public hosts only, no file: URLs."""
     return vlm_harness.serve(DEFAULT_FLAGS, media_loader=_loader(DEFAULT_FLAGS, vlm_harness))
+
+
+@pytest.fixture(scope="session")
+def vlm_api_trusting_uuids(vlm_harness: ServerHarness) -> str:
+    """The VLM with --trust-media-uuids: media parts' uuids are their cache keys."""
+    flags = [*DEFAULT_FLAGS, "--trust-media-uuids"]
+    return vlm_harness.serve(flags, media_loader=_loader(flags, vlm_harness))
 
 
 @pytest.fixture(scope="session")
