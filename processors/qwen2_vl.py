@@ -228,9 +228,12 @@ class Qwen2VLPreprocessor:
         frames = frames.expand(s.temporal_patch_size, -1, -1, -1)
         patches, grid = _patchify(frames, s)
         data = source_bytes if source_bytes is not None else pixels
+        # The grid too: a caller's uuid replaces the content, and two images of other
+        # sizes under one uuid must not share embeddings of the wrong row count.
+        params = {**self.hash_params("image"), "grid": list(grid)}
         return MultiModalItem(
             modality="image",
-            content_hash=content_hash("image", data, self.hash_params("image"), uuid=uuid),
+            content_hash=content_hash("image", data, params, uuid=uuid),
             pixel_values=patches,
             num_tokens=self.num_tokens(grid, "image"),
             grid_thw=grid,
@@ -273,7 +276,12 @@ class Qwen2VLPreprocessor:
             video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)], dim=0)
         patches, grid = _patchify(video, s)
         # With source bytes, (fps, frame count) pins which frames were sampled from them.
-        params = {**self.hash_params("video"), "fps": float(fps), "num_frames": num_frames}
+        params = {
+            **self.hash_params("video"),
+            "fps": float(fps),
+            "num_frames": num_frames,
+            "grid": list(grid),  # as for images: uuids must not cross sizes
+        }
         data = source_bytes if source_bytes is not None else pixels
         return MultiModalItem(
             modality="video",

@@ -166,6 +166,44 @@ def test_video_by_url_matches_llm_generate_given_the_same_bytes(
     assert_served_like(vlm_api_allowlisted, server_messages([("video", url), "what moves?"]), ref)
 
 
+def named_image(image: bytes, uuid: str) -> list[dict]:
+    """A chat message of one image (a data: URL) whose part carries a client ``uuid``."""
+    messages = server_messages([("image", data_url("image/png", image)), QUESTION])
+    messages[0]["content"][0]["uuid"] = uuid
+    return messages
+
+
+def served_tokens(url: str, messages: list[dict]) -> list[str]:
+    got = client(url).chat.completions.create(
+        model=MODEL_NAME, messages=messages, temperature=0, max_tokens=MAX_TOKENS, logprobs=True
+    )
+    return [t.token for t in got.choices[0].logprobs.content]
+
+
+def test_a_client_uuid_cannot_pull_another_images_cached_embeddings_unless_trusted(
+    vlm_api: str, vlm_api_trusting_uuids: str, vlm_reference_llm: LLM
+) -> None:
+    """A media part's uuid replaces its content hash as the cache key. Untrusted (the
+    default), the server drops it: an image sent under another image's uuid still gets
+    its own answer. Trusted, the uuid is the key, as the client asked."""
+    image_c = png_bytes(100, 140, seed=3)  # IMAGE's size: the same placeholder count
+    ref = {}
+    for name, image in (("a", IMAGE), ("c", image_c), ("b", IMAGE_B)):
+        out = reference(vlm_reference_llm, [("image", image), QUESTION]).outputs[0]
+        ref[name] = [lp[t].decoded_token for lp, t in zip(out.logprobs, out.token_ids)]
+    assert ref["a"] != ref["c"] and ref["a"] != ref["b"]  # else the test proves nothing
+
+    assert served_tokens(vlm_api, named_image(IMAGE, "victim")) == ref["a"]
+    assert served_tokens(vlm_api, named_image(image_c, "victim")) == ref["c"]
+    assert served_tokens(vlm_api, named_image(IMAGE_B, "victim")) == ref["b"]
+
+    trusting = vlm_api_trusting_uuids
+    assert served_tokens(trusting, named_image(IMAGE, "shared")) == ref["a"]
+    assert served_tokens(trusting, named_image(image_c, "shared")) == ref["a"]  # A's, by uuid
+    # Another size under the same uuid never takes embeddings of the wrong row count.
+    assert served_tokens(trusting, named_image(IMAGE_B, "shared")) == ref["b"]
+
+
 def test_n_greedy_completions_of_an_image_prompt_all_match_llm_generate(
     vlm_api: str, vlm_reference_llm: LLM
 ) -> None:
