@@ -52,6 +52,9 @@ class MediaConfig:
     video_num_frames: int | None = None
     video_min_frames: int = 4
     video_max_frames: int = 768  # sampled frames kept per video
+    # Pixels of all sampled frames together, checked before decoding: the decoded clip is
+    # 3 bytes a pixel (1 Gi pixels: 3 GiB; 768 frames of 720p fit, of 4K only 129).
+    video_max_total_pixels: int = 1024 * MIB
 
     # --- per prompt ---
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 8, "video": 1})
@@ -71,6 +74,7 @@ class MediaConfig:
             "video_max_source_frames": self.video_max_source_frames,
             "video_decode_deadline_s": self.video_decode_deadline_s,
             "video_max_frames": self.video_max_frames,
+            "video_max_total_pixels": self.video_max_total_pixels,
         }
         for name, value in positive.items():
             if value <= 0:

@@ -197,8 +197,16 @@ def _decode_container(
         duration = total / source_fps
 
     indices = sample_frame_indices(total, source_fps, sampling)
+    if len(indices) * width * height > config.video_max_total_pixels:
+        raise MediaLimitError(
+            f"Video would decode to {len(indices)} frames of {width}x{height}, above the "
+            f"{config.video_max_total_pixels} pixel limit for a whole video.",
+            status=413,
+        )
     wanted, last = set(indices), indices[-1]
-    frames: list[np.ndarray] = []
+    # The frames go straight into their place in the clip: no list of frames to stack and
+    # then transpose (each a second and third copy of up to video_max_total_pixels * 3 B).
+    video = torch.empty((len(indices), 3, height, width), dtype=torch.uint8)
     kept: list[int] = []
     for index, frame in enumerate(container.decode(stream)):
         if time.monotonic() > deadline:
@@ -207,15 +215,16 @@ def _decode_container(
             raise MediaLimitError("Video has more frames than its header declares.", status=413)
         _check_frame_size(frame.width, frame.height, config)  # size may change mid-stream
         if index in wanted:
-            frames.append(frame.to_ndarray(format="rgb24"))  # [H, W, 3] uint8
+            if (frame.width, frame.height) != (width, height):
+                raise MediaDecodeError("Video frames change size mid-stream.")
+            rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))  # [H, W, 3] uint8
+            video[len(kept)].copy_(rgb.permute(2, 0, 1))
             kept.append(index)
         if index >= last:
             break
-    if not frames:
+    if not kept:
         raise MediaDecodeError("Video data contains no decodable frames.")
-    if len({f.shape for f in frames}) != 1:
-        raise MediaDecodeError("Video frames change size mid-stream.")
-    video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()  # [T, 3, H, W]
+    video = video[: len(kept)]  # a stream may end before its header's frame count
     return DecodedVideo(
         frames=video,
         fps=len(kept) / total * source_fps if source_fps > 0 else float(sampling.fps or 2.0),

@@ -73,6 +73,8 @@ def test_decode_from_a_path_equals_decode_from_bytes(clip, tmp_path):
         (MediaConfig(video_max_duration_s=1.0), "longer than"),
         (MediaConfig(video_max_frame_pixels=32 * 47), "pixel limit"),
         (MediaConfig(video_max_source_frames=8), "frame limit"),
+        # 4 frames sampled from the clip (768 frames of 4K used to pass every cap)
+        (MediaConfig(video_max_total_pixels=32 * 48 * 3), "pixel limit for a whole video"),
     ],
 )
 def test_caps_are_checked_from_the_header_before_any_frame_is_decoded(
