@@ -50,8 +50,8 @@ def system_resolver(host: str, port: int) -> list[str]:
 def is_public_address(ip: IPAddress) -> bool:
     """Whether `ip` is a globally routable unicast address, embedded IPv4 forms unwrapped.
 
-    Loopback, private (RFC 1918, unique-local), link-local (incl. cloud metadata at
-    169.254.169.254), carrier-grade NAT, unspecified, multicast and reserved ranges are
+    Loopback, private (RFC 1918, unique-local), site-local, link-local (incl. cloud
+    metadata at 169.254.169.254), carrier-grade NAT, unspecified, multicast and reserved ranges are
     not public. IPv4-mapped, NAT64, 6to4 and Teredo IPv6 forms are judged by the IPv4
     address they carry.
     """
@@ -77,6 +77,8 @@ def is_public_address(ip: IPAddress) -> bool:
         and not ip.is_loopback
         and not ip.is_link_local
         and not ip.is_private
+        # fec0::/10, deprecated site-local: Python counts it global, routers still don't
+        and not (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)
     )
 
 
@@ -178,9 +180,11 @@ def check_url(url: str, config: MediaConfig, resolver: Resolver | None = None) -
     parts = _split_url(url)
     host, literal_ip = _parse_host(parts)
     try:
-        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        port = parts.port if parts.port is not None else _DEFAULT_PORTS[parts.scheme]
     except ValueError:
         raise _refuse("the port is not valid") from None
+    if port == 0:  # urlsplit gives 0 for ":0", which `or` silently turned into 80
+        raise _refuse("the port is not valid")
 
     allowlisted = host_in_allowlist(host, config.allowed_domains)
     if config.allowed_domains and not allowlisted:

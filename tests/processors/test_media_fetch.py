@@ -261,13 +261,22 @@ def test_enabled_redirects_are_followed_and_every_hop_is_rechecked(server):
         "http://[2002:7f00:1::]/",
         "http://127.0.0.1./",
         "https://192.168.0.1:8443/x",
+        "http://[fec0::1]/",  # deprecated site-local
     ],
 )
 def test_non_public_ip_literals_are_refused_without_dns(url):
     with pytest.raises(MediaFetchError) as info:
         fetch_media(url, MediaConfig(), resolver=no_dns)
     assert info.value.status == 400
+    # Refused for what the address is (a failed connection would be a 400 too).
+    assert "non-public address" in info.value.message
     assert_clean(info.value)
+
+
+def test_port_zero_is_refused_not_fetched_as_the_default_port():
+    resolver = stub_dns({"img.example": [PUBLIC_IP]})
+    with pytest.raises(MediaFetchError, match="port is not valid"):
+        fetch_media("http://img.example:0/a.png", MediaConfig(), resolver=resolver)
 
 
 @pytest.mark.parametrize(

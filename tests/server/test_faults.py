@@ -33,6 +33,13 @@ def engine_idle(url: str) -> bool:
     )
 
 
+def assert_serves_normally(url: str) -> None:
+    """A normal request right after the fault succeeds (SECURITY.md: every case)."""
+    resp = httpx.post(f"{url}/v1/chat/completions", json={**LONG, "max_tokens": 3}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 3
+
+
 def test_client_disconnect_mid_stream_aborts_within_a_second_and_frees_kv_blocks(api: str) -> None:
     assert engine_idle(api)
     finished_before = metric(scrape(api), "mmengine:request_success_total")
@@ -48,6 +55,7 @@ def test_client_disconnect_mid_stream_aborts_within_a_second_and_frees_kv_blocks
     assert took < 1.2
     after = scrape(api)
     assert metric(after, "mmengine:request_success_total") == finished_before  # aborted, not done
+    assert_serves_normally(api)
 
 
 def test_client_disconnect_while_waiting_for_a_non_streaming_reply_aborts_it(api: str) -> None:
@@ -62,6 +70,7 @@ def test_client_disconnect_while_waiting_for_a_non_streaming_reply_aborts_it(api
         ),
         timeout=2.0,
     )
+    assert_serves_normally(api)
 
 
 def test_overload_is_refused_fast_and_every_request_is_accounted_for(
@@ -91,6 +100,7 @@ def test_overload_is_refused_fast_and_every_request_is_accounted_for(
     route = "/v1/chat/completions"
     assert metric(values, "mmengine:http_requests_total", route=route) == sent
     assert metric(values, "mmengine:http_requests_total", route=route, status="503") == refused
+    assert_serves_normally(url)
     assert metric(values, "mmengine:http_requests_in_flight") == 0
     assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
 
