@@ -117,13 +117,11 @@ def stage_pixels(
         and None not in norms
         and all(item.pixel_values.dtype == torch.uint8 for item in items)
     ):
-        from processors.transforms import apply_pixel_norm
-
         (norm,) = norms
         raw = staging.to_device([item.pixel_values for item in items], device, torch.uint8)
         if shape is not None:
             raw = raw.view(shape)
             norm = replace(norm, channel_axis=norm.channel_axis + 1)  # the new batch dim
-        return apply_pixel_norm(raw, norm).to(dtype)
+        return norm.apply(raw).to(dtype)
     out = staging.to_device([item.normalized_pixels() for item in items], device, dtype)
     return out if shape is None else out.view(shape)

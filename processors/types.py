@@ -31,6 +31,12 @@ class PixelNorm:
     # channel: Qwen patches [N, C*T*P*P] use 1, CLIP images [C, H, W] use 0.
     channel_axis: int
 
+    def apply(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels`` normalized to float32, bit-identical to HF's rescale + normalize."""
+        from processors.transforms import apply_pixel_norm
+
+        return apply_pixel_norm(pixels, self)
+
 
 @dataclass
 class MultiModalItem:
@@ -56,6 +62,4 @@ class MultiModalItem:
         x = self.pixel_values if device is None else self.pixel_values.to(device)
         if self.pixel_norm is None:
             return x
-        from processors.transforms import apply_pixel_norm
-
-        return apply_pixel_norm(x, self.pixel_norm)
+        return self.pixel_norm.apply(x)

@@ -1,5 +1,3 @@
-"""The OpenAI-compatible HTTP server (``mmengine serve``)."""
-
-from mmengine.server.api_server import build_app, run_server
-
-__all__ = ["build_app", "run_server"]
+"""The OpenAI-compatible HTTP server (``mmengine serve``): ``api_server.build_app`` and
+``api_server.run_server``. (Nothing is imported here, so ``mmengine serve --help`` reads
+the flags in ``args`` without loading torch and the engine.)"""

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmengine.async_llm import AsyncLLM
 from mmengine.cli import make_parser
-from mmengine.server import build_app
+from mmengine.server.api_server import build_app
 from mmengine.server.args import engine_config_from_args
 from mmengine.server.media import MediaLoader
 from processors.config import MediaConfig

@@ -284,3 +284,18 @@ def test_serve_refuses_bad_engine_option_values_with_a_usage_error_not_a_traceba
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_help_does_not_load_torch_or_the_engine() -> None:
+    """`mmengine serve --help` answered in seconds when the package imported the engine."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mmengine.cli import make_parser; make_parser(); "
+        "import mmengine; mmengine.__version__; "
+        "print(sorted(m for m in ('torch', 'transformers', 'mmengine.llm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
