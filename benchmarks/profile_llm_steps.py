@@ -224,8 +224,7 @@ def mixed_steps(
     tokens), its kernels (name, GPU ms per step, launches per step) and its host-to-host
     ms per step. Needs an in-process LLM (multiprocess=False); leaves no request behind."""
     from mmengine import SamplingParams
-    from mmengine.llm import params_to_msg
-    from mmengine.messages import EngineCoreRequest
+    from mmengine.messages import EngineCoreRequest, params_to_msg
 
     core = llm._client.core
     gen = torch.Generator().manual_seed(seed)

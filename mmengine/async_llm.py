@@ -30,8 +30,14 @@ from mmengine.config import EngineConfig
 from mmengine.core_client import EngineDeadError
 from mmengine.gc_heap import freeze_startup_heap, release_startup_heap
 from mmengine.input_processor import ProcessedMsg, discard_processed
-from mmengine.llm import PromptType, load_tokenizer, params_to_msg, validate_prompt
-from mmengine.messages import ControlMsg, EngineCoreOutput, EngineCoreRequest, EngineInfo
+from mmengine.llm import PromptType, load_tokenizer, validate_prompt
+from mmengine.messages import (
+    ControlMsg,
+    EngineCoreOutput,
+    EngineInfo,
+    completion_ids,
+    core_requests,
+)
 from mmengine.output_processor import OutputProcessor
 from mmengine.outputs import RequestOutput
 from mmengine.sampling_params import SamplingParams
@@ -216,13 +222,13 @@ class AsyncLLM:
             discard_processed(engine_prompt.mm)  # its pixels will never reach the engine
             raise
         assert self._processor is not None and self._client is not None
-        core_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
+        core_ids = completion_ids(request_id, params.n)
         queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._processor.add_request(request_id, text, ids, params, core_ids)
         self._queues[request_id] = queue
         finished = False
         try:
-            requests = _core_requests(ids, engine_prompt.mm, params, core_ids)
+            requests = core_requests(ids, engine_prompt.mm, params, core_ids)
             self._client.send(ControlMsg(kind="add", requests=requests))
             while not finished:
                 item = await queue.get()
@@ -410,25 +416,3 @@ class AsyncLLM:
                 self._processor.abort_request(rid)
         if self.dead_event is not None:
             self.dead_event.set()
-
-
-def _core_requests(
-    ids: list[int], mm: ProcessedMsg | None, params: SamplingParams, core_ids: list[str]
-) -> list[EngineCoreRequest]:
-    """One engine-core request per completion; completions 2..n share the first's prompt
-    (its KV blocks, and its media items, which are sent with each)."""
-    reqs = []
-    for i, cid in enumerate(core_ids):
-        child = params if params.n == 1 else params.for_child(i)
-        reqs.append(
-            EngineCoreRequest(
-                request_id=cid,
-                prompt_token_ids=ids,
-                params=params_to_msg(child),
-                share_prompt_with=core_ids[0] if i > 0 else None,
-                mm_items=mm.mm_items if mm is not None else [],
-                mrope_positions=mm.mrope_positions if mm is not None else None,
-                mrope_delta=mm.mrope_delta if mm is not None else 0,
-            )
-        )
-    return reqs

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from mmengine.config import EngineConfig
 from mmengine.core_client import EngineDeadError, make_client
 from mmengine.gc_heap import freeze_startup_heap, release_startup_heap
-from mmengine.messages import EngineCoreRequest, SamplingParamsMsg, payload_names
+from mmengine.messages import EngineCoreRequest, completion_ids, core_requests, payload_names
 from mmengine.model_loader import resolve_model_path
 from mmengine.output_processor import OutputProcessor
 from mmengine.outputs import RequestOutput
@@ -34,25 +34,6 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
 
     path = resolve_model_path(name, revision)
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def params_to_msg(p: SamplingParams) -> SamplingParamsMsg:
-    return SamplingParamsMsg(
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        seed=p.seed,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty,
-        max_tokens=p.max_tokens,
-        min_tokens=p.min_tokens,
-        stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-        logprobs=p.logprobs,
-        prompt_logprobs=p.prompt_logprobs,
-    )
 
 
 def validate_prompt(
@@ -311,24 +292,6 @@ class LLM:
             raise ValueError(f"prompt {index}: {msg.error}")
         return list(msg.prompt_token_ids), msg
 
-    def _core_requests(
-        self, rid: str, ids: list[int], p: SamplingParams, mm: Any
-    ) -> tuple[list[str], list[EngineCoreRequest]]:
-        core_ids = [rid] if p.n == 1 else [f"{rid}-{i}" for i in range(p.n)]
-        reqs = [
-            EngineCoreRequest(
-                request_id=cid,
-                prompt_token_ids=ids,
-                params=params_to_msg(p if p.n == 1 else p.for_child(i)),
-                share_prompt_with=core_ids[0] if i > 0 else None,
-                mm_items=mm.mm_items if mm is not None else [],
-                mrope_positions=mm.mrope_positions if mm is not None else None,
-                mrope_delta=mm.mrope_delta if mm is not None else 0,
-            )
-            for i, cid in enumerate(core_ids)
-        ]
-        return core_ids, reqs
-
     def _run(
         self,
         prompts: list[tuple[str | None, list[int], Any]],
@@ -360,7 +323,8 @@ class LLM:
                         # A refusal here leaves this prompt's future in to_add: the
                         # except path below deletes its payload files.
                         validate_prompt(ids, p, self.max_model_len, self.vocab_size)
-                    core_ids, reqs = self._core_requests(rid, ids, p, mm)
+                    core_ids = completion_ids(rid, p.n)
+                    reqs = core_requests(ids, mm, p, core_ids)
                     processor.add_request(rid, text, ids, p, core_ids)
                     batch.extend(reqs)
                     to_add.pop(0)

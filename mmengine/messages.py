@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
 import torch
 
+from mmengine.sampling_params import SamplingParams
 from mmengine.shm_payloads import (
     MIN_PAYLOAD_BYTES,
     discard_payloads,
     read_payload,
     write_payload,
 )
+
+if TYPE_CHECKING:
+    from mmengine.input_processor import ProcessedMsg
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
@@ -79,6 +85,49 @@ class EngineCoreRequest(msgspec.Struct):
     mm_items: list[MMItemMsg] = []
     mrope_positions: TensorMsg | None = None  # int64 [3, num_prompt_tokens]
     mrope_delta: int = 0
+
+
+def params_to_msg(p: SamplingParams) -> SamplingParamsMsg:
+    return SamplingParamsMsg(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        seed=p.seed,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        max_tokens=p.max_tokens,
+        min_tokens=p.min_tokens,
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs,
+        prompt_logprobs=p.prompt_logprobs,
+    )
+
+
+def completion_ids(request_id: str, n: int) -> list[str]:
+    """Engine-core request ids of a request's ``n`` completions (the id itself for one)."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
+def core_requests(
+    ids: list[int], mm: ProcessedMsg | None, params: SamplingParams, core_ids: list[str]
+) -> list[EngineCoreRequest]:
+    """One engine-core request per completion; completions 2..n share the first's prompt
+    (its KV blocks, and its media items, which are sent with each)."""
+    return [
+        EngineCoreRequest(
+            request_id=cid,
+            prompt_token_ids=ids,
+            params=params_to_msg(params if params.n == 1 else params.for_child(i)),
+            share_prompt_with=core_ids[0] if i > 0 else None,
+            mm_items=mm.mm_items if mm is not None else [],
+            mrope_positions=mm.mrope_positions if mm is not None else None,
+            mrope_delta=mm.mrope_delta if mm is not None else 0,
+        )
+        for i, cid in enumerate(core_ids)
+    ]
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True):

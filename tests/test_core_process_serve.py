@@ -14,13 +14,13 @@ import torch
 import zmq
 
 from mmengine.core_process import serve
-from mmengine.llm import params_to_msg
 from mmengine.messages import (
     ControlMsg,
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineStats,
+    params_to_msg,
 )
 from mmengine.sampling_params import SamplingParams
 
