@@ -332,7 +332,8 @@ def main() -> None:
         "--vision-segment-kernel",
         action="store_true",
         help="window attention of the vision tower through kernels/segment_attention.py "
-        "(the engine's extra={'vision_segment_kernel': True}; off by default until measured)",
+        "(the engine's extra={'vision_segment_kernel': True}; off by default: no consistent "
+        "gain when measured, benchmarks/RESULTS.md session 6)",
     )
     ap.add_argument(
         "--step-trace",

@@ -50,10 +50,6 @@ class EncoderStore:
             self.used -= entry.num_tokens
             self._freed.append(content_hash)
 
-    def release_all(self, request_id: str, hashes: list[str]) -> None:
-        for h in hashes:
-            self.release(h, request_id)
-
     def take_freed(self) -> list[str]:
         freed, self._freed = self._freed, []
         return freed
