@@ -5,6 +5,12 @@ through untouched and the in-flight count drops only when a response has been fu
 sent (or the client has gone). Outermost first:
 
     Accounting -> ApiKey -> Admission -> BodyLimit -> the app
+
+Admission refuses at once when the server is already full, but takes its slot only when
+BodyLimit has the whole body (through the ``admit`` hook it leaves in the scope): a
+client that sends headers and then stalls the body must not hold an inference slot. The
+body itself must arrive within a deadline, so such a client cannot hold its connection
+and buffer forever either.
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the response"
+# Seconds a client has to send a whole request body (not per chunk: a trickle of a byte a
+# second must not keep a connection either). Read when a BodyLimitMiddleware is built.
+DEFAULT_BODY_TIMEOUT_S = 30.0
+# Scope key of AdmissionMiddleware's hook: BodyLimitMiddleware calls it once the body is in.
+ADMIT_KEY = "mmengine.admit"
+Admit = Callable[[], APIError | None]
 
 
 async def _send_error(err: APIError, scope: Scope, receive: Receive, send: Send) -> None:
@@ -112,7 +124,14 @@ class Admission:
 
 
 class AdmissionMiddleware:
-    """Admits inference requests while healthy, not draining and under the in-flight cap."""
+    """Admits inference requests while healthy, not draining and under the in-flight cap.
+
+    A request that would be refused now is refused before its body is read. Otherwise
+    the slot is taken by the ``admit`` hook put in ``scope[ADMIT_KEY]``, which
+    BodyLimitMiddleware (inside this one) calls when the whole body has arrived; the
+    checks run again there. So the cap counts requests the engine may work on, never
+    clients still uploading (or stalling) a body.
+    """
 
     def __init__(
         self, app: ASGIApp, admission: Admission, on_change: Callable[[int], None]
@@ -130,24 +149,45 @@ class AdmissionMiddleware:
         if err is not None:
             await _send_error(err, scope, receive, send)
             return
-        adm.in_flight += 1
-        adm.idle.clear()
-        self.on_change(adm.in_flight)
+        admitted = False
+
+        def admit() -> APIError | None:
+            nonlocal admitted
+            if admitted:
+                return None
+            refusal = adm.refusal()  # the server may have filled up during the upload
+            if refusal is not None:
+                return refusal
+            admitted = True
+            adm.in_flight += 1
+            adm.idle.clear()
+            self.on_change(adm.in_flight)
+            return None
+
+        scope[ADMIT_KEY] = admit
         try:
             await self.app(scope, receive, send)
         finally:
-            adm.in_flight -= 1
-            self.on_change(adm.in_flight)
-            if adm.in_flight == 0:
-                adm.idle.set()
+            if admitted:
+                adm.in_flight -= 1
+                self.on_change(adm.in_flight)
+                if adm.in_flight == 0:
+                    adm.idle.set()
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``, before they are read whole (declared or streamed)."""
+    """Reads the request body whole before the app runs: 413 above ``max_bytes`` (declared
+    or streamed), 408 when it has not all arrived within ``body_timeout_s``.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Then it admits the request (see AdmissionMiddleware) and replays the body to the app.
+    The deadline covers the whole body, not each chunk, so neither a client that stops
+    after its headers nor one that trickles a byte at a time keeps the connection.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = DEFAULT_BODY_TIMEOUT_S if body_timeout_s is None else body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -162,22 +202,39 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await _send_error(too_large, scope, receive, send)
             return
-        # Read the body here (bounded), then replay it; later receive() calls go to the
-        # server so the app still hears about a client disconnect.
+        # Read the body here (bounded in size and time), then replay it; later receive()
+        # calls go to the server so the app still hears about a client disconnect.
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_error(too_large, scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        await _send_error(too_large, scope, receive, send)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            slow = APIError(
+                408,
+                f"The request body did not arrive within {self.body_timeout_s:g} seconds.",
+                code="request_timeout",
+                # The rest of the body may still come; this connection cannot be reused.
+                headers={"Connection": "close"},
+            )
+            await _send_error(slow, scope, receive, send)
+            return
+        admit: Admit | None = scope.get(ADMIT_KEY)
+        refusal = admit() if admit is not None else None
+        if refusal is not None:
+            await _send_error(refusal, scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
