@@ -67,6 +67,7 @@ def build_app(
             engine.tokenizer,
             template_timeout_s=args.chat_template_timeout,
             allow_request_templates=args.trust_request_chat_template,
+            request_template_processes=args.request_template_processes,
         ),
         media=media_loader
         or MediaLoader(
@@ -138,7 +139,11 @@ def build_app(
 
     install_error_handlers(app)
     # Added innermost first; see middleware.py for the order and why.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=args.max_request_body_bytes,
+        body_timeout_s=args.request_body_timeout,
+    )
     app.add_middleware(
         AdmissionMiddleware, admission=state.admission, on_change=metrics.in_flight.set
     )

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from mmengine.config import EXTRA_OPTIONS, EngineConfig, parse_extra_value
@@ -90,6 +92,40 @@ def split_list(values: list[str] | None) -> tuple[str, ...]:
     return tuple(v.strip() for raw in values or [] for v in raw.split(",") if v.strip())
 
 
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_checked(text: str, ok: Callable[[float], bool], what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _float_checked(text, lambda v: v > 0, "a positive number of seconds")
+
+
+def _non_negative_float(text: str) -> float:
+    return _float_checked(text, lambda v: v >= 0, "a number of seconds >= 0")
+
+
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
@@ -98,7 +134,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--port",
-        type=int,
+        type=_int_at_least(0, 65535),
         default=8000,
         help="Port to listen on; 0 picks a free one (default: %(default)s).",
     )
@@ -144,14 +180,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--media-fetch-timeout",
-        type=float,
+        type=_positive_float,
         default=30.0,
         help="Seconds allowed to download one image or video, redirects included "
         "(default: %(default)s).",
     )
     p.add_argument(
         "--media-workers",
-        type=int,
+        type=_int_at_least(1),
         default=4,
         help="Threads of this server process that download image/video URLs (default: "
         "%(default)s). Decoding happens in the input workers (--num-input-workers).",
@@ -166,13 +202,20 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-request-body-bytes",
-        type=int,
+        type=_int_at_least(1),
         default=32 * _MIB,
         help="Larger request bodies are refused with 413 (default: %(default)s).",
     )
     p.add_argument(
+        "--request-body-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="Seconds a client has to send a whole request body; slower bodies get 408 and "
+        "hold no admission slot meanwhile (default: %(default)s).",
+    )
+    p.add_argument(
         "--max-concurrent-requests",
-        type=int,
+        type=_int_at_least(1),
         default=1024,
         help="Inference requests served at once; more are refused at once with 503 "
         "(clients retry) instead of queueing without bound (default: %(default)s).",
@@ -184,21 +227,29 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--chat-template-timeout",
-        type=float,
+        type=_positive_float,
         default=5.0,
         help="Seconds a chat template may take to render before the request is refused "
         "(default: %(default)s).",
     )
     p.add_argument(
+        "--request-template-processes",
+        type=_int_at_least(1),
+        default=2,
+        help="With --trust-request-chat-template: sandbox processes that render "
+        "request-supplied templates, each killed and replaced at the time limit; more "
+        "such requests at once wait, then get 503 (default: %(default)s).",
+    )
+    p.add_argument(
         "--shutdown-grace-period",
-        type=float,
+        type=_non_negative_float,
         default=30.0,
         help="On SIGTERM/SIGINT: seconds in-flight requests get to finish while new ones get 503 "
         "(default: %(default)s).",
     )
     p.add_argument(
         "--startup-timeout",
-        type=float,
+        type=_positive_float,
         default=900.0,
         help="Seconds loading the model may take (default: %(default)s).",
     )

@@ -299,3 +299,25 @@ def test_cli_help_does_not_load_torch_or_the_engine() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--media-workers", "0"], "--media-workers: must be >= 1"),
+        (["--port", "70000"], "--port: must be in [0, 65535]"),
+        (["--request-body-timeout", "nan"], "--request-body-timeout: must be a positive"),
+        (["--chat-template-timeout", "0"], "--chat-template-timeout: must be a positive"),
+        (["--shutdown-grace-period", "-1"], "--shutdown-grace-period: must be a number"),
+        (["--max-concurrent-requests", "x"], "expected an integer"),
+        (["--request-template-processes", "0"], "--request-template-processes: must be >= 1"),
+    ],
+)
+def test_server_flags_out_of_range_are_usage_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    """--media-workers 0 used to end in a ValueError traceback at start-up."""
+    with pytest.raises(SystemExit) as exc:
+        make_parser().parse_args(["serve", "m", *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
