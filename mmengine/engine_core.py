@@ -22,13 +22,13 @@ from mmengine.messages import (
     EngineInfo,
     EngineStats,
     MMItemMsg,
+    msg_to_params,
     msg_to_tensor,
     payload_names,
 )
 from mmengine.model_loader import load_model_spec, resolve_dtype, resolve_model_path
 from mmengine.model_runner import ModelRunner, PendingStep, kv_bytes_per_block
 from mmengine.request import MMPosition, Request
-from mmengine.sampling_params import SamplingParams
 from mmengine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from mmengine.shm_payloads import discard_payloads
 from mmengine.step_trace import StepRecord, StepTrace
@@ -189,23 +189,7 @@ class EngineCore:
             # refused below leaves nothing behind in /dev/shm.
             items = sorted(msg.mm_items, key=lambda m: m.offset)
             mm_inputs = _mm_items(items, self._recent_payloads)
-            p = msg.params
-            params = SamplingParams(
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                min_p=p.min_p,
-                seed=p.seed,
-                presence_penalty=p.presence_penalty,
-                frequency_penalty=p.frequency_penalty,
-                repetition_penalty=p.repetition_penalty,
-                max_tokens=p.max_tokens,
-                min_tokens=p.min_tokens,
-                stop_token_ids=list(p.stop_token_ids),
-                ignore_eos=p.ignore_eos,
-                logprobs=p.logprobs,
-                prompt_logprobs=p.prompt_logprobs,
-            )
+            params = msg_to_params(msg.params)
             vocab = self.spec.vocab_size
             if not msg.prompt_token_ids:
                 raise ValueError("the prompt is empty")

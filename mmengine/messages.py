@@ -88,22 +88,15 @@ class EngineCoreRequest(msgspec.Struct):
 
 
 def params_to_msg(p: SamplingParams) -> SamplingParamsMsg:
-    return SamplingParamsMsg(
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        seed=p.seed,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty,
-        max_tokens=p.max_tokens,
-        min_tokens=p.min_tokens,
-        stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-        logprobs=p.logprobs,
-        prompt_logprobs=p.prompt_logprobs,
-    )
+    """The engine core's fields of ``p`` (the message names them as SamplingParams does)."""
+    fields = {name: getattr(p, name) for name in SamplingParamsMsg.__struct_fields__}
+    fields["stop_token_ids"] = list(p.stop_token_ids)
+    return SamplingParamsMsg(**fields)
+
+
+def msg_to_params(msg: SamplingParamsMsg) -> SamplingParams:
+    """Back to ``SamplingParams`` in the engine core; its validation runs again there."""
+    return SamplingParams(**msgspec.structs.asdict(msg))
 
 
 def completion_ids(request_id: str, n: int) -> list[str]:
