@@ -129,8 +129,11 @@ class ModelRunner:
         # (kernels/gemv.py) around attention; on CUDA in eager mode too, so graphs and
         # eager agree. (The LM head stays on cuBLAS: the GEMV kernel was slower there,
         # 0.255 vs 0.184 ms with the argmax on an H200.)
-        on_cuda = device.type == "cuda"
-        self.gemv_max_tokens = config.extra_option("gemv_max_tokens") if on_cuda else 0
+        # Set explicitly it applies anywhere (the CPU tests run the path's torch reference);
+        # by default only on CUDA.
+        gemv = config.extra_option("gemv_max_tokens")
+        explicit = "gemv_max_tokens" in config.extra
+        self.gemv_max_tokens = gemv if explicit or device.type == "cuda" else 0
         # Rotary + KV write in the QKV projection's epilogue on that path (one launch fewer
         # per layer); `gemv_rope=0` keeps them in their own kernel (A/B benchmarks).
         gemv_rope = config.extra_option("gemv_rope")
