@@ -163,7 +163,9 @@ def _add_profiler_routes(app: FastAPI, engine: AsyncLLM, out_dir: Path) -> None:
         except RuntimeError as e:
             raise APIError(409, str(e)) from None
         logger.info("profiling the engine core into %s", path)
-        return JSONResponse({"status": "started", "trace": str(path)})
+        # The file's name only: the server's paths stay out of HTTP bodies (SECURITY.md);
+        # the operator knows --profiler-dir, and the log names the whole path.
+        return JSONResponse({"status": "started", "trace": path.name})
 
     async def stop(request: Request) -> Response:
         try:

@@ -34,7 +34,9 @@ def test_profile_of_the_engine_core_through_the_server(
     assert resp.status_code == 409 and "no profile" in resp.json()["error"]["message"]
     started = httpx.post(f"{url}/start_profile", headers=auth, timeout=60)
     assert started.status_code == 200, started.text
-    trace = Path(started.json()["trace"])
+    name = started.json()["trace"]
+    assert "/" not in name  # no server path in a response body
+    trace = tmp_path / "traces" / name
     again = httpx.post(f"{url}/start_profile", headers=auth)
     assert again.status_code == 409 and "already" in again.json()["error"]["message"]
     body = {"prompt": "hi", "max_tokens": 3, "ignore_eos": True}
