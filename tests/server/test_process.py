@@ -118,6 +118,30 @@ def test_sigterm_finishes_in_flight_refuses_new_and_leaves_no_child(server: Serv
     assert not any(pid_alive(pid) for pid in children)
 
 
+def test_sigterm_aborts_requests_still_running_after_the_grace_period(
+    qwen2_vl_ckpt: Path, tmp_path: Path
+) -> None:
+    argv = [*engine_argv(qwen2_vl_ckpt, max_model_len=4096), "--shutdown-grace-period", "0.5"]
+    server = ServerProcess(argv, tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        children = server.children()
+        thread, lines, _ = stream_in_thread(server.url, max_tokens=3500)  # ~20 s on this CPU
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        thread.join(15)
+        assert not thread.is_alive() and time.monotonic() - signalled < 5.0
+        finish, errors = content_tokens(lines)
+        assert finish is None and lines[-1] == "[DONE]"  # cut short, and the client is told
+        assert errors and set(errors[0]["error"]) == {"message", "type", "param", "code"}
+        assert "grace period over: aborted 1 request(s)" in server.log()
+        assert server.proc.wait(20) == 0
+        assert "Traceback" not in server.log()
+        assert not any(pid_alive(pid) for pid in children)
+    finally:
+        server.close()
+
+
 def test_sigint_stops_cleanly_and_leaves_no_child(server: ServerProcess) -> None:
     children = server.children()
     assert len(children) == 2
