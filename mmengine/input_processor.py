@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import torch
 
+from mmengine.bytes_pool import BytesProcessPool
 from mmengine.messages import MMItemMsg, PixelNormMsg, TensorMsg, tensor_to_msg
 from mmengine.model_loader import text_config
 from processors.config import MediaConfig
@@ -281,12 +282,12 @@ def _init_worker(args: dict[str, Any]) -> None:
     _WORKER = InputProcessor(media_config=media, **args)
 
 
-def _worker_pid() -> int:
+def _worker_pid() -> bytes:
     """A task that proves the worker running it has started (its initializer ran)."""
     import time
 
     time.sleep(0.01)  # hold the task briefly so the other workers pick up the rest
-    return os.getpid()
+    return str(os.getpid()).encode()
 
 
 def _run_in_worker(
@@ -307,7 +308,8 @@ def _run_in_worker(
 
 class InputWorkers:
     """A pool of input-processing processes (or one frontend thread when ``num_workers``
-    is 0). ``submit`` returns a future of msgpack-encoded ``ProcessedMsg`` bytes."""
+    is 0). ``submit`` returns a future of msgpack-encoded ``ProcessedMsg`` bytes; the
+    processes' results are never unpickled (``BytesProcessPool``)."""
 
     def __init__(
         self,
@@ -343,8 +345,9 @@ class InputWorkers:
         else:
             # fork is cheap and needs no __main__ guard in user scripts; after CUDA has been
             # initialized in this process only spawn is safe.
+            # Results come back as bytes, never unpickled (mmengine/bytes_pool.py).
             method = "spawn" if torch.cuda.is_initialized() else "fork"
-            self._pool = cf.ProcessPoolExecutor(
+            self._pool = BytesProcessPool(
                 num_workers,
                 mp_context=mp.get_context(method),
                 initializer=_init_worker,
@@ -352,19 +355,16 @@ class InputWorkers:
             )
 
     def launch(self) -> list[Any]:
-        """Starts every worker process without waiting for them: one task per worker, each
-        finding no idle process, so a spawned pool starts a process for each (a forked one
-        starts them all at the first). Returns the tasks' futures (worker pids)."""
+        """One task per worker, without waiting (the processes start with the pool); the
+        futures' results are the pids of the workers that took them, once initialized."""
         return [self._pool.submit(_worker_pid) for _ in range(max(self.num_workers, 0))]
 
     def start(self, timeout_s: float = 120.0) -> float:
-        """Starts every worker process now and waits until each has initialized.
-
-        A spawned pool (the default once CUDA is up in this process) starts processes only
-        as tasks arrive, and each start is a fresh interpreter importing torch: seconds of
-        CPU. Left to the first requests, that lands in the middle of serving them; on an
-        H200 a W1 run whose warm-up had started 4 of 8 workers took 8.2 s, one whose
-        warm-up had started all 8 took 5.9 s. Returns the seconds it took.
+        """Waits until every worker process has initialized (each a fresh interpreter
+        importing torch when spawned: seconds of CPU). Left to the first requests, that
+        lands in the middle of serving them; on an H200 a W1 run whose warm-up had started
+        4 of 8 workers took 8.2 s, one whose warm-up had started all 8 took 5.9 s (with the
+        executor that started processes as tasks arrived). Returns the seconds it took.
 
         Raises:
             RuntimeError: a worker could not start (its initializer failed) in time.
@@ -384,7 +384,7 @@ class InputWorkers:
                 futures = self.launch()
                 for f in futures:
                     left = timeout_s - (time.monotonic() - t0)
-                    started.add(f.result(timeout=max(left, 0.0)))
+                    started.add(int(f.result(timeout=max(left, 0.0))))
                 if len(started) < self.num_workers and time.monotonic() - t0 > timeout_s:
                     # The others answer every task: one worker is stuck in its start.
                     raise FutureTimeout()

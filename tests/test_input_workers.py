@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmengine.bytes_pool import BytesProcessPool
 from mmengine.input_processor import InputWorkers
 from mmengine.model_loader import read_config
 
@@ -19,19 +20,21 @@ def _pool_processes(workers: InputWorkers) -> dict:
 def test_start_brings_up_every_spawned_worker_before_the_first_request(
     monkeypatch: pytest.MonkeyPatch, qwen2_vl_ckpt: Path
 ) -> None:
-    # The engine spawns (not forks) its workers once CUDA is initialized; a spawned pool
-    # only starts a process when a task finds no idle one, so without start() the first
-    # requests pay for interpreters importing torch.
+    # The engine spawns (not forks) its workers once CUDA is initialized: each is a fresh
+    # interpreter importing torch, so start() waits until every one has initialized.
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     workers = InputWorkers(qwen2_vl_ckpt, read_config(qwen2_vl_ckpt), None, None, torch.float32, 3)
     try:
         assert workers._pool._mp_context.get_start_method() == "spawn"  # noqa: SLF001
-        assert _pool_processes(workers) == {}
         workers.start(timeout_s=180)
         procs = _pool_processes(workers)
         assert len(procs) == 3 and all(p.is_alive() for p in procs.values())
+        futures = [f for _ in range(3) for f in workers.launch()]
+        pids = {int(f.result(timeout=30)) for f in futures}
+        assert pids <= set(procs)  # tasks run in those processes, all initialized
     finally:
         workers.shutdown()
+    assert not any(p.is_alive() for p in procs.values())
 
 
 def test_start_reports_a_worker_that_cannot_initialize(tmp_path: Path) -> None:
@@ -48,7 +51,6 @@ def test_start_reports_a_worker_that_cannot_initialize(tmp_path: Path) -> None:
 def test_start_gives_up_when_one_worker_never_comes_up_while_the_others_answer(
     monkeypatch: pytest.MonkeyPatch, qwen2_vl_ckpt: Path
 ) -> None:
-    import concurrent.futures as cf
     import multiprocessing as mp
 
     workers = InputWorkers(qwen2_vl_ckpt, read_config(qwen2_vl_ckpt), None, None, torch.float32, 2)
@@ -62,7 +64,7 @@ def test_start_gives_up_when_one_worker_never_comes_up_while_the_others_answer(
             time.sleep(3600)  # the second process never finishes starting
         hung.set()
 
-    workers._pool = cf.ProcessPoolExecutor(  # noqa: SLF001
+    workers._pool = BytesProcessPool(  # noqa: SLF001
         2, mp_context=mp.get_context("fork"), initializer=init, initargs=({},)
     )
     try:
