@@ -97,8 +97,7 @@ class BytesProcessPool:
         if wait:
             for thread in self._threads:
                 thread.join()
-            for proc in self._processes.values():
-                proc.join(5.0)
+            self._watcher.join(10.0)  # it reaps every worker (the only thread that joins them)
 
     # ---- internals -------------------------------------------------------------------------
     def _serve(self, proc: Any, conn: Connection) -> None:
@@ -127,10 +126,8 @@ class BytesProcessPool:
                 status = conn.recv_bytes()
                 data = conn.recv_bytes()
             except (EOFError, OSError):
-                proc.join(1.0)
-                code = proc.exitcode
                 future.set_exception(BrokenProcessPool("an input-processing worker died"))
-                self._break(f"an input-processing worker died (exit code {code})")
+                self._break(f"input-processing worker {proc.pid} died during a task")
                 break
             except Exception as e:  # the task could not be pickled: only it fails
                 future.set_exception(e)
@@ -143,14 +140,18 @@ class BytesProcessPool:
         conn.close()
 
     def _watch(self) -> None:
-        """Reaps exited workers; one that exits before shutdown breaks the pool."""
+        """Reaps exited workers; one that exits before shutdown breaks the pool. The only
+        thread that joins the processes: two threads waiting on one pid race (one reaps it,
+        the other's waitpid fails and reads it as still running)."""
         sentinels = {proc.sentinel: proc for proc in self._processes.values()}
         while sentinels:
             for sentinel in wait(list(sentinels), timeout=1.0):
                 proc = sentinels.pop(sentinel)
                 proc.join(1.0)  # its pipes close a moment before it can be reaped
                 if not self._shut_down:
-                    self._break(f"an input-processing worker died (exit code {proc.exitcode})")
+                    self._break(
+                        f"input-processing worker {proc.pid} died (exit code {proc.exitcode})"
+                    )
 
     def _break(self, why: str) -> None:
         """A worker died: as ProcessPoolExecutor does, fail everything and stop them all."""
