@@ -111,22 +111,26 @@ def read_rate(device: torch.device) -> float | None:
     return x.numel() * 4 / ms * 1e3
 
 
+# Per setting: every row's (top_k, top_p, min_p) at temperature 0.8. Min-p and top-p are
+# per-row switches in the kernel; top-k also a batch-wide one (`use_top_k`).
 KERNEL_SETTINGS = {
-    "temperature": dict(use_min_p=False, use_top_k=False, use_top_p=False),
-    "top-p 0.9": dict(use_min_p=False, use_top_k=False, use_top_p=True),
-    "top-k 50": dict(use_min_p=False, use_top_k=True, use_top_p=False),
-    "min-p + top-k + top-p": dict(use_min_p=True, use_top_k=True, use_top_p=True),
+    "temperature": (0, 1.0, 0.0),
+    "top-p 0.9": (0, 0.9, 0.0),
+    "top-k 50": (50, 1.0, 0.0),
+    "min-p + top-k + top-p": (50, 0.9, 0.05),
 }
 
 
-def _kernel_call(ks, logits: torch.Tensor, flags: dict):
+def _kernel_call(ks, logits: torch.Tensor, setting: tuple[int, float, float]):
     b, dev = logits.shape[0], logits.device
+    top_k, top_p, min_p = setting
 
     def full(v: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.full((b,), v, dtype=dtype, device=dev)
 
-    args = (full(0.8), full(50, torch.long), full(0.9), full(0.05), torch.arange(b, device=dev))
-    return lambda: ks.sample_from_logits(logits, *args, **flags)
+    args = (full(0.8), full(top_k, torch.long), full(top_p), full(min_p))
+    seeds = torch.arange(b, device=dev)
+    return lambda: ks.sample_from_logits(logits, *args, seeds, use_top_k=top_k > 0)
 
 
 def kernel_sweep(
@@ -152,13 +156,13 @@ def kernel_sweep(
     ]
     default = configs[0]
     gen = torch.Generator(device=device).manual_seed(1)
-    for label, flags in KERNEL_SETTINGS.items():
+    for label, setting in KERNEL_SETTINGS.items():
         for block, warps in configs:
             ks._BLOCK, ks._NUM_WARPS = block, warps
             cells = []
             for b in batches:
                 logits = torch.randn(b, vocab, device=device, generator=gen) * 3
-                call = _kernel_call(ks, logits, flags)
+                call = _kernel_call(ks, logits, setting)
                 ms = time_ms(call, device, reps, behind_sleep=True)
                 cells.append(f"{ms:.3f}")
             mark = " (default)" if (block, warps) == default else ""

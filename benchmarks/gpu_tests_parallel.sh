@@ -13,7 +13,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2}
 groups=(
   "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_on_gpu"
-  "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_with_compile_and_graphs"
+  "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_with_compile_and_graphs tests/test_gpu_engine.py::test_nothing_compiles_after_start_up"
   "tests/test_gpu_engine.py::test_cuda_graphs_and_eager_give_the_same_tokens"
   "tests/test_gpu_engine.py::test_bf16_logprobs_close_to_hf_bf16"
   "tests/kernels tests/encoders/test_gpu.py"

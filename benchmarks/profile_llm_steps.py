@@ -57,8 +57,11 @@ from benchmarks.model_configs import CONFIGS, num_params, write_config_dir  # no
 from benchmarks.profile_w1 import kernel_kind  # noqa: E402
 
 
+@torch.inference_mode()  # the graph buffers are inference tensors
 def fill_graph_inputs(runner, b: int, ctx: int, gen: torch.Generator) -> None:
     g = runner.graphs
+    if b not in g.graphs:
+        raise SystemExit(f"--batches: B={b} has no decode graph; captured sizes: {g.sizes}")
     bs = runner.block_size
     nb = -(-ctx // bs)
     if b * nb >= runner.num_kv_blocks:

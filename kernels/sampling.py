@@ -39,14 +39,19 @@ _BLOCK = 4096  # vocabulary entries per loop iteration
 _NUM_WARPS = 16
 _MAX_ROUNDS: tl.constexpr = tl.constexpr(4096)  # top-p draws per row at most (a guard)
 _CAP = 2048  # most top-k candidates sorted in registers (more: radix select over the row)
+_SMALL_CAP = 256  # the narrow sort, for batches whose largest k is at most a quarter of it
 
 
 def _candidate_cap(max_top_k: int | None) -> int:
-    """Sort width for the top-k candidates: 4x the largest k, a power of two in [64, _CAP]
-    (_CAP when the largest k is not known on the host)."""
-    if max_top_k is None:
+    """Sort width for the top-k candidates: _SMALL_CAP when 4x the largest k fits in it,
+    else _CAP (also when the largest k is not known on the host).
+
+    Two widths only: each is a kernel variant, compiled at engine start-up, and a top-k
+    variant takes ~9 s to compile on an H200 (session 13: a width per power of two
+    compiled mid-run whenever a batch's largest k crossed one)."""
+    if max_top_k is None or 4 * max_top_k > _SMALL_CAP:
         return _CAP
-    return max(min(_CAP, next_power_of_2(4 * max_top_k)), min(64, _CAP))
+    return min(_SMALL_CAP, _CAP)
 
 
 @triton.jit
@@ -166,29 +171,35 @@ def _sample_kernel(
     vocab,
     CAP: tl.constexpr,
     BLOCK: tl.constexpr,
-    USE_MIN_P: tl.constexpr,
     USE_TOP_K: tl.constexpr,
-    USE_TOP_P: tl.constexpr,
 ):
+    # Min-p and top-p are decided per row at run time (one program per row, so the branch
+    # is uniform): as compile-time switches they made four kernel variants of each width.
+    # Top-k stays one: its code (two sorts in registers) is most of the compile time.
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_row
     inv_t = 1.0 / tl.load(temperature_ptr + row)
     seed = tl.load(seed_ptr + row)
+    min_p = tl.load(min_p_ptr + row)
     arange = tl.arange(0, BLOCK)
 
     # Inclusive lower bound on kept scaled logits.
     floor = tl.full((), float("-inf"), tl.float32)
-    if USE_MIN_P or USE_TOP_K:
+    need_max = min_p > 0.0
+    if USE_TOP_K:
+        k = tl.load(top_k_ptr + row)
+        use_k = (k > 0) & (k < vocab)
+        need_max = need_max | use_k
+    if need_max:
         lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
         for start in range(0, vocab, BLOCK):
             offs = start + arange
             lane_max = tl.maximum(lane_max, _scaled_logits(x_row, offs, offs < vocab, inv_t))
-        if USE_MIN_P:
-            # p_i >= min_p * p_max  <=>  s_i >= s_max + log(min_p); min_p = 0 gives -inf.
-            floor = tl.max(lane_max, 0) + tl.log(tl.load(min_p_ptr + row))
+        if min_p > 0.0:
+            # p_i >= min_p * p_max  <=>  s_i >= s_max + log(min_p).
+            floor = tl.max(lane_max, 0) + tl.log(min_p)
         if USE_TOP_K:
-            k = tl.load(top_k_ptr + row)
-            if (k > 0) & (k < vocab):
+            if use_k:
                 scratch_row = scratch_ptr + row.to(tl.int64) * CAP
                 kth = _kth_largest(x_row, scratch_row, inv_t, vocab, k, lane_max, CAP, BLOCK)
                 floor = tl.maximum(floor, kth)
@@ -209,8 +220,8 @@ def _sample_kernel(
     no_bound = float("-inf")
     u = tl.rand(seed, tl.full((), 0, tl.int32))
     token = _draw(x_row, inv_t, vocab, floor, no_bound, set_max, u * set_mass, BLOCK)
-    if USE_TOP_P:
-        top_p = tl.load(top_p_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    if top_p < 1.0:
         done = top_p >= 1.0
         rnd = tl.full((), 1, tl.int32)
         while not done:
@@ -241,9 +252,7 @@ def sample_from_logits(
     min_p: torch.Tensor,
     seeds: torch.Tensor,
     *,
-    use_min_p: bool = True,
     use_top_k: bool = True,
-    use_top_p: bool = True,
     max_top_k: int | None = None,
     use_triton_kernel: bool | None = None,
 ) -> torch.Tensor:
@@ -259,9 +268,10 @@ def sample_from_logits(
         seeds: int64 [num_rows]: the row's random stream for this draw. The same seed and
             logits give the same token, whatever else is in the batch (per implementation:
             the kernel and the reference draw different numbers).
-        use_min_p / use_top_k / use_top_p: False skips that filter for the whole batch
-            (the caller knows from the host that no row uses it); True applies each row's
-            value, off values included.
+        use_top_k: False skips top-k for the whole batch (the caller knows from the host
+            that no row uses it): a kernel variant without the top-k code. True applies
+            each row's k, 0 included. Min-p and top-p are applied per row (off values
+            cost a load).
         max_top_k: the largest k of the batch if the caller knows it on the host: a small
             one narrows the sort of top-k candidates (None: the widest, always correct).
         use_triton_kernel: force the Triton kernel (True) or the torch reference (False);
@@ -296,9 +306,7 @@ def sample_from_logits(
         vocab,
         CAP=cap,
         BLOCK=min(_BLOCK, next_power_of_2(vocab)),
-        USE_MIN_P=use_min_p,
         USE_TOP_K=use_top_k,
-        USE_TOP_P=use_top_p,
         num_warps=_NUM_WARPS,
     )
     return out

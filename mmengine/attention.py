@@ -170,20 +170,26 @@ def _attend(
 def decode_kv_splits(
     q: torch.Tensor, key_cache: torch.Tensor, meta: AttentionMetadata
 ) -> int | None:
-    """For pure decode batches on CUDA: the kernel's split choice rounded down to a power
-    of two; None (the kernel decides) otherwise."""
-    if not q.is_cuda or meta.max_query_len != 1:
+    """On CUDA: for pure decode batches the kernel's split choice (a power of two), which
+    then also fuses the split merge into the launch; 1 for every other batch.
+
+    A batch of chunks of 2-8 tokens (a prefix hit leaving a few tokens, a prompt's tail)
+    is not split: the kernel's own choice would split it, but each split count is a
+    kernel variant, and this rare step would need ~20 more compiled at start-up (see
+    mmengine/warmup.py; ~1.5 s each on an H200) to save ~1-2 ms once. None on the CPU."""
+    if not q.is_cuda:
         return None
+    if meta.max_query_len != 1:
+        return 1
     from kernels.paged_attention import choose_num_kv_splits
 
-    splits = choose_num_kv_splits(
+    return choose_num_kv_splits(
         num_q_blocks=meta.block_tables.shape[0],
         num_kv_heads=key_cache.shape[2],
         max_query_len=1,
         max_seq_len=meta.max_seq_len,
         sm_count=_sm_count(q.device),
     )
-    return 1 << (max(splits, 1).bit_length() - 1)
 
 
 _SM: dict[int, int] = {}

@@ -41,6 +41,12 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
         "GPU, with gemv_max_tokens > 0: rotary and the K/V-cache write run in the QKV "
         "projection's launch",
     ),
+    "kernel_warmup": ExtraOption(
+        bool,
+        True,
+        "GPU: at start-up, compile every attention and sampling kernel variant a step can "
+        "reach, so that none compiles mid-run (off: faster first start, stalls later)",
+    ),
     "compile_encoder": ExtraOption(bool, True, "GPU: torch.compile the vision encoder"),
     "vision_segment_kernel": ExtraOption(
         bool, False, "vision window attention through the Triton segment kernel"

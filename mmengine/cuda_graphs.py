@@ -41,6 +41,18 @@ class CudaGraphRunner:
         self.max_bs = self.sizes[-1]
         self.max_model_len = max_model_len
         n = self.max_bs
+        # Inference tensors, like every tensor an eager step makes (steps run under
+        # inference_mode): torch.compile guards on that, and mixing both kinds compiled
+        # each decoder-layer graph twice, once mid-run (benchmarks/mid_run_compiles.py).
+        with torch.inference_mode():
+            self._allocate_buffers(n, max_blocks_per_seq, mrope, device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _allocate_buffers(
+        self, n: int, max_blocks_per_seq: int, mrope: bool, device: torch.device
+    ) -> None:
         i32 = dict(dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros((3, n) if mrope else (n,), dtype=torch.long, device=device)
@@ -48,9 +60,6 @@ class CudaGraphRunner:
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.seq_lens = torch.ones(n, **i32)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, **i32)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.pool = None
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(

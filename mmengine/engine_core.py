@@ -82,6 +82,7 @@ class EngineCore:
             num_blocks = self.runner.default_num_kv_blocks(config.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs(config.max_num_seqs)
+        self.runner.warm_up_kernels(max_batched, config.max_num_seqs)
         per_block = kv_bytes_per_block(self.spec, config.block_size, self.dtype)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len=%d",

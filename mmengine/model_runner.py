@@ -278,7 +278,10 @@ class ModelRunner:
         return model
 
     # ---- KV memory -------------------------------------------------------------------------
+    @torch.inference_mode()
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        # Inference tensors, as in the profiling step and every step after: torch.compile
+        # guards on the kind, and a normal-tensor cache recompiled the layers mid-run.
         shape = (num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim)
 
         def allocate() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -314,6 +317,37 @@ class ModelRunner:
             device=self.device,
         )
         self.graphs.capture()
+
+    @torch.inference_mode()
+    def warm_up_kernels(self, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        """GPU: run every attention and sampling kernel variant a step can reach (see
+        mmengine/warmup.py), after the KV cache exists and before serving."""
+        if self.device.type != "cuda" or not self.config.extra_option("kernel_warmup"):
+            return
+        from mmengine.sampler import warm_up_sampling
+        from mmengine.warmup import attention_shapes, log_done, run_attention_warmup
+
+        t0 = time.perf_counter()
+        spec = self.spec
+        batches = attention_shapes(
+            queries_per_kv=spec.num_heads // spec.num_kv_heads,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=self.max_model_len,
+            decodes_in_graphs=self.graphs is not None and max_num_seqs <= self.graphs.max_bs,
+        )
+        key_cache, value_cache = self.kv_caches[0]
+        run_attention_warmup(
+            batches,
+            key_cache=key_cache,
+            value_cache=value_cache,
+            num_q_heads=spec.num_heads,
+            scale=spec.head_dim**-0.5,
+            dtype=self.dtype,
+        )
+        n = warm_up_sampling(spec.vocab_size, self.device)
+        torch.cuda.synchronize()
+        log_done(f"attention batch shapes and {n} sampling variants", len(batches), t0)
 
     @torch.inference_mode()
     def profile_num_kv_blocks(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:

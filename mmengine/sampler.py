@@ -125,23 +125,43 @@ def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
             continue
         seed = r.generator.next_seed() if r.generator else _host_rng.getrandbits(63)
         settings.append((r.temperature, r.top_p, r.min_p, r.top_k, seed))
+    # Pad to a multiple of 4 rows: the kernel reads each column as a row of one packed
+    # tensor, and Triton compiles a variant per alignment of its pointers (a column at a
+    # 4-byte offset is one): 16-byte aligned columns keep a single variant.
+    settings += [(1.0, 1.0, 0.0, 0, 0)] * (-len(settings) % 4)
     temps, top_ps, min_ps, top_ks, seeds = (list(col) for col in zip(*settings))
     dev = logits.device
     floats = _dev([temps, top_ps, min_ps], dev, torch.float32)  # one copy per dtype
     ints = _dev([top_ks, seeds], dev, torch.long)
     sampled = [r for r in rows if not r.greedy]
+    n = len(rows)
     return sample_from_logits(
         logits,
-        floats[0],
-        ints[0],
-        floats[1],
-        floats[2],
-        ints[1],
-        use_min_p=any(r.min_p > 0 for r in sampled),
+        floats[0, :n],
+        ints[0, :n],
+        floats[1, :n],
+        floats[2, :n],
+        ints[1, :n],
         use_top_k=any(r.top_k > 0 for r in sampled),
-        use_top_p=any(r.top_p < 1.0 for r in sampled),
         max_top_k=max(top_ks),
     )
+
+
+def warm_up_sampling(vocab: int, device: torch.device) -> int:
+    """Runs the sampling kernel's variants once (without top-k, and with each width of
+    its top-k candidate sort), so that the first request asking for one does not wait
+    for its compile (9 s on an H200 for a top-k variant). Returns how many ran."""
+    from kernels.sampling import _SMALL_CAP
+
+    logits = torch.zeros(4, vocab, device=device)
+    for top_k in (0, 1, _SMALL_CAP):  # no top-k; the narrow sort; the wide one
+        row = SamplingRow(
+            temperature=1.0, top_k=top_k, top_p=0.9, min_p=0.1, presence_penalty=0.0,
+            frequency_penalty=0.0, repetition_penalty=1.0, generator=None,
+            num_logprobs=None, blocked_token_ids=[], prompt_token_ids=[], output_token_ids=[],
+        )  # fmt: skip
+        _draw(logits, [row] * 4)
+    return 3
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:

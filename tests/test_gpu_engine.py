@@ -99,3 +99,24 @@ def test_bf16_logprobs_close_to_hf_bf16(text_ckpt: Path) -> None:
             t = ids[0, i].item()
             worst = max(worst, abs(o.prompt_logprobs[i][t].logprob - ref[i - 1, t].item()))
     assert worst < 0.1, f"max |logprob diff| {worst}"
+
+
+def test_nothing_compiles_after_start_up(qwen2_ckpt: Path) -> None:
+    # A kernel variant or decoder-layer graph compiled mid-run stalls every request of the
+    # step for 0.4-9 s (session 13: attention for a few-token chunk, sampling with top-k,
+    # the layers again for KV-cache tensors of another kind). Start-up must compile them
+    # all: the steps below (odd lengths, prefix hits, sampling settings) compile nothing.
+    import json
+
+    from benchmarks.mid_run_compiles import CompileLog, run_phases
+
+    vocab = json.loads((qwen2_ckpt / "config.json").read_text())["vocab_size"]
+    log = CompileLog()
+    with LLM(
+        str(qwen2_ckpt), device="cuda", dtype="bfloat16", max_model_len=512,
+        num_kv_blocks=1024, multiprocess=False,
+    ) as llm:  # fmt: skip
+        log.install()
+        rows = run_phases(llm, log, vocab, 512)
+    compiled = [(name, frames, new) for name, _, frames, _, new in rows if frames or new]
+    assert not compiled, compiled

@@ -262,3 +262,27 @@ def test_prompt_logprobs_give_each_next_token_its_logprob_rank_and_the_top_k() -
     bare = prompt_logprobs(logits, next_ids, k=0)
     assert [lp.token_ids for lp in bare] == [[t] for t in next_ids]
     assert all(math.isfinite(lp.logprobs[0]) for lp in bare)
+
+
+@pytest.mark.parametrize("batch", range(1, 10))
+def test_sampling_parameters_reach_the_kernel_16_byte_aligned(
+    batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Triton compiles a kernel variant per alignment of its pointer arguments: the
+    # per-row parameters, packed into one tensor per dtype, used to sit at 4-byte offsets
+    # for most batch sizes, and each new alignment compiled another variant mid-run.
+    import mmengine.sampler as sampler_module
+
+    seen: list[torch.Tensor] = []
+
+    def capture(logits, *params, **kwargs):  # noqa: ANN001, ANN202
+        seen.extend(params)
+        return torch.zeros(logits.shape[0], dtype=torch.long)
+
+    monkeypatch.setattr(sampler_module, "sample_from_logits", capture)
+    rows = [make_row(top_k=3, top_p=0.5, min_p=0.1) for _ in range(batch)]
+    sample(torch.randn(batch, V), rows)
+    assert len(seen) == 5
+    for t in seen:
+        assert t.shape == (batch,)
+        assert t.data_ptr() % 16 == 0, (batch, t.dtype, t.data_ptr() % 16)

@@ -267,8 +267,15 @@ def test_large_cache_block_offsets_do_not_overflow_int32() -> None:
 def test_split_count_is_chosen_only_for_few_long_decodes() -> None:
     decode = dict(num_kv_heads=2, max_query_len=1, sm_count=132)
     assert choose_num_kv_splits(num_q_blocks=16, max_seq_len=4096, **decode) > 4
-    # Batch 1: one 32-position tile per split, up to 64 splits.
-    assert choose_num_kv_splits(num_q_blocks=1, max_seq_len=1152, **decode) == 36
+    # Batch 1: one 32-position tile per split or more, up to 64 splits; always a power of
+    # two (each count is a kernel variant: 36 would compile another one mid-run).
+    assert choose_num_kv_splits(num_q_blocks=1, max_seq_len=1152, **decode) == 32
+    assert choose_num_kv_splits(num_q_blocks=1, max_seq_len=990, **decode) == 16
+    for seq_len in range(1, 3000, 7):
+        n = choose_num_kv_splits(
+            num_q_blocks=3, max_seq_len=seq_len, **dict(decode, max_query_len=5)
+        )
+        assert n & (n - 1) == 0, (seq_len, n)
     assert choose_num_kv_splits(num_q_blocks=1, max_seq_len=32768, **decode) == 64
     # Short contexts: no split shorter than one 32-position tile.
     assert choose_num_kv_splits(num_q_blocks=16, max_seq_len=100, **decode) == 4
