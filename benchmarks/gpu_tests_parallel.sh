@@ -19,7 +19,7 @@ groups=(
   "tests/kernels tests/encoders/test_gpu.py"
   "tests/test_gpu_mm.py::test_mm_bf16_prompt_logprobs_close_to_hf"
   "tests/test_gpu_mm.py::test_mm_fp32_greedy_identical_to_hf_on_gpu"
-  "tests/test_gpu_mm.py::test_engine_steps_never_make_the_host_wait_for_the_gpu"
+  "tests/test_gpu_mm.py::test_engine_steps_never_make_the_host_wait_for_the_gpu tests/test_gpu_mm.py::test_no_image_size_compiles_anything_after_start_up"
 )
 pids=()
 for i in "${!groups[@]}"; do

@@ -109,19 +109,45 @@ def phases(vocab: int, max_len: int):  # noqa: ANN201
     ]  # fmt: skip
 
 
-def run_phases(llm, log: CompileLog, vocab: int, max_len: int) -> list[tuple]:  # noqa: ANN001
+def vlm_phases():  # noqa: ANN201
+    """Image prompts (Qwen2.5-VL token ids) of sizes a server meets: (name, prompts, kw)."""
+    from benchmarks.bench_mm_throughput import IMAGE_PAD, VISION_END, VISION_START, noise_image
+
+    g = torch.Generator().manual_seed(2)
+
+    def prompt(sizes: list[tuple[int, int]], text: int = 40) -> dict:
+        ids = []
+        for _ in sizes:
+            ids += [VISION_START, IMAGE_PAD, VISION_END]
+        ids += torch.randint(1000, 150000, (text,), generator=g).tolist()
+        images = [noise_image(7 * w + h, w, h) for w, h in sizes]
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
+
+    return [
+        ("one 256x256 image", [prompt([(256, 256)])], {"max_tokens": 4}),
+        ("one 1280x720 image", [prompt([(1280, 720)])], {"max_tokens": 4}),
+        ("one 333x517 image", [prompt([(333, 517)])], {"max_tokens": 4}),
+        ("two images, 640x480 + 100x900", [prompt([(640, 480), (100, 900)])], {"max_tokens": 4}),
+        ("8 prompts of odd sizes", [prompt([(97 + 61 * i, 211 + 37 * i)]) for i in range(8)], {"max_tokens": 8}),
+        ("a 1920x1080 image", [prompt([(1920, 1080)])], {"max_tokens": 4}),
+    ]  # fmt: skip
+
+
+def run_phases(llm, log: CompileLog, vocab: int, max_len: int, vlm: bool = False) -> list[tuple]:  # noqa: ANN001
     """Each phase's (name, wall s, Dynamo frames, Triton kernels by name, variants)."""
     from mmengine import SamplingParams
 
     rows = []
-    for name, prompts, kw in phases(vocab, max_len):
+    if vlm:
+        todo = vlm_phases()
+    else:
+        todo = [
+            (n, [{"prompt_token_ids": p} for p in ps], kw) for n, ps, kw in phases(vocab, max_len)
+        ]
+    for name, prompts, kw in todo:
         n_triton, n_frames = len(log.triton), log.dynamo_frames()
         t = time.perf_counter()
-        llm.generate(
-            [{"prompt_token_ids": p} for p in prompts],
-            SamplingParams(ignore_eos=True, **kw),
-            use_tqdm=False,
-        )
+        llm.generate(prompts, SamplingParams(ignore_eos=True, **kw), use_tqdm=False)
         wall = time.perf_counter() - t
         new = log.triton[n_triton:]
         frames = log.dynamo_frames() - n_frames
@@ -136,6 +162,12 @@ def main() -> None:
     ap.add_argument("--config", default="qwen2.5-3b", choices=sorted(CONFIGS))
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--engine-extra", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--vlm",
+        action="store_true",
+        help="Qwen2.5-VL-3B (random weights saved once) with images of many sizes, in one "
+        "process (multiprocess=False) so that the vision encoder's compiles are seen too",
+    )
     args = ap.parse_args()
     from mmengine import LLM
 
@@ -145,16 +177,24 @@ def main() -> None:
         extra[k] = int(v)
     log = CompileLog()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg_dir = write_config_dir(args.config, Path(tmp))
+        if args.vlm:
+            from benchmarks.bench_mm_throughput import build_checkpoint
+
+            args.config = "qwen2.5-vl-3b"
+            extra.pop("load_format")
+            cfg_dir = build_checkpoint(Path(tmp))
+        else:
+            cfg_dir = write_config_dir(args.config, Path(tmp))
         t0 = time.perf_counter()
         llm = LLM(
             str(cfg_dir), dtype="bfloat16", device="cuda", skip_tokenizer_init=True,
             max_model_len=args.max_model_len, multiprocess=False, extra=extra,
+            num_input_workers=0 if args.vlm else 1,
         )  # fmt: skip
         startup = time.perf_counter() - t0
         log.install()
         vocab = CONFIGS[args.config]["vocab_size"]
-        rows = run_phases(llm, log, vocab, args.max_model_len)
+        rows = run_phases(llm, log, vocab, args.max_model_len, vlm=args.vlm)
         total = sum(len(new) + frames for _, _, frames, _, new in rows)
         llm.shutdown()
     dev = torch.cuda.get_device_name()

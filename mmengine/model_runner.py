@@ -346,8 +346,19 @@ class ModelRunner:
             dtype=self.dtype,
         )
         n = warm_up_sampling(spec.vocab_size, self.device)
+        encodes = 0
+        if self.encoder_runner is not None:
+            # The profiling step encoded the largest batch; the compiled vision blocks guard
+            # their graph on a length range from it, and the first small image compiled
+            # them again mid-run (1.4 s, Qwen2.5-VL-3B on an H200). A small and a middle
+            # batch compile the other ranges now.
+            for tokens in (16, 1024):
+                if tokens < self.config.max_num_encoder_tokens:
+                    self.encoder_runner.encoder.encode(self.dummy_encoder_items(tokens))
+                    encodes += 1
         torch.cuda.synchronize()
-        log_done(f"attention batch shapes and {n} sampling variants", len(batches), t0)
+        what = f"attention batch shapes, {n} sampling variants and {encodes} encoder batches"
+        log_done(what, len(batches), t0)
 
     @torch.inference_mode()
     def profile_num_kv_blocks(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:

@@ -149,6 +149,7 @@ def run_attention_warmup(
 
 
 def log_done(what: str, count: int, t0: float) -> None:
+    """One log line: `count` is the number of attention batches, `what` the rest."""
     logger.info(
         "warm-up: %d %s in %.1fs (compiled or loaded from Triton's cache)",
         count,

@@ -137,3 +137,39 @@ def test_engine_steps_never_make_the_host_wait_for_the_gpu(
             torch.cuda.set_sync_debug_mode("default")
         assert llm.stats()["encoder_runs"] >= 2  # the checked run encoded its own images
     assert [len(o.outputs[0].token_ids) for o in outs] == [MAX_NEW] * len(checked)
+
+
+def test_no_image_size_compiles_anything_after_start_up(family_ckpt: tuple[str, Path]) -> None:
+    # The compiled vision blocks guard their graph on a length range taken from the
+    # start-up profile's largest batch; the first small image compiled them again mid-run
+    # (1.4 s on Qwen2.5-VL-3B, session 13) until start-up encoded a small and a middle
+    # batch too. Images of many sizes (and videos) now compile nothing after start-up.
+    from transformers import AutoProcessor
+
+    from benchmarks.mid_run_compiles import CompileLog
+    from tests.test_mm_parity import _img, _video
+
+    family, ckpt = family_ckpt
+    proc = AutoProcessor.from_pretrained(ckpt)
+    sizes = [(28, 28), (100, 140), (57, 333), (211, 97), (300, 300), (64, 500)]
+    reqs = []
+    for i, (h, w) in enumerate(sizes):
+        parts, images = ["image", "image", "what differs?"], [_img(i, h, w), _img(i + 9, w, h)]
+        text = proc.apply_chat_template(_messages(parts), add_generation_prompt=True)
+        reqs.append({"prompt": text, "multi_modal_data": {"image": images}})
+    if family != "llava":
+        text = proc.apply_chat_template(
+            _messages(["video", "what moves?"]), add_generation_prompt=True
+        )
+        reqs += [
+            {"prompt": text, "multi_modal_data": {"video": [_video(20 + t, t)]}} for t in (2, 5, 8)
+        ]
+    log = CompileLog()
+    with _gpu_llm(ckpt, "bfloat16", multiprocess=False) as llm:
+        log.install()
+        frames = log.dynamo_frames()
+        p = SamplingParams(temperature=0, max_tokens=3)
+        for r in reqs:  # one at a time: each its own encoder batch shape
+            llm.generate(r, p, use_tqdm=False)
+        llm.generate(reqs, p, use_tqdm=False)
+    assert log.dynamo_frames() == frames and not log.triton, log.triton
