@@ -16,6 +16,7 @@ from collections import OrderedDict
 import torch
 
 from mmengine.config import EngineConfig
+from mmengine.kv_memory import default_num_kv_blocks, kv_bytes_per_block, profile_num_kv_blocks
 from mmengine.messages import (
     EngineCoreOutput,
     EngineCoreRequest,
@@ -27,11 +28,12 @@ from mmengine.messages import (
     payload_names,
 )
 from mmengine.model_loader import load_model_spec, resolve_dtype, resolve_model_path
-from mmengine.model_runner import ModelRunner, PendingStep, kv_bytes_per_block
+from mmengine.model_runner import ModelRunner, PendingStep
 from mmengine.request import MMPosition, Request
 from mmengine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from mmengine.shm_payloads import discard_payloads
 from mmengine.step_trace import StepRecord, StepTrace
+from mmengine.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +79,12 @@ class EngineCore:
         if config.num_kv_blocks:
             num_blocks = config.num_kv_blocks
         elif self.device.type == "cuda":
-            num_blocks = self.runner.profile_num_kv_blocks(max_batched, config.max_num_seqs)
+            num_blocks = profile_num_kv_blocks(self.runner, max_batched, config.max_num_seqs)
         else:
-            num_blocks = self.runner.default_num_kv_blocks(config.max_num_seqs)
+            num_blocks = default_num_kv_blocks(self.runner, config.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs(config.max_num_seqs)
-        self.runner.warm_up_kernels(max_batched, config.max_num_seqs)
+        warm_up(self.runner, max_batched, config.max_num_seqs)
         per_block = kv_bytes_per_block(self.spec, config.block_size, self.dtype)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len=%d",

@@ -2,8 +2,9 @@
 
 The same code runs on CPU (plain-torch paths) and CUDA (Triton kernels). On CUDA, unless
 ``enforce_eager``: the forward is ``torch.compile``d (attention as one opaque op) and
-decode-only steps replay CUDA graphs captured at start-up (``cuda_graphs.py``); the KV
-pool is sized by profiling a worst-case step against ``gpu_memory_utilization``.
+decode-only steps replay CUDA graphs captured at start-up (``cuda_graphs.py``). How
+many KV blocks the pool gets is ``kv_memory.py``'s (a profiled worst-case step against
+``gpu_memory_utilization``); the start-up kernel warm-up is ``warmup.py``'s.
 """
 
 from __future__ import annotations
@@ -78,11 +79,6 @@ class PendingStep:
                 if lp is not None:
                     res.logprobs[rid] = lp
         return self._output
-
-
-def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
 
 
 class ModelRunner:
@@ -193,42 +189,6 @@ class ModelRunner:
         logger.info("loaded the vision encoder in %.1fs", time.perf_counter() - t0)
         return EncoderRunner(encoder, cache)
 
-    def dummy_encoder_items(self, max_tokens: int) -> list:
-        """Synthetic items worth ``max_tokens`` embedding rows: the biggest encoder batch
-        one step may run (for memory profiling)."""
-        from processors.types import MultiModalItem, PixelNorm
-
-        enc = self.encoder_runner.encoder if self.encoder_runner is not None else None
-        if enc is None or max_tokens < 1:
-            return []
-        # uint8 pixels with a deferred normalization, as the input workers send them: the
-        # profile then stages and normalizes exactly as a real step does.
-        if hasattr(enc, "patch"):  # Qwen2-VL family: one image of ~max_tokens tokens
-            m = enc.patch.spatial_merge_size
-            a = max(1, int(max_tokens**0.5))
-            b = max(1, max_tokens // a)
-            grid = (1, a * m, b * m)
-            pixels = torch.randint(0, 256, (a * b * m * m, enc.patch.patch_dim), dtype=torch.uint8)
-            norm = PixelNorm((127.5,) * enc.patch.in_channels, (127.5,) * enc.patch.in_channels, 1)
-            return [
-                MultiModalItem("image", "profile", pixels, a * b, grid_thw=grid, pixel_norm=norm)
-            ]
-        per = enc.tokens_per_image  # LLaVA: fixed-size images
-        v = enc.cfg.vision
-        n = max(1, min(64, max_tokens // per))
-        size = (v.num_channels, v.image_size, v.image_size)
-        norm = PixelNorm((127.5,) * v.num_channels, (127.5,) * v.num_channels, 0)
-        return [
-            MultiModalItem(
-                "image",
-                f"profile-{i}",
-                torch.randint(0, 256, size, dtype=torch.uint8),
-                per,
-                pixel_norm=norm,
-            )
-            for i in range(n)
-        ]
-
     def _forward_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The pure step function that is compiled: embeddings -> hidden [T, H]."""
         return self.model(positions, inputs_embeds, self.kv_caches)
@@ -237,7 +197,7 @@ class ModelRunner:
         """ids -> hidden [T, H] (what decode CUDA graphs capture)."""
         return self.forward_embeds(self.model.embed(input_ids), positions)
 
-    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+    def to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return host_to_device(torch.tensor(values, dtype=dtype), self.device)
 
     def _load_model(self, path: Path, max_model_len: int) -> DecoderModel:
@@ -317,140 +277,6 @@ class ModelRunner:
             device=self.device,
         )
         self.graphs.capture()
-
-    @torch.inference_mode()
-    def warm_up_kernels(self, max_num_batched_tokens: int, max_num_seqs: int) -> None:
-        """GPU: run every attention and sampling kernel variant a step can reach (see
-        mmengine/warmup.py), after the KV cache exists and before serving."""
-        if self.device.type != "cuda" or not self.config.extra_option("kernel_warmup"):
-            return
-        from mmengine.sampler import warm_up_sampling
-        from mmengine.warmup import attention_shapes, log_done, run_attention_warmup
-
-        t0 = time.perf_counter()
-        spec = self.spec
-        batches = attention_shapes(
-            queries_per_kv=spec.num_heads // spec.num_kv_heads,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            max_model_len=self.max_model_len,
-            decodes_in_graphs=self.graphs is not None and max_num_seqs <= self.graphs.max_bs,
-        )
-        key_cache, value_cache = self.kv_caches[0]
-        run_attention_warmup(
-            batches,
-            key_cache=key_cache,
-            value_cache=value_cache,
-            num_q_heads=spec.num_heads,
-            scale=spec.head_dim**-0.5,
-            dtype=self.dtype,
-        )
-        n = warm_up_sampling(spec.vocab_size, self.device)
-        encodes = 0
-        if self.encoder_runner is not None:
-            # The profiling step encoded the largest batch; the compiled vision blocks guard
-            # their graph on a length range from it, and the first small image compiled
-            # them again mid-run (1.4 s, Qwen2.5-VL-3B on an H200). A small and a middle
-            # batch compile the other ranges now.
-            for tokens in (16, 1024):
-                if tokens < self.config.max_num_encoder_tokens:
-                    self.encoder_runner.encoder.encode(self.dummy_encoder_items(tokens))
-                    encodes += 1
-        torch.cuda.synchronize()
-        what = f"attention batch shapes, {n} sampling variants and {encodes} encoder batches"
-        log_done(what, len(batches), t0)
-
-    @torch.inference_mode()
-    def profile_num_kv_blocks(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:
-        """GPU: run a worst-case step on a scratch KV cache, then give the KV pool what
-        ``gpu_memory_utilization`` leaves after weights, activations and other processes."""
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        bs = self.block_size
-        seq_len = min(self.max_model_len, max_num_batched_tokens)
-        num_seqs = -(-max_num_batched_tokens // seq_len)
-        tokens = [seq_len] * (num_seqs - 1) + [max_num_batched_tokens - seq_len * (num_seqs - 1)]
-        blocks_per_seq = -(-seq_len // bs)
-        scratch_blocks = num_seqs * blocks_per_seq + 1
-        self.allocate_kv_cache(scratch_blocks)
-        tables = [
-            [1 + i * blocks_per_seq + j for j in range(blocks_per_seq)] for i in range(num_seqs)
-        ]
-        slots, qsl = [], [0]
-        for i, n in enumerate(tokens):
-            slots.extend(tables[i][p // bs] * bs + p % bs for p in range(n))
-            qsl.append(qsl[-1] + n)
-        meta = AttentionMetadata(
-            query_start_loc=self._to_device(qsl, torch.int32),
-            seq_lens=self._to_device(tokens, torch.int32),
-            block_tables=self._to_device(tables, torch.int32),
-            slot_mapping=self._to_device(slots, torch.int64),
-            max_query_len=max(tokens),
-            max_seq_len=max(tokens),
-        )
-        total = sum(tokens)
-        ids = torch.randint(0, self.spec.vocab_size, (total,), device=self.device)
-        pos = torch.cat([torch.arange(n, device=self.device) for n in tokens])
-        if self.spec.mrope_section is not None:
-            pos = pos.expand(3, -1).contiguous()
-        with forward_context(meta):
-            hidden = self.forward_fn(ids, pos)
-        if self.encoder_runner is not None:
-            # The largest vision-encoder batch a step may run, so its activations are
-            # counted before the KV pool takes the rest.
-            try:
-                self.encoder_runner.encoder.encode(
-                    self.dummy_encoder_items(self.config.max_num_encoder_tokens)
-                )
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # a profiling problem must not block start-up
-                logger.warning("could not profile the vision encoder's memory: %s", e)
-        rows = min(max_num_seqs, total)
-        logits = self.model.compute_logits(hidden[:rows])
-        logits.log_softmax(-1).sort(-1)  # the sampler's biggest temporaries
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        scratch_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
-        self.kv_caches = []
-        del hidden, logits
-        # The worst-case step's activation blocks stay in the caching allocator (no
-        # empty_cache): the first large steps of a run reuse them instead of calling
-        # cudaMalloc mid-run. They count in memory_reserved(), so `others` stays right.
-        free, total_mem = torch.cuda.mem_get_info()
-        others = total_mem - free - torch.cuda.memory_reserved()  # CUDA context, other processes
-        graph_reserve = 512 << 20 if self.use_cuda_graphs else 0
-        budget = (
-            total_mem * self.config.gpu_memory_utilization
-            - others
-            - (peak - scratch_bytes)
-            - graph_reserve
-        )
-        per_block = kv_bytes_per_block(self.spec, bs, self.dtype)
-        num_blocks = int(budget // per_block)
-        logger.info(
-            "GPU memory: %.1f GiB total, weights+activations peak %.1f GiB, other %.1f GiB; "
-            "KV budget %.1f GiB -> %d blocks",
-            total_mem / 2**30,
-            (peak - scratch_bytes) / 2**30,
-            others / 2**30,
-            max(budget, 0) / 2**30,
-            num_blocks,
-        )
-        if num_blocks < 2:
-            raise RuntimeError(
-                "no GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
-                "max_num_batched_tokens / max_model_len"
-            )
-        return num_blocks
-
-    def default_num_kv_blocks(self, max_num_seqs: int) -> int:
-        """CPU: the configured GiB budget, capped by what max_num_seqs full requests need."""
-        per_block = kv_bytes_per_block(self.spec, self.block_size, self.dtype)
-        budget = int(self.config.cpu_kv_cache_gib * (1 << 30)) // per_block
-        need = max_num_seqs * -(-self.max_model_len // self.block_size) + 1
-        return max(2, min(budget, need))
 
     # ---- one step -----------------------------------------------------------------------------
     def _positions(self, req: Request, start: int, n: int) -> list[int] | list[list[int]]:
@@ -582,27 +408,27 @@ class ModelRunner:
             table_arr[i, : len(t)] = t
         table_t = host_to_device(torch.from_numpy(table_arr), self.device)
         meta = AttentionMetadata(
-            query_start_loc=self._to_device(qsl, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
+            query_start_loc=self.to_device(qsl, torch.int32),
+            seq_lens=self.to_device(seq_lens, torch.int32),
             block_tables=table_t,
-            slot_mapping=self._to_device(slots, torch.int64),
+            slot_mapping=self.to_device(slots, torch.int64),
             max_query_len=max_query_len,
             max_seq_len=max(seq_lens),
         )
         if self.spec.mrope_section is not None:
-            positions = self._to_device(pos3, torch.long)
+            positions = self.to_device(pos3, torch.long)
         else:
-            positions = self._to_device(pos, torch.long)
+            positions = self.to_device(pos, torch.long)
         self._mm_slices = mm_slices
-        input_ids = self._to_device(ids, torch.long)
+        input_ids = self.to_device(ids, torch.long)
         if fill_rows:
             assert self._last_tokens is not None
-            src_t = self._to_device(fill_src, torch.long)
-            input_ids[self._to_device(fill_rows, torch.long)] = self._last_tokens[src_t]
+            src_t = self.to_device(fill_src, torch.long)
+            input_ids[self.to_device(fill_rows, torch.long)] = self._last_tokens[src_t]
         return StepInputs(
             input_ids=input_ids,
             positions=positions,
-            mm_rows=self._to_device(mm_rows, torch.long) if mm_rows else None,
+            mm_rows=self.to_device(mm_rows, torch.long) if mm_rows else None,
             meta=meta,
             num_tokens=num_tokens,
             graph_batch=graph_batch,
@@ -713,7 +539,7 @@ class ModelRunner:
         self._last_tokens, self._last_rows = None, {}
         if not inputs.logits_rows:
             return PendingStep(result, [], None)
-        rows = self._to_device(inputs.logits_rows, torch.long)
+        rows = self.to_device(inputs.logits_rows, torch.long)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         for req, first, start, n in inputs.prompt_lp_reqs:
             nxt = req.prompt_token_ids[start + 1 : start + 1 + n]
@@ -724,7 +550,7 @@ class ModelRunner:
             result.prompt_logprobs[req.request_id] = chunk + lps
         if not inputs.sample_reqs:
             return PendingStep(result, [], None)
-        idx = self._to_device([i for _, i in inputs.sample_reqs], torch.long)
+        idx = self.to_device([i for _, i in inputs.sample_reqs], torch.long)
         rows = [self._row(r) for r, _ in inputs.sample_reqs]
         pending = sample_async(logits.index_select(0, idx), rows)
         ids = [r.request_id for r, _ in inputs.sample_reqs]

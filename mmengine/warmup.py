@@ -13,7 +13,7 @@ shape from the chunk lengths, the split count from the batch size and context, P
 the token count) and the sampler's top-k variant. `attention_shapes` lists batches that
 reach every combination the engine's choices allow for one model and configuration; the
 runner runs attention alone on each (one launch, K/V reads from a scratch block table, no
-writes), then the sampler's variants. The first start on a machine compiles them (Triton
+writes), then the sampler's variants and two vision batches. The first start on a machine compiles them (Triton
 keeps them on disk: later starts load them in well under a second).
 """
 
@@ -22,8 +22,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from mmengine.kv_memory import dummy_encoder_items
+from mmengine.sampler import warm_up_sampling
+
+if TYPE_CHECKING:
+    from mmengine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +155,7 @@ def run_attention_warmup(
         _attend(q, key_cache, value_cache, scale, meta)
 
 
-def log_done(what: str, count: int, t0: float) -> None:
+def _log_done(what: str, count: int, t0: float) -> None:
     """One log line: `count` is the number of attention batches, `what` the rest."""
     logger.info(
         "warm-up: %d %s in %.1fs (compiled or loaded from Triton's cache)",
@@ -156,3 +163,44 @@ def log_done(what: str, count: int, t0: float) -> None:
         what,
         time.perf_counter() - t0,
     )
+
+
+@torch.inference_mode()
+def warm_up(runner: ModelRunner, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    """GPU: run every attention and sampling kernel variant a step can reach, and a small
+    and a middle vision batch (see the module docstring), after the KV cache exists and
+    before serving. `extra={"kernel_warmup": 0}` skips it."""
+    if runner.device.type != "cuda" or not runner.config.extra_option("kernel_warmup"):
+        return
+    t0 = time.perf_counter()
+    spec = runner.spec
+    batches = attention_shapes(
+        queries_per_kv=spec.num_heads // spec.num_kv_heads,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
+        max_model_len=runner.max_model_len,
+        decodes_in_graphs=runner.graphs is not None and max_num_seqs <= runner.graphs.max_bs,
+    )
+    key_cache, value_cache = runner.kv_caches[0]
+    run_attention_warmup(
+        batches,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        num_q_heads=spec.num_heads,
+        scale=spec.head_dim**-0.5,
+        dtype=runner.dtype,
+    )
+    n = warm_up_sampling(spec.vocab_size, runner.device)
+    encodes = 0
+    if runner.encoder_runner is not None:
+        # The profiling step encoded the largest batch; the compiled vision blocks guard
+        # their graph on a length range from it, and the first small image compiled
+        # them again mid-run (1.4 s, Qwen2.5-VL-3B on an H200). A small and a middle
+        # batch compile the other ranges now.
+        for tokens in (16, 1024):
+            if tokens < runner.config.max_num_encoder_tokens:
+                runner.encoder_runner.encoder.encode(dummy_encoder_items(runner, tokens))
+                encodes += 1
+    torch.cuda.synchronize()
+    what = f"attention batch shapes, {n} sampling variants and {encodes} encoder batches"
+    _log_done(what, len(batches), t0)

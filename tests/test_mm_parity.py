@@ -312,12 +312,13 @@ def test_transformers5_layout_checkpoints_match_hf(family: str, tmp_path: Path) 
 def test_memory_profile_encoder_batch_fills_the_budget(family: str, request) -> None:
     from mmengine.config import EngineConfig
     from mmengine.engine_core import EngineCore
+    from mmengine.kv_memory import dummy_encoder_items
 
     ckpt = request.getfixturevalue(f"{family}_ckpt")
     core = EngineCore(
         EngineConfig(model=str(ckpt), dtype="float32", device="cpu", max_model_len=256)
     )
-    items = core.runner.dummy_encoder_items(300)
+    items = dummy_encoder_items(core.runner, 300)
     outs = core.runner.encoder_runner.encoder.encode(items)
     rows = sum(o.shape[0] for o in outs)
     assert 250 <= rows <= 300  # close to the per-step budget, never above it
