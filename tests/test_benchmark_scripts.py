@@ -14,7 +14,7 @@ SCRIPTS = sorted(
     p.name
     for p in (ROOT / "benchmarks").glob("*.py")
     if p.name.startswith(("ab_", "bench_", "profile_", "sweep_"))
-    or p.name == "random_checkpoint.py"
+    or p.name in ("random_checkpoint.py", "mid_run_compiles.py")
 )
 
 
@@ -253,3 +253,17 @@ def test_mixed_step_profile_runs_prompt_chunks_with_decodes_riding_along(
         assert core.stats().kv_blocks_used == 0
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("max_len", [256, 512, 4096])
+def test_mid_run_compile_phases_fit_the_model_length(max_len: int) -> None:
+    # Each phase must be a request the engine accepts (a first version sent a 4096-token
+    # prompt at max_model_len 4096 and died on the validation error).
+    from benchmarks.mid_run_compiles import phases
+
+    vocab = 1000
+    for name, prompts, kw in phases(vocab, max_len):
+        assert prompts, name
+        for p in prompts:
+            assert len(p) + kw["max_tokens"] <= max_len, (name, len(p))
+            assert all(0 <= t < vocab for t in p), name
