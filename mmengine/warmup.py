@@ -84,11 +84,11 @@ def attention_shapes(
     budget, max_len = max_num_batched_tokens, max_model_len
     q_rows = [16, 64, 128, 256]
     few = sorted(
-        {1, 2, 8}
+        {2, 8}
         | {r // queries_per_kv for r in q_rows[:2]}
         | {r // queries_per_kv + 1 for r in q_rows[:2]}
     )
-    few = [q for q in few if 1 <= q <= 8 and q < max_len]
+    few = [q for q in few if 2 <= q <= 8 and q < max_len]  # 1 token: the decodes above
     contexts = sorted(set(_powers_of_two(1, max_len)) | {max_len - 1})
     sizes = sorted(set(_powers_of_two(1, max_num_seqs)) | {max_num_seqs})
     out: list[WarmupBatch] = []
@@ -96,8 +96,6 @@ def attention_shapes(
         for b in sizes:
             out += [WarmupBatch((1,) * b, ctx) for ctx in contexts if ctx < max_len and b <= budget]
     for q in few:
-        if q == 1:
-            continue
         for b in sizes:
             if q + b - 1 <= budget:
                 out.append(WarmupBatch((q,) + (1,) * (b - 1), 1))
