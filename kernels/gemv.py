@@ -265,13 +265,23 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _prefetch_chunks(nbytes, pid, LANES: tl.constexpr, CHUNK: tl.constexpr):
+    """(byte offset, byte count) of program `pid`'s LANES chunks of a region of `nbytes`:
+    count 0 past the region's end. Clamped to 0 in int64 before the int32 count: a
+    far-past-the-end lane (offsets beyond 2**31 in a grid of thousands of programs) would
+    otherwise wrap to a positive count and prefetch a wild range."""
+    chunk = pid * LANES + tl.arange(0, LANES)
+    start = chunk.to(tl.int64) * CHUNK
+    size = tl.maximum(tl.minimum(nbytes - start, CHUNK), 0).to(tl.int32)
+    return start, size
+
+
+@triton.jit
 def _l2_prefetch(ptr, nbytes, LANES: tl.constexpr, CHUNK: tl.constexpr):
     """Asks L2 to fetch bytes [0, nbytes) from ptr: this program's LANES chunks of CHUNK
     bytes (chunks p * LANES ... for program p), one `cp.async.bulk.prefetch.L2` (sm_90) per
     thread. Nothing waits for the data; a chunk past the end issues nothing."""
-    chunk = tl.program_id(0) * LANES + tl.arange(0, LANES)
-    start = chunk.to(tl.int64) * CHUNK
-    size = tl.minimum(nbytes - start, CHUNK).to(tl.int32)
+    start, size = _prefetch_chunks(nbytes, tl.program_id(0), LANES, CHUNK)
     addr = ptr.to(tl.pointer_type(tl.int8)) + start
     tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.gt.s32 p, $2, 0; mov.u32 $0, 0; "
