@@ -10,15 +10,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from kernels.activation import silu_and_mul_torch
 from kernels.gemv import (
     MAX_ROWS,
-    PREFETCH_CHUNK_BYTES,
     GemvConfig,
-    _prefetch_chunks,
     gemv,
     gemv_torch,
     launch_config,
@@ -192,28 +188,3 @@ def test_tensor_core_config_with_narrow_tiles_is_refused() -> None:
     x, w, *_ = _case(2, 16, 64, torch.float32, gated=False)
     with pytest.raises(ValueError, match="BLOCK_N >= 16"):
         gemv(x, w, use_triton_kernel=True, config=GemvConfig(8, 64, 4, 2, dot=True))
-
-
-@triton.jit
-def _chunks_of(out_start_ptr, out_size_ptr, nbytes, pid, LANES: tl.constexpr):
-    start, size = _prefetch_chunks(nbytes, pid, LANES, PREFETCH_CHUNK_BYTES)
-    offs = tl.arange(0, LANES)
-    tl.store(out_start_ptr + offs, start)
-    tl.store(out_size_ptr + offs, size)
-
-
-@pytest.mark.parametrize("pid", [0, 1, 2, 700, 1279, 65535])
-def test_prefetch_chunks_cover_the_region_and_nothing_past_it(pid: int) -> None:
-    # QKV's launch: 1280 programs x 128 lanes of 32 KiB reach 5.4 GB past an 8 MiB region;
-    # an int32 count taken before clamping wrapped positive there and prefetched wild
-    # ranges (the graph replay hung on an H200).
-    lanes, nbytes = 128, 8 * 2**20 + 4096
-    start = torch.empty(lanes, dtype=torch.int64)
-    size = torch.empty(lanes, dtype=torch.int32)
-    _chunks_of[(1,)](start, size, nbytes, pid, LANES=lanes)
-    chunk = PREFETCH_CHUNK_BYTES
-    expect_start = (pid * lanes + torch.arange(lanes, dtype=torch.int64)) * chunk
-    expect = (nbytes - expect_start).clamp(0, chunk).to(torch.int32)
-    assert torch.equal(start, expect_start) and torch.equal(size, expect)
-    if pid >= 3:  # past the region's 257 chunks
-        assert (size == 0).all()

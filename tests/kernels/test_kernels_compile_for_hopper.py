@@ -91,8 +91,8 @@ GEMV_CHILD = textwrap.dedent(
             options={"num_warps": cfg.num_warps},
         )
         assert compiled.asm["ptx"], consts
-        # Each L2 prefetch region is one (predicated) bulk prefetch per thread.
-        issued = compiled.asm["ptx"].count("cp.async.bulk.prefetch.L2.global")
+        # Each L2 prefetch region is one (predicated) line prefetch per thread per step.
+        issued = compiled.asm["ptx"].count("prefetch.global.L2 ")
         assert issued == consts["NUM_PREFETCH"], (consts, issued)
         # Pipelined tensor-core tiles must fit an sm_90 SM's shared memory (227 KiB).
         assert compiled.metadata.shared <= 232448, (consts, compiled.metadata.shared)
