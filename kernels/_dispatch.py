@@ -81,14 +81,6 @@ def pdl_supported(tensor: torch.Tensor, num_tokens: int | None = None) -> bool:
     return _capability_major(tensor.device.index or 0) >= 9
 
 
-def l2_prefetch_supported(tensor: torch.Tensor) -> bool:
-    """Whether a kernel on `tensor` may issue sm_90's bulk L2 prefetches
-    (`cp.async.bulk.prefetch.L2`): CUDA tensors on sm_90+, never in the interpreter (it
-    cannot run inline PTX). A prefetch is only a hint, so a kernel that skips it computes
-    the same result."""
-    return tensor.is_cuda and _capability_major(tensor.device.index or 0) >= 9
-
-
 @functools.cache
 def _capability_major(device_index: int) -> int:  # asked once per launch: cache it
     return torch.cuda.get_device_capability(device_index)[0]

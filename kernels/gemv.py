@@ -33,13 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import (
-    check_launchable,
-    l2_prefetch_supported,
-    next_power_of_2,
-    pdl_supported,
-    use_triton,
-)
+from kernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
 from kernels.activation import silu_and_mul_torch
 from kernels.rms_norm import rms_norm_torch
 from kernels.rotary import _check_args, rotate_pair
@@ -63,12 +57,6 @@ def _gemv_kernel(
     key_cache_ptr,  # ROPE: [num_blocks, CACHE_BLOCK_SIZE, NUM_KV_HEADS, 2 * HALF]
     value_cache_ptr,  # ROPE: same strides as key_cache
     slot_mapping_ptr,  # ROPE: [M] int64; < 0: no cache write
-    pf0_ptr,  # NUM_PREFETCH >= 1: a region to prefetch into L2 (16-byte aligned)
-    pf1_ptr,  # NUM_PREFETCH >= 2
-    pf2_ptr,  # NUM_PREFETCH == 3
-    pf0_bytes,  # each region's size in bytes (a multiple of 16)
-    pf1_bytes,
-    pf2_bytes,
     eps,
     M,
     N,  # output columns; with ROPE rotation pairs (all heads' rows / 2)
@@ -95,10 +83,6 @@ def _gemv_kernel(
     MROPE_END_T: tl.constexpr,  # ROPE with IS_MROPE: as in kernels/rotary.py
     MROPE_END_H: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel before
-    NUM_PREFETCH: tl.constexpr,  # 0-3 regions (the next launches' weights) to pull into L2
-    PREFETCH_AT_END: tl.constexpr,  # issue them after the K loop (else before gdc_wait)
-    PF_LANES: tl.constexpr,  # threads of a program (each prefetches a line per step)
-    PF_CHUNK: tl.constexpr,  # bytes per prefetched line
     LATE_TRIGGER: tl.constexpr,  # USE_PDL: let the next kernel launch after the K loop
     DOT: tl.constexpr,  # tensor-core tiles (tl.dot, BLOCK_M >= 16) instead of a row loop
     NUM_STAGES: tl.constexpr,  # DOT: software-pipeline depth of its loops (else None)
@@ -130,11 +114,6 @@ def _gemv_kernel(
     # The weights do not depend on the kernel before: fetch the first tile, then wait for
     # that kernel's output (x) to be complete and visible (a no-op without PDL). (The DOT
     # loop leaves its loads to Triton's pipeliner.)
-    if NUM_PREFETCH > 0 and not PREFETCH_AT_END:
-        _prefetch_regions(
-            pf0_ptr, pf1_ptr, pf2_ptr, pf0_bytes, pf1_bytes, pf2_bytes,
-            NUM_PREFETCH, PF_LANES, PF_CHUNK,
-        )  # fmt: skip
     if not DOT:
         w_mask = mask_n[:, None] & (offs_k0 < K)[None, :]
         w_next = tl.load(w_rows + offs_k0[None, :], mask=w_mask, other=0.0)
@@ -210,11 +189,6 @@ def _gemv_kernel(
                 if PAIRED:
                     acc_up = tl.where(row, acc_up + tl.sum(wu * xm[None, :], 1)[None, :], acc_up)
 
-    if NUM_PREFETCH > 0 and PREFETCH_AT_END:
-        _prefetch_regions(
-            pf0_ptr, pf1_ptr, pf2_ptr, pf0_bytes, pf1_bytes, pf2_bytes,
-            NUM_PREFETCH, PF_LANES, PF_CHUNK,
-        )  # fmt: skip
     if USE_PDL and LATE_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     if HAS_BIAS:
@@ -262,49 +236,6 @@ def _gemv_kernel(
             y = y + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
         o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _prefetch_lines(nbytes, step, pid, num_pids, LANES: tl.constexpr, LINE: tl.constexpr):
-    """(byte offsets, valid) of the cache lines program `pid` of `num_pids` prefetches in
-    loop step `step`: the region's LINE-byte lines are dealt round-robin over every thread
-    of the grid, so the requests spread over all SMs (issued from one or two programs,
-    sm_90's bulk prefetches made batch-1 layers 58% slower: H200, session 14)."""
-    line = (step * num_pids + pid).to(tl.int64) * LANES + tl.arange(0, LANES)
-    start = line * LINE
-    return start, start < nbytes
-
-
-@triton.jit
-def _l2_prefetch(ptr, nbytes, LANES: tl.constexpr, LINE: tl.constexpr):
-    """Asks L2 to fetch bytes [0, nbytes) from ptr: `prefetch.global.L2` of one LINE-byte
-    line per thread per step, lines dealt over the whole grid. Nothing waits for the data."""
-    pid, num_pids = tl.program_id(0), tl.num_programs(0)
-    steps = tl.cdiv(tl.cdiv(nbytes, LINE), num_pids * LANES)
-    base = ptr.to(tl.pointer_type(tl.int8))
-    for step in range(steps):
-        start, valid = _prefetch_lines(nbytes, step, pid, num_pids, LANES, LINE)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.u32 $0, 0; "
-            "@p prefetch.global.L2 [$1]; }",
-            "=r,l,r",
-            [base + start, valid.to(tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
-@triton.jit
-def _prefetch_regions(
-    pf0_ptr, pf1_ptr, pf2_ptr, pf0_bytes, pf1_bytes, pf2_bytes,
-    NUM: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
-    _l2_prefetch(pf0_ptr, pf0_bytes, LANES, CHUNK)
-    if NUM >= 2:
-        _l2_prefetch(pf1_ptr, pf1_bytes, LANES, CHUNK)
-    if NUM >= 3:
-        _l2_prefetch(pf2_ptr, pf2_bytes, LANES, CHUNK)
 
 
 @triton.jit
@@ -438,7 +369,6 @@ def gemv(
     use_triton_kernel: bool | None = None,
     config: GemvConfig | tuple[int, int, int] | None = None,
     pdl: bool | None = None,
-    prefetch: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
 ) -> torch.Tensor:
     """`[norm](x) @ weight.T + bias`, then SiLU-and-mul and/or a residual add, for few rows.
 
@@ -455,10 +385,6 @@ def gemv(
             override `launch_config` (benchmarks, tests).
         pdl: launch as a programmatic dependent of the kernel before (None: on sm_90+):
             the weight fetch starts while that kernel finishes.
-        prefetch: up to 3 contiguous tensors (e.g. the next launches' weights, or row
-            ranges of them) whose bytes the launch asks L2 to fetch, so that they stream
-            from HBM while this launch and the ones after it run (sm_90+; elsewhere
-            ignored). A hint only: the result does not depend on it.
 
     Returns:
         [M, N_out] in x's dtype.
@@ -489,10 +415,7 @@ def gemv(
     if rows == 0 or n == 0:
         return out
     cfg = GemvConfig(*config) if config is not None else launch_config(rows, n, k, gated)
-    _launch(
-        out, x, weight, bias, residual, norm_weight, eps, n, cfg, pdl,
-        gated=gated, prefetch=prefetch,
-    )  # fmt: skip
+    _launch(out, x, weight, bias, residual, norm_weight, eps, n, cfg, pdl, gated=gated)
     return out
 
 
@@ -508,48 +431,6 @@ def _late_trigger(rope: bool) -> bool:
     if mode not in ("rope", "all", "none"):
         raise ValueError(f"{LATE_TRIGGER_ENV} must be rope, all or none, got {mode!r}")
     return mode == "all" or (mode == "rope" and rope)
-
-
-# L2 prefetch (`prefetch=` of `gemv` / `gemv_qkv_rope`): at most this many regions a
-# launch, each prefetched in lines of this many bytes dealt over every thread of the grid.
-MAX_PREFETCH_REGIONS = 3
-PREFETCH_LINE_BYTES = 128
-# When a launch issues its prefetches: "start" (before waiting for the kernel before it,
-# alongside its own first weight tile) or "end" (after its K loop, so they queue behind its
-# own weight reads). MMENGINE_L2_PREFETCH_AT overrides it (read at launch; A/B benchmarks).
-PREFETCH_AT = "start"
-PREFETCH_AT_ENV = "MMENGINE_L2_PREFETCH_AT"
-
-
-def _prefetch_at_end() -> bool:
-    mode = os.environ.get(PREFETCH_AT_ENV, PREFETCH_AT)
-    if mode not in ("start", "end"):
-        raise ValueError(f"{PREFETCH_AT_ENV} must be start or end, got {mode!r}")
-    return mode == "end"
-
-
-def _prefetch_args(
-    prefetch: tuple[torch.Tensor, ...] | list[torch.Tensor], x: torch.Tensor
-) -> tuple[list[torch.Tensor], list[int], int]:
-    """The kernel's (pointers, byte counts, NUM_PREFETCH) for `prefetch` regions: none
-    where bulk L2 prefetch is unavailable (CPU, the interpreter, before sm_90)."""
-    if len(prefetch) > MAX_PREFETCH_REGIONS:
-        raise ValueError(f"at most {MAX_PREFETCH_REGIONS} prefetch regions, got {len(prefetch)}")
-    regions = []
-    for t in prefetch:
-        nbytes = t.numel() * t.element_size()
-        if not t.is_contiguous() or t.data_ptr() % 16 or nbytes % 16:
-            raise ValueError(
-                "a prefetch region must be contiguous, 16-byte aligned and a multiple of 16 "
-                f"bytes long, got shape {tuple(t.shape)} at offset {t.data_ptr() % 16}"
-            )
-        if nbytes:
-            regions.append((t, nbytes))
-    if not regions or not l2_prefetch_supported(x):
-        regions = []
-    ptrs = [t for t, _ in regions] + [x] * (MAX_PREFETCH_REGIONS - len(regions))
-    sizes = [n for _, n in regions] + [0] * (MAX_PREFETCH_REGIONS - len(regions))
-    return ptrs, sizes, len(regions)
 
 
 @dataclass(frozen=True)
@@ -579,7 +460,6 @@ def _launch(
     *,
     gated: bool = False,
     rope: _Rope | None = None,
-    prefetch: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
 ) -> None:
     """One `_gemv_kernel` launch over n output columns (or n rotation pairs with rope)."""
     if cfg.dot and cfg.block_n < 16:
@@ -616,7 +496,6 @@ def _launch(
             MROPE_END_T=sections[0],
             MROPE_END_H=sections[0] + sections[1],
         )
-    pf_ptrs, pf_sizes, num_prefetch = _prefetch_args(prefetch, x)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         out,
         x,
@@ -625,8 +504,6 @@ def _launch(
         residual if residual is not None else dummy,
         norm_weight if norm_weight is not None else dummy,
         *rope_tensors,
-        *pf_ptrs,
-        *pf_sizes,
         eps,
         rows,
         n,
@@ -643,10 +520,6 @@ def _launch(
         PAIRED=gated or rope is not None,
         **rope_meta,
         USE_PDL=use_pdl,
-        NUM_PREFETCH=num_prefetch,
-        PREFETCH_AT_END=num_prefetch > 0 and _prefetch_at_end(),
-        PF_LANES=32 * cfg.num_warps,
-        PF_CHUNK=PREFETCH_LINE_BYTES,
         LATE_TRIGGER=_late_trigger(rope is not None),
         DOT=cfg.dot,
         NUM_STAGES=cfg.num_stages if cfg.dot else None,
@@ -679,7 +552,6 @@ def gemv_qkv_rope(
     use_triton_kernel: bool | None = None,
     config: GemvConfig | None = None,
     pdl: bool | None = None,
-    prefetch: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
 ) -> torch.Tensor:
     """The QKV projection of a few tokens with rotary and the KV-cache write in its
     epilogue: `gemv` (norm, bias) then `rotary_write_kv`, in one launch.
@@ -695,7 +567,6 @@ def gemv_qkv_rope(
         key_cache, value_cache: [num_blocks, block_size, Hk, D], equal strides, last dim
             contiguous; slot_mapping: int64 [M] (< 0: no write).
         num_q_heads: Hq.
-        prefetch: as in `gemv`.
 
     Returns:
         q rotated, [M, Hq, D].
@@ -748,9 +619,8 @@ def gemv_qkv_rope(
         list(mrope_section) if mrope_section is not None else None,
     )
     _launch(
-        q.view(rows, q_rows), x, weight, bias, None, norm_weight, eps, pairs, cfg, pdl,
-        rope=rope, prefetch=prefetch,
-    )  # fmt: skip
+        q.view(rows, q_rows), x, weight, bias, None, norm_weight, eps, pairs, cfg, pdl, rope=rope
+    )
     return q
 
 

@@ -109,7 +109,6 @@ def gemv_rope_attention_forward(
     scale: float,
     num_heads: int,
     mrope_section: list[int] | None,
-    prefetch: list[torch.Tensor],  # the GEMV launch's L2 prefetch regions
 ) -> torch.Tensor:  # [T, Hq, D]
     """Norm, QKV projection, rotary and the K/V cache write in one GEMV launch
     (`kernels.gemv.gemv_qkv_rope`), then paged attention: a few-token step's attention
@@ -130,7 +129,6 @@ def gemv_rope_attention_forward(
         slot_mapping=meta.slot_mapping,
         num_q_heads=num_heads,
         mrope_section=mrope_section,
-        prefetch=prefetch,
     )
     return _attend(q, key_cache, value_cache, scale, meta)
 
@@ -267,6 +265,5 @@ gemv_rope_paged_attention_op = torch.library.custom_op(
 
 @gemv_rope_paged_attention_op.register_fake
 def _gemv_rope_paged_attention_fake(x, weight, bias, norm_weight, eps, positions, cos_sin,  # noqa: ANN001, ANN202
-                                    key_cache, value_cache, scale, num_heads, mrope_section,
-                                    prefetch):  # fmt: skip
+                                    key_cache, value_cache, scale, num_heads, mrope_section):  # fmt: skip
     return x.new_empty((x.shape[0], num_heads, key_cache.shape[-1]))

@@ -41,26 +41,6 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
         "GPU, with gemv_max_tokens > 0: rotary and the K/V-cache write run in the QKV "
         "projection's launch",
     ),
-    "l2_prefetch_mb": ExtraOption(
-        int,
-        0,
-        "GPU sm_90+, few-token steps: MiB of the next weights (o_proj, then gate_up's first "
-        "rows) each layer's QKV launch asks L2 to prefetch while attention runs (0: off)",
-        tuple(range(65)),
-    ),
-    "l2_prefetch_o_mb": ExtraOption(
-        int,
-        0,
-        "GPU sm_90+, few-token steps: MiB of gate_up's next rows each o_proj launch asks L2 "
-        "to prefetch (0: off)",
-        tuple(range(65)),
-    ),
-    "l2_prefetch_next_qkv": ExtraOption(
-        bool,
-        False,
-        "GPU sm_90+, few-token steps: each layer's down launch asks L2 to prefetch the next "
-        "layer's QKV weight",
-    ),
     "kernel_warmup": ExtraOption(
         bool,
         True,

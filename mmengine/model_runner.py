@@ -133,12 +133,7 @@ class ModelRunner:
         # Rotary + KV write in the QKV projection's epilogue on that path (one launch fewer
         # per layer); `gemv_rope=0` keeps them in their own kernel (A/B benchmarks).
         gemv_rope = config.extra_option("gemv_rope")
-        l2_prefetch = (
-            config.extra_option("l2_prefetch_mb"),
-            config.extra_option("l2_prefetch_o_mb"),
-            config.extra_option("l2_prefetch_next_qkv"),
-        )
-        set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens, gemv_rope, l2_prefetch)
+        set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens, gemv_rope)
         if self.gemv_max_tokens:
             pdl = pdl_supported(next(self.model.parameters()))
             rope_state = "off" if not gemv_rope else "off (q/k norms)" if spec.qk_norm else "on"

@@ -91,23 +91,7 @@ def _gemv_step(mrope: bool):
     weight = torch.randn(qkv.shape[1], hidden, generator=gen) / hidden**0.5
     bias = torch.randn(qkv.shape[1], generator=gen)
     norm_w = 1 + 0.1 * torch.randn(hidden, generator=gen)
-    # The last argument: the GEMV's L2 prefetch regions (a hint; ignored off sm_90).
-    prefetch = [weight[:2]]
-    args = (
-        x,
-        weight,
-        bias,
-        norm_w,
-        1e-6,
-        positions,
-        cos_sin,
-        kc,
-        vc,
-        scale,
-        heads,
-        section,
-        prefetch,
-    )
+    args = (x, weight, bias, norm_w, 1e-6, positions, cos_sin, kc, vc, scale, heads, section)
     return meta, args
 
 
@@ -125,13 +109,13 @@ def test_gemv_rope_paged_attention_equals_projection_then_rotary_op_and_compiles
     from kernels.rms_norm import rms_norm_torch
 
     meta, args = _gemv_step(mrope)
-    x, weight, bias, norm_w, eps, positions, cos_sin, kc, vc, scale, heads, section, pf = args
+    x, weight, bias, norm_w, eps, positions, cos_sin, kc, vc, scale, heads, section = args
     caches = [(kc.clone(), vc.clone()) for _ in range(3)]
     qkv = torch.nn.functional.linear(rms_norm_torch(x, norm_w, eps), weight, bias)
 
     def fused(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.ops.mmengine.gemv_rope_paged_attention(
-            x, weight, bias, norm_w, eps, positions, cos_sin, k, v, scale, heads, section, pf
+            x, weight, bias, norm_w, eps, positions, cos_sin, k, v, scale, heads, section
         )
 
     with forward_context(meta):

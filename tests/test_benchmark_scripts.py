@@ -267,3 +267,20 @@ def test_mid_run_compile_phases_fit_the_model_length(max_len: int) -> None:
         for p in prompts:
             assert len(p) + kw["max_tokens"] <= max_len, (name, len(p))
             assert all(0 <= t < vocab for t in p), name
+
+
+def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
+    # The batch-1 layer chain runs each kernel's torch path on CPU: the same launches in
+    # the same order as on a GPU, so a broken call fails here before a device run.
+    import torch
+
+    from benchmarks import bench_b1_layers as b1
+
+    variants = b1.parse_variants("e:0:auto,s16:16:fused,t:8:two")
+    assert [(v.splits, b1.MERGES[v.merge]) for v in variants] == [(0, None), (16, True), (8, False)]
+    for bad in ("x:1", "x:a:auto", "x:4:both"):
+        with pytest.raises(SystemExit, match="NAME:SPLITS"):
+            b1.parse_variants(bad)
+    layers = b1.build_layers(torch.device("cpu"), 1)
+    outs = [b1.step_calls(layers, v, 40, 64, torch.device("cpu"))[0]() for v in variants[:2]]
+    assert all(o.shape == (1, b1.H) and torch.isfinite(o.float()).all() for o in outs)

@@ -65,17 +65,6 @@ def test_fp32_greedy_identical_to_hf_with_compile_and_graphs(qwen2_ckpt: Path) -
     assert [o.outputs[0].token_ids for o in outs] == refs
 
 
-def test_fp32_greedy_identical_to_hf_with_l2_prefetch(qwen2_ckpt: Path) -> None:
-    # The few-token path's L2 prefetches (a hint to the memory system) at every launch
-    # that takes them, compiled and in CUDA graphs: not one token may change.
-    prompts = make_prompts()
-    refs = hf_greedy(qwen2_ckpt, prompts)
-    extra = {"l2_prefetch_mb": 24, "l2_prefetch_o_mb": 8, "l2_prefetch_next_qkv": True}
-    p = SamplingParams(temperature=0, max_tokens=12)
-    outs = _gen(qwen2_ckpt, prompts, p, dtype="float32", extra=extra)
-    assert [o.outputs[0].token_ids for o in outs] == refs
-
-
 def test_cuda_graphs_and_eager_give_the_same_tokens(qwen2_ckpt: Path) -> None:
     # float32: in bf16 a graph replays a decode batch padded to its bucket size, and cuBLAS
     # may pick another GEMM kernel for the padded M than eager does for the true M; the

@@ -28,16 +28,12 @@ def gemv_op(
     norm_weight: torch.Tensor | None,
     eps: float,
     gated: bool,
-    prefetch: list[torch.Tensor],
 ) -> torch.Tensor:
-    return gemv(
-        x, weight, bias, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated,
-        prefetch=prefetch,
-    )  # fmt: skip
+    return gemv(x, weight, bias, residual=residual, norm_weight=norm_weight, eps=eps, gated=gated)
 
 
 @gemv_op.register_fake
-def _gemv_fake(x, weight, bias, residual, norm_weight, eps, gated, prefetch):  # noqa: ANN001, ANN202
+def _gemv_fake(x, weight, bias, residual, norm_weight, eps, gated):  # noqa: ANN001, ANN202
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     return x.new_empty((x.shape[0], n))
 
@@ -52,13 +48,10 @@ def fused_linear(
     eps: float = 1e-6,
     gated: bool = False,
     as_custom_op: bool = False,
-    prefetch: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`gemv` called directly (eager) or through the custom op (under torch.compile);
-    `prefetch`: its L2 prefetch regions."""
-    prefetch = prefetch or []
+    """`gemv` called directly (eager) or through the custom op (under torch.compile)."""
     if as_custom_op:
-        return torch.ops.mmengine.gemv(x, weight, bias, residual, norm_weight, eps, gated, prefetch)
+        return torch.ops.mmengine.gemv(x, weight, bias, residual, norm_weight, eps, gated)
     return gemv(
         x,
         weight,
@@ -67,7 +60,6 @@ def fused_linear(
         norm_weight=norm_weight,
         eps=eps,
         gated=gated,
-        prefetch=prefetch,
     )
 
 

@@ -19,26 +19,12 @@ from mmengine.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, Sil
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
 
 
-def _fits_bulk_prefetch(t: torch.Tensor) -> bool:
-    """Whether `t` (contiguous) starts and ends on 16-byte boundaries of its storage."""
-    size = t.element_size()
-    return (t.numel() * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
-
-
 class DecoderLayer(nn.Module):
     # Steps of at most this many tokens take `_forward_few_tokens` (0: never); the runner
     # sets it on GPU. `gemv_as_custom_op` is set under torch.compile.
     gemv_max_tokens = 0
     gemv_rope = True  # few-token path: rotary + KV write in the QKV projection's epilogue
     gemv_as_custom_op = False
-    # Few-token path, sm_90+: weights its launches ask L2 to prefetch (kernels/gemv.py's
-    # `prefetch`), so that they stream from HBM while attention and the small projections
-    # leave it idle. MiB the QKV launch prefetches (o_proj's weight, then gate_up's first
-    # rows), MiB the o_proj launch prefetches (gate_up's next rows), and whether the down
-    # launch prefetches the next layer's QKV weight (`l2_next_qkv`, set by set_kernel_mode).
-    l2_prefetch_mb = 0
-    l2_prefetch_o_mb = 0
-    l2_next_qkv: tuple[torch.Tensor, ...] = ()
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -94,58 +80,22 @@ class DecoderLayer(nn.Module):
         stream = hidden if residual is None else residual + hidden
         op = self.gemv_as_custom_op
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        pf_qkv, pf_o, pf_down = self._l2_prefetch_plan()
         if self.gemv_rope and self.q_norm is None:
             attn = self.attn.forward_gemv_qkv(
-                stream, self.qkv_proj, ln1, positions, self.rotary, kv_cache, pf_qkv
+                stream, self.qkv_proj, ln1, positions, self.rotary, kv_cache
             )
         else:
             qkv = fused_linear(
                 stream, self.qkv_proj.weight, self.qkv_proj.bias,
-                norm_weight=ln1.weight, eps=ln1.eps, as_custom_op=op, prefetch=pf_qkv,
+                norm_weight=ln1.weight, eps=ln1.eps, as_custom_op=op,
             )  # fmt: skip
             attn = self._attention(qkv, positions, kv_cache)
-        stream = fused_linear(
-            attn, self.o_proj.weight, residual=stream, as_custom_op=op, prefetch=pf_o
-        )
+        stream = fused_linear(attn, self.o_proj.weight, residual=stream, as_custom_op=op)
         act = fused_linear(
             stream, self.gate_up_proj.weight,
             norm_weight=ln2.weight, eps=ln2.eps, gated=True, as_custom_op=op,
         )  # fmt: skip
-        out = fused_linear(
-            act, self.down_proj.weight, residual=stream, as_custom_op=op, prefetch=pf_down
-        )
-        return out, None
-
-    def _l2_prefetch_plan(
-        self,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """The few-token path's L2 prefetch regions, for the QKV, o_proj and down launches:
-        views of the weights the launches after each one read (see `l2_prefetch_mb`).
-        gate_up's rows are taken in pairs (gate row i with up row i), the order its
-        programs read them."""
-        gate_up = self.gate_up_proj.weight
-        inter, row_bytes = gate_up.shape[0] // 2, gate_up.shape[1] * gate_up.element_size()
-        o_bytes = self.o_proj.weight.numel() * self.o_proj.weight.element_size()
-        qkv_regions: list[torch.Tensor] = []
-        o_regions: list[torch.Tensor] = []
-        first = 0
-        if self.l2_prefetch_mb:
-            qkv_regions.append(self.o_proj.weight)
-            first = max(0, self.l2_prefetch_mb * 2**20 - o_bytes) // (2 * row_bytes)
-            first = min(first, inter)
-            if first:
-                qkv_regions += [gate_up[:first], gate_up[inter : inter + first]]
-        if self.l2_prefetch_o_mb:
-            end = min(inter, first + self.l2_prefetch_o_mb * 2**20 // (2 * row_bytes))
-            if end > first:
-                o_regions = [gate_up[first:end], gate_up[inter + first : inter + end]]
-
-        # Bulk prefetches take 16-byte aligned regions a multiple of 16 bytes long.
-        def aligned(regions: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [t for t in regions if _fits_bulk_prefetch(t)]
-
-        return aligned(qkv_regions), aligned(o_regions), aligned(list(self.l2_next_qkv))
+        return fused_linear(act, self.down_proj.weight, residual=stream, as_custom_op=op), None
 
     def _attention(
         self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache

@@ -163,11 +163,9 @@ class PagedAttention(nn.Module):
         positions: torch.Tensor,  # [T] or [3, T] (M-RoPE)
         rotary: RotaryEmbedding,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
-        prefetch: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, Hq * D]
         """`forward_qkv` with the norm and the QKV projection fused in too: one GEMV launch
-        (rotary and the KV-cache write in its epilogue) before attention. `prefetch`: the
-        GEMV launch's L2 prefetch regions (`kernels.gemv.gemv`)."""
+        (rotary and the KV-cache write in its epilogue) before attention."""
         args = (
             x,
             qkv_proj.weight,
@@ -181,7 +179,6 @@ class PagedAttention(nn.Module):
             self.scale,
             self.num_heads,
             rotary.mrope_section,
-            prefetch or [],
         )
         if self.as_custom_op:
             out = torch.ops.mmengine.gemv_rope_paged_attention(*args)
@@ -191,24 +188,12 @@ class PagedAttention(nn.Module):
 
 
 def set_kernel_mode(
-    model: nn.Module,
-    compiled: bool,
-    gemv_max_tokens: int = 0,
-    gemv_rope: bool = True,
-    l2_prefetch: tuple[int, int, bool] = (0, 0, False),
+    model: nn.Module, compiled: bool, gemv_max_tokens: int = 0, gemv_rope: bool = True
 ) -> None:
     """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses;
     attention, the residual add + norm and the few-token projections as custom ops. Steps
     of at most `gemv_max_tokens` tokens run the decoder layers' few-token path (0: off),
-    with rotary and the KV write in the QKV projection's epilogue when `gemv_rope`, and
-    the path's L2 prefetches set by `l2_prefetch` (MiB by the QKV launch, MiB by the o_proj
-    launch, the next layer's QKV weight by the down launch; see DecoderLayer)."""
-    layers = [m for m in model.modules() if hasattr(m, "gemv_max_tokens")]
-    for layer, after in zip(layers, [*layers[1:], None], strict=True):
-        layer.l2_prefetch_mb, layer.l2_prefetch_o_mb = l2_prefetch[0], l2_prefetch[1]
-        # A tuple, so that nn.Module does not register the next layer's parameter here.
-        next_qkv = l2_prefetch[2] and after is not None and hasattr(after, "qkv_proj")
-        layer.l2_next_qkv = (after.qkv_proj.weight,) if next_qkv else ()
+    with rotary and the KV write in the QKV projection's epilogue when `gemv_rope`."""
     for m in model.modules():
         if hasattr(m, "gemv_max_tokens"):
             m.gemv_max_tokens = gemv_max_tokens

@@ -12,13 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.activation import silu_and_mul_torch
-from kernels.gemv import (
-    MAX_ROWS,
-    GemvConfig,
-    gemv,
-    gemv_torch,
-    launch_config,
-)
+from kernels.gemv import MAX_ROWS, GemvConfig, gemv, gemv_torch, launch_config
 from kernels.rms_norm import rms_norm_torch
 
 torch.set_num_threads(1)
@@ -150,27 +144,6 @@ def test_gpu_decoder_shapes_bf16(rows: int) -> None:
         tol = 4 * ulp * (ref.float().abs() + 1)
         assert ((out.float() - ref.float()).abs() <= tol).all(), c
         assert (out != ref).float().mean() < 0.05, c
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("at", ["start", "end"])
-@pytest.mark.parametrize("rows", [1, 4])
-def test_gpu_l2_prefetch_leaves_every_output_bit_unchanged(
-    rows: int, at: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The prefetches are hints: with 1-3 regions (other weights, row ranges of them, 40 MiB
-    # in all), issued before or after the K loop, the launch computes the same bits. On
-    # sm_90+ the regions are really issued (tests/kernels/test_kernels_compile_for_hopper.py
-    # checks the PTX); elsewhere they are dropped.
-    monkeypatch.setenv("MMENGINE_L2_PREFETCH_AT", at)
-    x, w, b, r, nw = (t.cuda() for t in _case(rows, 11008, 2048, torch.bfloat16, True))
-    other = torch.randn(5 * 2048, 2048, device="cuda", dtype=torch.bfloat16)
-    for regions in ([other], [other[:1000], w[:3000]], [other, w[:4000], w[11008:15008]]):
-        for kwargs in (dict(norm_weight=nw, gated=True), dict(bias=b[:11008], residual=r)):
-            weight = w if kwargs.get("gated") else w[:11008]
-            plain = gemv(x, weight, eps=EPS, **kwargs)
-            assert torch.equal(gemv(x, weight, eps=EPS, prefetch=regions, **kwargs), plain)
 
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 2560, 2048), (1, 11008, 2048), (1, 2048, 11008),

@@ -71,8 +71,6 @@ GEMV_CHILD = textwrap.dedent(
             "ROPE": rope, "PAIRED": gated or rope, "HALF": 64, "NUM_Q_HEADS": 16,
             "NUM_KV_HEADS": 2, "CACHE_BLOCK_SIZE": 16, "IS_MROPE": bool(rope and norm),
             "MROPE_END_T": 16, "MROPE_END_H": 40, "USE_PDL": True, "LATE_TRIGGER": rope,
-            "NUM_PREFETCH": (rows + norm + bias) % 4, "PREFETCH_AT_END": res or gated,
-            "PF_LANES": 32 * cfg.num_warps, "PF_CHUNK": 32768,
             "DOT": cfg.dot, "NUM_STAGES": cfg.num_stages if cfg.dot else None, "DOT_PRECISION": "tf32",
             "BLOCK_M": max(16, triton.next_power_of_2(rows)) if cfg.dot else triton.next_power_of_2(rows),
             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
@@ -85,15 +83,12 @@ GEMV_CHILD = textwrap.dedent(
             elif name.endswith("_ptr"):
                 sig[name] = POINTERS.get(name, "*bf16")
             else:
-                sig[name] = "fp32" if name == "eps" else "i64" if name.endswith("_bytes") else "i32"
+                sig[name] = "fp32" if name == "eps" else "i32"
         compiled = triton.compile(
             ASTSource(_gemv_kernel, sig, constexprs=consts), target=target,
             options={"num_warps": cfg.num_warps},
         )
         assert compiled.asm["ptx"], consts
-        # Each L2 prefetch region is one (predicated) line prefetch per thread per step.
-        issued = compiled.asm["ptx"].count("prefetch.global.L2 ")
-        assert issued == consts["NUM_PREFETCH"], (consts, issued)
         # Pipelined tensor-core tiles must fit an sm_90 SM's shared memory (227 KiB).
         assert compiled.metadata.shared <= 232448, (consts, compiled.metadata.shared)
     print("compiled")

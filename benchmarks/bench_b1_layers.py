@@ -1,30 +1,26 @@
-"""Batch-1 decoder layers with and without L2 prefetch of the next launches' weights (issue 3).
+"""Batch-1 decoder layers as the engine launches them, with attention variants (issue 3).
 
 The engine's one-token decode step runs each Qwen2.5-3B layer as five launches: the QKV
-GEMV (norm, rotary, KV write), paged attention (+ its split merge), o_proj (+ residual),
-gate_up (norm, SiLU-and-mul) and down (+ residual). Attention reads ~1 MB and the small
-projections are latency-bound, so HBM idles for ~20 us a layer. With `prefetch=` a GEMV
-launch asks L2 to fetch weights the launches after it will read (`kernels/gemv.py`), so
-that they stream in during that idle time.
+GEMV (norm, rotary, KV write), paged attention (split-KV, + its split merge), o_proj
+(+ residual), gate_up (norm, SiLU-and-mul) and down (+ residual). This script builds those
+launches for 36 layers of distinct random weights (6.2 GB, far beyond L2), captures one
+CUDA graph per variant and times the replays in alternating rounds. No engine and no
+torch.compile: a variant costs a graph capture and the kernel variants it compiles, so a
+sweep takes seconds where engine A/Bs (`ab_decode_graphs.py`) take a minute a variant.
 
-This script builds those five launches for 36 layers of distinct random weights (6.2 GB,
-far beyond L2), captures them in one CUDA graph per variant, and times the replays in
-alternating rounds. No engine, no torch.compile: each variant costs a graph capture and
-the few kernel variants it compiles. A variant `NAME:QKV_MB:O_MB:NEXT:AT` sets the QKV
-launch's MiB (o_proj's weight, then gate_up's first gate/up rows), the o_proj launch's MiB
-(gate_up's next rows), NEXT=1 to have down prefetch the next layer's QKV weight, and AT
-`start` or `end` (prefetch before the launch's K loop or after it).
+A variant `NAME:SPLITS:MERGE` sets attention's KV split count (0: the engine's choice for
+the captured graph, from `--max-seq-len`) and its merge (`auto`: fused in the split launch
+up to FUSED_MERGE_MAX_SPLITS, `fused`, `two`: a second launch).
 
-    python3 benchmarks/bench_l2_prefetch.py [--variants base:0:0:0:start,q24:24:0:0:start]
+    python3 benchmarks/bench_b1_layers.py [--variants engine:0:auto,s16f:16:fused]
 
-Writes $OUT/l2_prefetch.md: per variant, ms per 36-layer graph (median of round medians,
-each round's median), and the weight-read floor at the card's measured read rate.
+Writes $OUT/b1_layers.md: per variant, ms per 36-layer step (median of round medians, each
+round's median) and the weight-read floor at the card's measured read rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -41,47 +37,25 @@ from benchmarks.report import write_report  # noqa: E402
 H, INTER, HQ, HK, D = 2048, 11008, 16, 2, 128  # Qwen2.5-3B
 QKV = (HQ + 2 * HK) * D
 LAYERS, BLOCK = 36, 16
-DEFAULT_VARIANTS = (
-    "base:0:0:0:start,q16:16:0:0:start,q24:24:0:0:start,q32:32:0:0:start,q40:40:0:0:start,"
-    "q24o16:24:16:0:start,q24n:24:0:1:start,q24end:24:0:0:end,all:24:16:1:start"
-)
+DEFAULT_VARIANTS = "engine:0:auto,s32two:32:two,s16two:16:two,s16f:16:fused,s8f:8:fused,s4f:4:fused"
+MERGES = {"auto": None, "fused": True, "two": False}
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    qkv_mb: int
-    o_mb: int
-    next_qkv: bool
-    at: str
+    splits: int  # 0: the engine's choice
+    merge: str  # a key of MERGES
 
 
 def parse_variants(text: str) -> list[Variant]:
     out = []
     for item in text.split(","):
         parts = item.split(":")
-        if len(parts) != 5 or parts[4] not in ("start", "end"):
-            raise SystemExit(f"--variants: expected NAME:QKV_MB:O_MB:NEXT:start|end, got {item!r}")
-        out.append(Variant(parts[0], int(parts[1]), int(parts[2]), parts[3] == "1", parts[4]))
+        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in MERGES:
+            raise SystemExit(f"--variants: expected NAME:SPLITS:auto|fused|two, got {item!r}")
+        out.append(Variant(parts[0], int(parts[1]), parts[2]))
     return out
-
-
-def plan(layer: dict, nxt: dict | None, v: Variant) -> tuple[list, list, list]:
-    """The prefetch regions of a layer's QKV, o_proj and down launches, as the engine's
-    DecoderLayer._l2_prefetch_plan builds them."""
-    gu, row = layer["gate_up"], H * 2
-    qkv, o, first = [], [], 0
-    if v.qkv_mb:
-        qkv.append(layer["o"])
-        first = min(INTER, max(0, v.qkv_mb * 2**20 - layer["o"].numel() * 2) // (2 * row))
-        if first:
-            qkv += [gu[:first], gu[INTER : INTER + first]]
-    if v.o_mb:
-        end = min(INTER, first + v.o_mb * 2**20 // (2 * row))
-        if end > first:
-            o = [gu[first:end], gu[INTER + first : INTER + end]]
-    down = [nxt["qkv"]] if v.next_qkv and nxt is not None else []
-    return qkv, o, down
 
 
 def build_layers(dev: torch.device, count: int = LAYERS) -> list[dict]:
@@ -121,7 +95,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     positions = torch.full((1,), ctx - 1, device=dev, dtype=torch.long)
     qsl = torch.tensor([0, 1], device=dev, dtype=torch.int32)
     seq_lens = torch.full((1,), ctx, device=dev, dtype=torch.int32)
-    splits = choose_num_kv_splits(
+    splits = v.splits or choose_num_kv_splits(
         num_q_blocks=1,
         num_kv_heads=HK,
         max_query_len=1,
@@ -133,26 +107,25 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     x0 = torch.randn(1, H, device=dev, dtype=dt)
     per_layer = []
     for i, layer in enumerate(layers):
-        nxt = layers[i + 1] if i + 1 < len(layers) else None
         table = (torch.arange(nb, device=dev, dtype=torch.int32) + 1 + i * nb).view(1, nb)
         slots = (table[0, -1:].long() * BLOCK + (ctx - 1) % BLOCK).contiguous()
-        per_layer.append((layer, plan(layer, nxt, v), table, slots))
+        per_layer.append((layer, table, slots))
 
     def step() -> torch.Tensor:
         stream = x0
-        for layer, (pf_qkv, pf_o, pf_down), table, slots in per_layer:
+        for layer, table, slots in per_layer:
             q = gemv_qkv_rope(
                 stream, layer["qkv"], layer["bias"], norm_weight=layer["ln1"], eps=1e-6,
                 positions=positions, cos_sin_cache=cos_sin, key_cache=kc, value_cache=vc,
-                slot_mapping=slots, num_q_heads=HQ, prefetch=pf_qkv,
+                slot_mapping=slots, num_q_heads=HQ,
             )  # fmt: skip
             a = paged_attention(
                 q, kc, vc, table, qsl, seq_lens, scale=D**-0.5, max_query_len=1,
-                max_seq_len=max_seq_len, num_kv_splits=splits,
+                max_seq_len=max_seq_len, num_kv_splits=splits, fused_merge=MERGES[v.merge],
             ).view(1, HQ * D)  # fmt: skip
-            s = gemv(a, layer["o"], residual=stream, prefetch=pf_o)
+            s = gemv(a, layer["o"], residual=stream)
             act = gemv(s, layer["gate_up"], norm_weight=layer["ln2"], eps=1e-6, gated=True)
-            stream = gemv(act, layer["down"], residual=s, prefetch=pf_down)
+            stream = gemv(act, layer["down"], residual=s)
         return stream
 
     return [step]
@@ -202,7 +175,6 @@ def main(argv: list[str] | None = None) -> None:
     floor_ms = weight_bytes / read_bps * 1e3
     graphs = {}
     for v in args.variants:
-        os.environ["MMENGINE_L2_PREFETCH_AT"] = v.at  # read at launch: baked into the graph
         graphs[v.name] = capture(step_calls(layers, v, args.ctx, args.max_seq_len, dev))
         print(f"[{time.perf_counter() - t0:.0f} s] captured {v.name}", flush=True)
     rounds: dict[str, list[float]] = {v.name: [] for v in args.variants}
@@ -213,24 +185,24 @@ def main(argv: list[str] | None = None) -> None:
     card = torch.cuda.get_device_name(0)
     base = statistics.median(rounds[args.variants[0].name])
     lines = [
-        f"# Batch-1 decoder layers, L2 prefetch variants, on {card}",
+        f"# Batch-1 decoder layers, attention variants, on {card}",
         "",
         f"36 Qwen2.5-3B layers (5 launches each, context {args.ctx}), one CUDA graph per "
         f"variant. Weights {weight_bytes / 1e9:.2f} GB: floor {floor_ms:.3f} ms at "
         f"{read_bps / 1e9:.0f} GB/s.",
         "",
-        "| variant | QKV MiB | o_proj MiB | next QKV | at | ms | x floor | vs first | rounds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | splits | merge | ms | x floor | vs first | rounds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for v in args.variants:
         ms = statistics.median(rounds[v.name])
         lines.append(
-            f"| {v.name} | {v.qkv_mb} | {v.o_mb} | {int(v.next_qkv)} | {v.at} | {ms:.3f} | "
+            f"| {v.name} | {v.splits or 'engine'} | {v.merge} | {ms:.3f} | "
             f"{ms / floor_ms:.2f} | {100 * (ms / base - 1):+.1f}% | "
             + " ".join(f"{x:.3f}" for x in rounds[v.name])
             + " |"
         )
-    write_report("l2_prefetch", "\n".join(lines))
+    write_report("b1_layers", "\n".join(lines))
 
 
 if __name__ == "__main__":
