@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -69,7 +70,9 @@ def build(cfg_dir: Path, args, env: dict[str, str], opts: dict[str, object]):
             max_num_seqs=max(args.batches),
             max_num_batched_tokens=8192,
             num_kv_blocks=max(args.batches) * (-(-args.ctx // 16)) + 64,
-            extra={"load_format": "dummy"},
+            # The start-up warm-up compiles attention shapes of steps these replays never
+            # run (~10 s a variant on a fresh machine); the graph captures compile theirs.
+            extra={"load_format": "dummy", "kernel_warmup": False},
         )
         extra = {**kwargs["extra"], **opts.get("extra", {})}
         kwargs.update(opts)
@@ -96,9 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     engines = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg_dir = write_config_dir(args.config, Path(tmp) / "model")
+        t0 = time.perf_counter()
         for name, env, opts in variants:
             engines[name] = build(cfg_dir, args, env, opts)
-            print(f"built {name}", flush=True)
+            print(f"[{time.perf_counter() - t0:.0f} s] built {name}", flush=True)
         lines = [
             f"# decode graph A/B on {torch.cuda.get_device_name(0)}: {args.config}, ctx {args.ctx}",
             "",
@@ -116,9 +120,10 @@ def main(argv: list[str] | None = None) -> None:
                     fill_graph_inputs(runner, b, args.ctx, gen)
                     graphs[name] = (runner.graphs.graphs[b].replay, runner.device)
                 rounds: dict[str, list[float]] = {name: [] for name in engines}
-                for _ in range(args.rounds):
+                for r in range(args.rounds):
                     for name, (replay, dev) in graphs.items():
                         rounds[name].append(time_ms(replay, dev, args.reps))
+                    print(f"[{time.perf_counter() - t0:.0f} s] B={b} round {r}", flush=True)
                 for name, vals in rounds.items():
                     lines.append(
                         f"| {b} | {name} | {statistics.median(vals):.3f} "
