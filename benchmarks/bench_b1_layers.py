@@ -8,9 +8,13 @@ CUDA graph per variant and times the replays in alternating rounds. No engine an
 torch.compile: a variant costs a graph capture and the kernel variants it compiles, so a
 sweep takes seconds where engine A/Bs (`ab_decode_graphs.py`) take a minute a variant.
 
-A variant `NAME:SPLITS:MERGE` sets attention's KV split count (0: the engine's choice for
-the captured graph, from `--max-seq-len`) and its merge (`auto`: fused in the split launch
-up to FUSED_MERGE_MAX_SPLITS, `fused`, `two`: a second launch).
+A variant `NAME:SPLITS:MERGE[:GU]` sets attention's KV split count (0: the engine's choice
+for the captured graph, from `--max-seq-len`), its merge (`auto`: fused in the split launch
+up to FUSED_MERGE_MAX_SPLITS, `fused`, `two`: a second launch), and optionally gate_up's
+launch as `COLUMNSxWARPS` (default: `launch_config`'s 1x2). With its fused RMSNorm each
+gate_up program reads the x row twice (the rms prologue, then the K loop) plus the norm
+weight: at one column a program that is ~135 MB of L2 reads a layer against 90 MB of
+weights, so wider programs may pay off there where they did not for the projection alone.
 
     python3 benchmarks/bench_b1_layers.py [--variants engine:0:auto,s16f:16:fused]
 
@@ -37,7 +41,10 @@ from benchmarks.report import write_report  # noqa: E402
 H, INTER, HQ, HK, D = 2048, 11008, 16, 2, 128  # Qwen2.5-3B
 QKV = (HQ + 2 * HK) * D
 LAYERS, BLOCK = 36, 16
-DEFAULT_VARIANTS = "engine:0:auto,s32two:32:two,s16two:16:two,s16f:16:fused,s8f:8:fused,s4f:4:fused"
+DEFAULT_VARIANTS = (
+    "engine:0:auto,s32two:32:two,s16two:16:two,s16f:16:fused,s8f:8:fused,s4f:4:fused,"
+    "gu2x2:0:auto:2x2,gu2x4:0:auto:2x4,gu4x4:0:auto:4x4"
+)
 MERGES = {"auto": None, "fused": True, "two": False}
 
 
@@ -46,15 +53,26 @@ class Variant:
     name: str
     splits: int  # 0: the engine's choice
     merge: str  # a key of MERGES
+    gate_up: tuple[int, int] | None = None  # (output columns, warps) of each gate_up program
 
 
 def parse_variants(text: str) -> list[Variant]:
     out = []
     for item in text.split(","):
         parts = item.split(":")
-        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in MERGES:
-            raise SystemExit(f"--variants: expected NAME:SPLITS:auto|fused|two, got {item!r}")
-        out.append(Variant(parts[0], int(parts[1]), parts[2]))
+        gu = parts[3].split("x") if len(parts) == 4 else ["1", "1"]
+        if (
+            len(parts) not in (3, 4)
+            or not parts[1].isdigit()
+            or parts[2] not in MERGES
+            or len(gu) != 2
+            or not all(g.isdigit() and int(g) > 0 for g in gu)
+        ):
+            raise SystemExit(
+                f"--variants: expected NAME:SPLITS:auto|fused|two[:COLUMNSxWARPS], got {item!r}"
+            )
+        gate_up = (int(gu[0]), int(gu[1])) if len(parts) == 4 else None
+        out.append(Variant(parts[0], int(parts[1]), parts[2], gate_up))
     return out
 
 
@@ -83,7 +101,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     """One decode step of one token through every layer (its residual stream passed on as
     the engine's few-token path does), as a one-call list for the graph to capture. Each
     layer has its own KV-cache blocks."""
-    from kernels.gemv import gemv, gemv_qkv_rope
+    from kernels.gemv import GemvConfig, gemv, gemv_qkv_rope, launch_config
     from kernels.paged_attention import choose_num_kv_splits, paged_attention
     from kernels.rotary import build_cos_sin_cache
 
@@ -105,6 +123,10 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
         else 132,
     )
     x0 = torch.randn(1, H, device=dev, dtype=dt)
+    gu_config = None
+    if v.gate_up is not None:  # the row loop's K tiles as launch_config picks them
+        block_k = launch_config(1, INTER, H, gated=True).block_k
+        gu_config = GemvConfig(v.gate_up[0], block_k, v.gate_up[1])
     per_layer = []
     for i, layer in enumerate(layers):
         table = (torch.arange(nb, device=dev, dtype=torch.int32) + 1 + i * nb).view(1, nb)
@@ -124,7 +146,10 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
                 max_seq_len=max_seq_len, num_kv_splits=splits, fused_merge=MERGES[v.merge],
             ).view(1, HQ * D)  # fmt: skip
             s = gemv(a, layer["o"], residual=stream)
-            act = gemv(s, layer["gate_up"], norm_weight=layer["ln2"], eps=1e-6, gated=True)
+            act = gemv(
+                s, layer["gate_up"], norm_weight=layer["ln2"], eps=1e-6, gated=True,
+                config=gu_config,
+            )  # fmt: skip
             stream = gemv(act, layer["down"], residual=s)
         return stream
 
@@ -191,13 +216,14 @@ def main(argv: list[str] | None = None) -> None:
         f"variant. Weights {weight_bytes / 1e9:.2f} GB: floor {floor_ms:.3f} ms at "
         f"{read_bps / 1e9:.0f} GB/s.",
         "",
-        "| variant | splits | merge | ms | x floor | vs first | rounds |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | splits | merge | gate_up | ms | x floor | vs first | rounds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v in args.variants:
         ms = statistics.median(rounds[v.name])
         lines.append(
-            f"| {v.name} | {v.splits or 'engine'} | {v.merge} | {ms:.3f} | "
+            f"| {v.name} | {v.splits or 'engine'} | {v.merge} | "
+            f"{'x'.join(map(str, v.gate_up)) if v.gate_up else 'default'} | {ms:.3f} | "
             f"{ms / floor_ms:.2f} | {100 * (ms / base - 1):+.1f}% | "
             + " ".join(f"{x:.3f}" for x in rounds[v.name])
             + " |"

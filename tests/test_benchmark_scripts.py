@@ -276,9 +276,10 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
 
     from benchmarks import bench_b1_layers as b1
 
-    variants = b1.parse_variants("e:0:auto,s16:16:fused,t:8:two")
+    variants = b1.parse_variants("e:0:auto,g:16:fused:2x4,t:8:two")
     assert [(v.splits, b1.MERGES[v.merge]) for v in variants] == [(0, None), (16, True), (8, False)]
-    for bad in ("x:1", "x:a:auto", "x:4:both"):
+    assert [v.gate_up for v in variants] == [None, (2, 4), None]
+    for bad in ("x:1", "x:a:auto", "x:4:both", "x:4:two:2", "x:4:two:0x2", "x:0:auto:2x4:1"):
         with pytest.raises(SystemExit, match="NAME:SPLITS"):
             b1.parse_variants(bad)
     layers = b1.build_layers(torch.device("cpu"), 1)
