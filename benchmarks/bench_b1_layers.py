@@ -13,8 +13,9 @@ for the captured graph, from `--max-seq-len`), its merge (`auto`: fused in the s
 up to FUSED_MERGE_MAX_SPLITS, `fused`, `two`: a second launch), and optionally gate_up's
 launch as `COLUMNSxWARPS` (default: `launch_config`'s 1x2). With its fused RMSNorm each
 gate_up program reads the x row twice (the rms prologue, then the K loop) plus the norm
-weight: at one column a program that is ~135 MB of L2 reads a layer against 90 MB of
-weights, so wider programs may pay off there where they did not for the projection alone.
+weight: at one column a program that is ~135 MB of cached reads (L1 or L2) a layer
+against 90 MB of weights, so wider programs may pay off there where they did not for the
+projection alone.
 
     python3 benchmarks/bench_b1_layers.py [--variants engine:0:auto,s16f:16:fused]
 
