@@ -15,7 +15,9 @@ launch as `COLUMNSxWARPS` (default: `launch_config`'s 1x2). With its fused RMSNo
 gate_up program reads the x row twice (the rms prologue, then the K loop) plus the norm
 weight: at one column a program that is ~135 MB of cached reads (L1 or L2) a layer
 against 90 MB of weights, so wider programs may pay off there where they did not for the
-projection alone.
+projection alone. `sep` instead runs that norm as a launch of its own (o_proj without its
+residual, then `rms_norm` with the residual add, then gate_up without a norm): one launch
+more a layer, against the fused norm's ~2.8 us (session 11, gate_up alone).
 
     python3 benchmarks/bench_b1_layers.py [--variants engine:0:auto,s16f:16:fused]
 
@@ -44,7 +46,7 @@ QKV = (HQ + 2 * HK) * D
 LAYERS, BLOCK = 36, 16
 DEFAULT_VARIANTS = (
     "engine:0:auto,s32two:32:two,s16two:16:two,s16f:16:fused,s8f:8:fused,s4f:4:fused,"
-    "gu2x2:0:auto:2x2,gu2x4:0:auto:2x4,gu4x4:0:auto:4x4"
+    "gu2x2:0:auto:2x2,gu2x4:0:auto:2x4,gu4x4:0:auto:4x4,gusep:0:auto:sep"
 )
 MERGES = {"auto": None, "fused": True, "two": False}
 
@@ -55,13 +57,15 @@ class Variant:
     splits: int  # 0: the engine's choice
     merge: str  # a key of MERGES
     gate_up: tuple[int, int] | None = None  # (output columns, warps) of each gate_up program
+    separate_norm: bool = False  # gate_up's RMSNorm (+ the residual add) as its own launch
 
 
 def parse_variants(text: str) -> list[Variant]:
     out = []
     for item in text.split(","):
         parts = item.split(":")
-        gu = parts[3].split("x") if len(parts) == 4 else ["1", "1"]
+        sep = len(parts) == 4 and parts[3] == "sep"
+        gu = parts[3].split("x") if len(parts) == 4 and not sep else ["1", "1"]
         if (
             len(parts) not in (3, 4)
             or not parts[1].isdigit()
@@ -70,11 +74,17 @@ def parse_variants(text: str) -> list[Variant]:
             or not all(g.isdigit() and int(g) > 0 for g in gu)
         ):
             raise SystemExit(
-                f"--variants: expected NAME:SPLITS:auto|fused|two[:COLUMNSxWARPS], got {item!r}"
+                f"--variants: expected NAME:SPLITS:auto|fused|two[:COLUMNSxWARPS|sep], got {item!r}"
             )
-        gate_up = (int(gu[0]), int(gu[1])) if len(parts) == 4 else None
-        out.append(Variant(parts[0], int(parts[1]), parts[2], gate_up))
+        gate_up = (int(gu[0]), int(gu[1])) if len(parts) == 4 and not sep else None
+        out.append(Variant(parts[0], int(parts[1]), parts[2], gate_up, sep))
     return out
+
+
+def _gate_up_name(v: Variant) -> str:
+    if v.separate_norm:
+        return "norm apart"
+    return "x".join(map(str, v.gate_up)) if v.gate_up else "default"
 
 
 def build_layers(dev: torch.device, count: int = LAYERS) -> list[dict]:
@@ -104,6 +114,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     layer has its own KV-cache blocks."""
     from kernels.gemv import GemvConfig, gemv, gemv_qkv_rope, launch_config
     from kernels.paged_attention import choose_num_kv_splits, paged_attention
+    from kernels.rms_norm import rms_norm
     from kernels.rotary import build_cos_sin_cache
 
     dt = torch.bfloat16
@@ -146,11 +157,15 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
                 q, kc, vc, table, qsl, seq_lens, scale=D**-0.5, max_query_len=1,
                 max_seq_len=max_seq_len, num_kv_splits=splits, fused_merge=MERGES[v.merge],
             ).view(1, HQ * D)  # fmt: skip
-            s = gemv(a, layer["o"], residual=stream)
-            act = gemv(
-                s, layer["gate_up"], norm_weight=layer["ln2"], eps=1e-6, gated=True,
-                config=gu_config,
-            )  # fmt: skip
+            if v.separate_norm:
+                normed, s = rms_norm(gemv(a, layer["o"]), layer["ln2"], 1e-6, stream)
+                act = gemv(normed, layer["gate_up"], gated=True)
+            else:
+                s = gemv(a, layer["o"], residual=stream)
+                act = gemv(
+                    s, layer["gate_up"], norm_weight=layer["ln2"], eps=1e-6, gated=True,
+                    config=gu_config,
+                )  # fmt: skip
             stream = gemv(act, layer["down"], residual=s)
         return stream
 
@@ -224,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         ms = statistics.median(rounds[v.name])
         lines.append(
             f"| {v.name} | {v.splits or 'engine'} | {v.merge} | "
-            f"{'x'.join(map(str, v.gate_up)) if v.gate_up else 'default'} | {ms:.3f} | "
+            f"{_gate_up_name(v)} | {ms:.3f} | "
             f"{ms / floor_ms:.2f} | {100 * (ms / base - 1):+.1f}% | "
             + " ".join(f"{x:.3f}" for x in rounds[v.name])
             + " |"

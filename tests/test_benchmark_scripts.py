@@ -276,12 +276,23 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
 
     from benchmarks import bench_b1_layers as b1
 
-    variants = b1.parse_variants("e:0:auto,g:16:fused:2x4,t:8:two")
+    variants = b1.parse_variants("e:0:auto,g:16:fused:2x4,t:8:two:sep")
     assert [(v.splits, b1.MERGES[v.merge]) for v in variants] == [(0, None), (16, True), (8, False)]
-    assert [v.gate_up for v in variants] == [None, (2, 4), None]
+    assert [(v.gate_up, v.separate_norm) for v in variants] == [
+        (None, False),
+        ((2, 4), False),
+        (None, True),
+    ]
     for bad in ("x:1", "x:a:auto", "x:4:both", "x:4:two:2", "x:4:two:0x2", "x:0:auto:2x4:1"):
         with pytest.raises(SystemExit, match="NAME:SPLITS"):
             b1.parse_variants(bad)
     layers = b1.build_layers(torch.device("cpu"), 1)
-    outs = [b1.step_calls(layers, v, 40, 64, torch.device("cpu"))[0]() for v in variants[:2]]
+    outs = [b1.step_calls(layers, v, 40, 64, torch.device("cpu"))[0]() for v in variants]
     assert all(o.shape == (1, b1.H) and torch.isfinite(o.float()).all() for o in outs)
+    # The norm as its own launch computes the same layer (the KV cache is drawn per call,
+    # so compare two calls of one variant's step with the other variant's on equal caches).
+    torch.manual_seed(0)
+    fused = b1.step_calls(layers, variants[0], 40, 64, torch.device("cpu"))[0]()
+    torch.manual_seed(0)
+    apart = b1.step_calls(layers, variants[2], 40, 64, torch.device("cpu"))[0]()
+    torch.testing.assert_close(apart, fused, rtol=0.02, atol=0.02)
