@@ -1,4 +1,4 @@
-"""Batch-1 decoder layers as the engine launches them, with attention variants (issue 3).
+"""Batch-1 decoder layers as the engine launches them, with attention and gate_up variants.
 
 The engine's one-token decode step runs each Qwen2.5-3B layer as five launches: the QKV
 GEMV (norm, rotary, KV write), paged attention (split-KV, + its split merge), o_proj
