@@ -172,21 +172,6 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     return [step]
 
 
-def capture(calls: list) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in calls:  # compile outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    return graph
-
-
 def time_graph(graph: torch.cuda.CUDAGraph, reps: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
@@ -206,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=50, help="replays timed per round")
     args = ap.parse_args(argv)
+    from benchmarks.bench_gemv import capture_graph
     from benchmarks.bench_text_throughput import ceilings
 
     t0 = time.perf_counter()
@@ -216,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     floor_ms = weight_bytes / read_bps * 1e3
     graphs = {}
     for v in args.variants:
-        graphs[v.name] = capture(step_calls(layers, v, args.ctx, args.max_seq_len, dev))
+        graphs[v.name] = capture_graph(step_calls(layers, v, args.ctx, args.max_seq_len, dev))
         print(f"[{time.perf_counter() - t0:.0f} s] captured {v.name}", flush=True)
     rounds: dict[str, list[float]] = {v.name: [] for v in args.variants}
     for r in range(args.rounds):

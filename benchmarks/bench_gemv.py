@@ -58,12 +58,13 @@ SHAPES = {
 }
 
 
-def graph_us(calls, reps: int = 20) -> float:
-    """GPU microseconds per call of the list `calls`, replayed as one CUDA graph."""
+def capture_graph(calls) -> torch.cuda.CUDAGraph:  # noqa: ANN001
+    """The list `calls` (zero-argument callables) captured as one CUDA graph, after one
+    eager run on a side stream (compiles and autotunes outside the capture)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for fn in calls:  # warm-up: compile and autotune outside the capture
+        for fn in calls:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
@@ -71,6 +72,12 @@ def graph_us(calls, reps: int = 20) -> float:
     with torch.cuda.graph(graph):
         for fn in calls:
             fn()
+    return graph
+
+
+def graph_us(calls, reps: int = 20) -> float:
+    """GPU microseconds per call of the list `calls`, replayed as one CUDA graph."""
+    graph = capture_graph(calls)
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
