@@ -11,7 +11,7 @@ sweep takes seconds where engine A/Bs (`ab_decode_graphs.py`) take a minute a va
 A variant `NAME:SPLITS:MERGE[:GU]` sets attention's KV split count (0: the engine's choice
 for the captured graph, from `--max-seq-len`), its merge (`auto`: fused in the split launch
 up to FUSED_MERGE_MAX_SPLITS, `fused`, `two`: a second launch), and optionally gate_up's
-launch as `COLUMNSxWARPS` (default: `launch_config`'s 1x2). With its fused RMSNorm each
+launch as `COLUMNSxWARPS` (default: `launch_config`'s, 2x4 since session 15; 1x2 before). With its fused RMSNorm each
 gate_up program reads the x row twice (the rms prologue, then the K loop) plus the norm
 weight: at one column a program that is ~135 MB of cached reads (L1 or L2) a layer
 against 90 MB of weights, so wider programs may pay off there where they did not for the
@@ -45,8 +45,8 @@ H, INTER, HQ, HK, D = 2048, 11008, 16, 2, 128  # Qwen2.5-3B
 QKV = (HQ + 2 * HK) * D
 LAYERS, BLOCK = 36, 16
 DEFAULT_VARIANTS = (
-    "engine:0:auto,s32two:32:two,s16two:16:two,s16f:16:fused,s8f:8:fused,s4f:4:fused,"
-    "gu2x2:0:auto:2x2,gu2x4:0:auto:2x4,gu4x4:0:auto:4x4,gusep:0:auto:sep"
+    "engine:0:auto,s32two:32:two,s16two:16:two,gu1x2:0:auto:1x2,gu2x2:0:auto:2x2,"
+    "gu2x8:0:auto:2x8,gu4x4:0:auto:4x4,gu4x8:0:auto:4x8,gusep:0:auto:sep"
 )
 MERGES = {"auto": None, "fused": True, "two": False}
 

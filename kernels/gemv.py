@@ -321,7 +321,9 @@ class GemvConfig(NamedTuple):
     norm_block_k: int = 512  # dot with a fused norm: K width of its rms prologue
 
 
-def launch_config(rows: int, n: int, k: int, gated: bool = False, rope: bool = False) -> GemvConfig:
+def launch_config(
+    rows: int, n: int, k: int, gated: bool = False, rope: bool = False, norm: bool = False
+) -> GemvConfig:
     """The launch of `gemv` for `rows` x rows of width k and n output columns (per half of a
     `gated` weight; n rotation pairs for `gemv_qkv_rope`).
 
@@ -337,7 +339,11 @@ def launch_config(rows: int, n: int, k: int, gated: bool = False, rope: bool = F
     stages 23.4 us (94% of the read rate, cuBLAS 25.0); long rows (down) 16 x 512 x 5 stages
     17.5 us (cuBLAS 16.4); the small qkv / o_proj 32 x 512 x 3 stages 6.2 / 5.9 us (cuBLAS
     6.4 / 6.1). Gated tiles stay narrow in K at any width so two weight pipelines fit in
-    shared memory.
+    shared memory. With a fused RMSNorm (`norm`), a one-row gated launch takes 2 columns x 4
+    warps: each program reads the x row twice (the rms prologue, then the K loop) and the
+    norm weight once, so two columns a program halve those cached reads; in the batch-1
+    layer chain (36 Qwen2.5-3B layers, benchmarks/bench_b1_layers.py, H200, session 15) it
+    ran 2.122 ms against 2.162 with 1 x 2.
     """
     block_k = min(1024, max(64, next_power_of_2(k)))
     if rope:  # two weight rows per pair (q/k/v elements i and i + head_size / 2)
@@ -353,7 +359,7 @@ def launch_config(rows: int, n: int, k: int, gated: bool = False, rope: bool = F
     if k >= 4096:
         return GemvConfig(1, block_k, 1)
     if n >= 8192:
-        return GemvConfig(1, block_k, 2)
+        return GemvConfig(2, block_k, 4) if gated and norm else GemvConfig(1, block_k, 2)
     return GemvConfig(2, block_k, 4)
 
 
@@ -414,7 +420,11 @@ def gemv(
         raise ValueError(f"residual must be [{rows}, {n}] with contiguous rows")
     if rows == 0 or n == 0:
         return out
-    cfg = GemvConfig(*config) if config is not None else launch_config(rows, n, k, gated)
+    cfg = (
+        GemvConfig(*config)
+        if config is not None
+        else launch_config(rows, n, k, gated, norm=norm_weight is not None)
+    )
     _launch(out, x, weight, bias, residual, norm_weight, eps, n, cfg, pdl, gated=gated)
     return out
 

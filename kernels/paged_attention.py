@@ -61,6 +61,13 @@ _PROGRAMS_PER_SM = 4
 # A plain grid with this many programs per SM already streams KV at ~95% of copy bandwidth
 # on an H100 (64 sequences × 8 KV heads); splitting it only adds the merge.
 _NO_SPLIT_PROGRAMS_PER_SM = 2
+# Decode programs (one query token, heads padded to 128 or more) resident on one SM at once:
+# each holds two pipeline stages of K and V tiles, 2 × 64 positions × 128 dims × 2 bytes × 2
+# = 64 KiB of shared memory (32 × 256 for wider heads, the same), and a Hopper SM has 228 KiB.
+# A grid just past a multiple of this × SMs runs a short last wave at a fraction of the
+# card's bandwidth: 16q/2kv at context 1152 took 65 us at 198 sequences (396 programs) and
+# 94 us at 200 (400) on an H200 (session 15, benchmarks/sweep_decode_waves.py).
+_DECODE_RESIDENT_PER_SM = 3
 
 # Fused-merge counters: one persistent, zeroed int32 buffer per device, shared by every
 # call (one counter per (query block, KV head) tile of the call's grid). Each call leaves
@@ -596,12 +603,27 @@ def choose_num_kv_splits(
     max_query_len: int,
     max_seq_len: int,
     sm_count: int,
+    head_size: int = 128,
 ) -> int:
     """How many programs share one sequence's KV range (1 = no split).
 
-    Splitting pays when the plain grid (query blocks × KV heads) cannot fill the GPU and
-    each sequence has a long context to stream: a decode batch of 16 sequences with 2 KV
-    heads is 32 programs on a 132-SM H100.
+    Splitting pays in two cases:
+    - the plain grid (query blocks × KV heads) cannot fill the GPU and each sequence has a
+      long context to stream: a decode batch of 16 sequences with 2 KV heads is 32 programs
+      on a 132-SM H100;
+    - a decode grid spills a little past a whole number of waves (`_DECODE_RESIDENT_PER_SM`
+      programs an SM): splitting shortens every program, so the last wave is short too.
+      The thresholds are from an H200 sweep (session 15, benchmarks/sweep_decode_waves.py,
+      16q/2kv and 28q/4kv at context 1152), in waves w = programs / (3 × SMs):
+      | w | plain | chosen |
+      |---|---|---|
+      | 1.01 (400 programs) | 94.2 us | 4 splits 76.3 us |
+      | 1.29 (512) | 104.0 | 2 splits 89.4 |
+      | 1.62 (640) | 109.4 | 2 splits 104.8 |
+      | 1.94 (768) | 119.4 | plain (2 splits 133.8) |
+      | 2.02 (800) | 149.2 | 2 splits 135.5 |
+      | 2.59 (1024) | 164.3 | plain (2 splits 173.5) |
+      | 3.23 (1280) | 214.0 | 2 splits 200.3 |
 
     Args:
         num_q_blocks: upper bound on the query blocks of the plain grid.
@@ -609,6 +631,8 @@ def choose_num_kv_splits(
         max_query_len: longest query chunk of the batch.
         max_seq_len: longest sequence (context + chunk) of the batch.
         sm_count: streaming multiprocessors of the device.
+        head_size: the attention head size (the wave rule is measured for heads padded to
+            128 and more; narrower heads fit more programs an SM and skip it).
 
     Returns:
         The number of KV splits: a power of two between 1 and 64. (Each split count is a
@@ -618,11 +642,47 @@ def choose_num_kv_splits(
     if max_query_len > _SPLIT_MAX_QUERY_LEN:
         return 1
     programs = num_q_blocks * num_kv_heads
+    length_cap = triton.cdiv(max_seq_len, _MIN_SPLIT_LEN)
     if programs >= _NO_SPLIT_PROGRAMS_PER_SM * sm_count:
-        return 1
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(programs, 1))
-    splits = min(wanted, triton.cdiv(max_seq_len, _MIN_SPLIT_LEN), _MAX_SPLITS)
+        if max_query_len != 1 or next_power_of_2(head_size) < 128:
+            return 1
+        wanted = _wave_splits(programs / (_DECODE_RESIDENT_PER_SM * sm_count))
+    else:
+        wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(programs, 1))
+    splits = min(wanted, length_cap, _MAX_SPLITS)
     return 1 << (max(splits, 1).bit_length() - 1)
+
+
+def _wave_splits(waves: float) -> int:
+    """Splits for a decode grid of `waves` full waves (programs / resident slots), at least
+    two thirds of a wave: 1 unless the grid spills a little past a whole wave (see
+    `choose_num_kv_splits`). The first spill is the costliest (the tail is as long as the
+    whole grid's run), later ones cost a smaller share of the step."""
+    if waves <= 1:
+        return 1
+    whole, spill = int(waves), waves - int(waves)
+    if spill == 0:
+        return 1
+    if whole == 1:
+        return 4 if spill <= 0.25 else 2 if spill <= 0.75 else 1
+    return 2 if spill <= 0.4 else 1
+
+
+def decode_wave_batch_sizes(
+    num_kv_heads: int, sm_count: int, head_size: int, max_waves: int = 4
+) -> list[int]:
+    """Decode batch sizes whose plain grid exactly fills 1..`max_waves` waves of resident
+    programs (none for heads narrower than 128, where the wave rule is not measured).
+
+    One more sequence past such a size makes `choose_num_kv_splits` split KV (the grid
+    spills into another wave), so CUDA-graph buckets at these sizes let the batches just
+    below an edge keep the unsplit kernel instead of the split one captured for the bucket
+    above: with 2 KV heads on 132 SMs, 193-198 sequences replay a 198 graph (65 us a
+    layer's attention at context 1152, H200) rather than the 208 graph's 4 splits (74 us)."""
+    if next_power_of_2(head_size) < 128:
+        return []
+    slots = _DECODE_RESIDENT_PER_SM * sm_count
+    return sorted({w * slots // num_kv_heads for w in range(1, max_waves + 1)} - {0})
 
 
 def _launch_config(
@@ -780,6 +840,7 @@ def paged_attention(
                 max_query_len=max_query_len,
                 max_seq_len=max_seq_len,
                 sm_count=_sm_count(q.device.index or 0),
+                head_size=head_size,
             )
         else:
             num_kv_splits = 1  # the interpreter gains nothing from more programs

@@ -189,6 +189,7 @@ def decode_kv_splits(
         max_query_len=1,
         max_seq_len=meta.max_seq_len,
         sm_count=_sm_count(q.device),
+        head_size=q.shape[-1],
     )
 
 

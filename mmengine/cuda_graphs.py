@@ -21,9 +21,12 @@ logger = logging.getLogger(__name__)
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, positions) -> hidden
 
 
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
-    return [s for s in sizes if s <= max(max_num_seqs, 1)]
+def graph_batch_sizes(max_num_seqs: int, extra: tuple[int, ...] = ()) -> list[int]:
+    """The decode batch sizes captured: powers of two to 8, then steps of 16 and 32, plus
+    `extra` (decode attention's wave edges, `kernels.paged_attention.decode_wave_batch_sizes`),
+    all up to `max_num_seqs`."""
+    sizes = {1, 2, 4, 8, *range(16, 257, 16), *range(288, 1025, 32), *extra}
+    return sorted(s for s in sizes if 0 < s <= max(max_num_seqs, 1))
 
 
 class CudaGraphRunner:
@@ -35,9 +38,10 @@ class CudaGraphRunner:
         max_model_len: int,
         mrope: bool,
         device: torch.device,
+        extra_sizes: tuple[int, ...] = (),
     ) -> None:
         self.forward_fn = forward_fn
-        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.sizes = graph_batch_sizes(max_num_seqs, extra_sizes)
         self.max_bs = self.sizes[-1]
         self.max_model_len = max_model_len
         n = self.max_bs

@@ -20,6 +20,7 @@ from torch.profiler import record_function
 
 from encoders.staging import host_to_device
 from kernels._dispatch import pdl_supported
+from kernels.paged_attention import decode_wave_batch_sizes
 from mmengine.attention import AttentionMetadata, forward_context
 from mmengine.config import EngineConfig, ModelSpec
 from mmengine.cuda_graphs import CudaGraphRunner
@@ -275,6 +276,13 @@ class ModelRunner:
             max_model_len=self.max_model_len,
             mrope=self.spec.mrope_section is not None,
             device=self.device,
+            extra_sizes=tuple(
+                decode_wave_batch_sizes(
+                    self.spec.num_kv_heads,
+                    torch.cuda.get_device_properties(self.device).multi_processor_count,
+                    self.spec.head_dim,
+                )
+            ),
         )
         self.graphs.capture()
 

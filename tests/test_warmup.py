@@ -88,6 +88,21 @@ def test_kv_cache_and_graph_buffers_are_inference_tensors() -> None:
     assert graphs.block_tables.is_inference()
 
 
+def test_graph_sizes_add_decode_wave_edges_up_to_the_batch_limit() -> None:
+    # 193-198 sequences (2 KV heads, 132 SMs) fill one wave unsplit: a 198 graph keeps them
+    # off the 208 graph, whose 208 sequences split KV.
+    from mmengine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
+
+    sizes = graph_batch_sizes(256, (198, 396))
+    assert sizes[:4] == [1, 2, 4, 8] and 198 in sizes and 396 not in sizes
+    assert sizes == sorted(set(sizes)) and sizes[-1] == 256
+    graphs = CudaGraphRunner(
+        lambda ids, pos: ids, max_num_seqs=256, max_blocks_per_seq=4, max_model_len=64,
+        mrope=False, device=torch.device("cpu"), extra_sizes=(198,),
+    )  # fmt: skip
+    assert graphs.bucket(193) == 198 and graphs.bucket(199) == 208 and graphs.bucket(192) == 192
+
+
 def test_runner_kv_cache_is_inference_tensors(qwen2_ckpt) -> None:  # noqa: ANN001
     from mmengine.config import EngineConfig
     from mmengine.model_loader import load_model_spec

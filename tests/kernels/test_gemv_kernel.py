@@ -157,6 +157,15 @@ def test_default_launch_config_covers_decoder_shapes(rows: int, n: int, k: int) 
         assert cfg.dot and cfg.block_n >= 16
 
 
+def test_one_row_gate_up_with_a_fused_norm_takes_two_columns_a_program() -> None:
+    # Without the norm, wide gated outputs keep one column x 2 warps (best for the projection
+    # alone); with it, two columns halve the re-reads of x and the norm weight.
+    assert launch_config(1, 11008, 2048, gated=True)[:3] == (1, 1024, 2)
+    assert launch_config(1, 11008, 2048, gated=True, norm=True)[:3] == (2, 1024, 4)
+    assert launch_config(1, 11008, 2048, norm=True)[:3] == (1, 1024, 2)  # not gated
+    assert launch_config(2, 11008, 2048, gated=True, norm=True).dot
+
+
 def test_tensor_core_config_with_narrow_tiles_is_refused() -> None:
     x, w, *_ = _case(2, 16, 64, torch.float32, gated=False)
     with pytest.raises(ValueError, match="BLOCK_N >= 16"):

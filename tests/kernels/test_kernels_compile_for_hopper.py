@@ -65,7 +65,7 @@ GEMV_CHILD = textwrap.dedent(
         if rope:  # Qwen2.5-3B's QKV: 1280 rotation pairs
             cfg = launch_config(rows, 1280, 2048, rope=True)
         else:
-            cfg = launch_config(rows, 2048, 11008 if res else 2048, gated)
+            cfg = launch_config(rows, 2048, 11008 if res else 2048, gated, norm=bool(norm))
         consts = {
             "HAS_NORM": bool(norm), "HAS_BIAS": bias, "GATED": gated, "HAS_RESIDUAL": res,
             "ROPE": rope, "PAIRED": gated or rope, "HALF": 64, "NUM_Q_HEADS": 16,

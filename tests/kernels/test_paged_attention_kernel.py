@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import kernels.paged_attention as pa
 from kernels.paged_attention import (
     choose_num_kv_splits,
+    decode_wave_batch_sizes,
     paged_attention,
     paged_attention_torch,
 )
@@ -285,6 +286,50 @@ def test_split_count_is_chosen_only_for_few_long_decodes() -> None:
     # Prefill chunks never split automatically.
     prefill = dict(decode, max_query_len=512)
     assert choose_num_kv_splits(num_q_blocks=16, max_seq_len=4096, **prefill) == 1
+
+
+def test_decode_grid_spilling_just_past_a_wave_splits_kv() -> None:
+    # 3 decode programs an SM: 396 slots on 132 SMs. With 2 KV heads, 198 sequences fill one
+    # wave; 200 spill 4 programs into a second wave, which 4 splits keep short.
+    def splits(batch: int, kv_heads: int = 2, head_size: int = 128, query_len: int = 1) -> int:
+        return choose_num_kv_splits(
+            num_q_blocks=batch,
+            num_kv_heads=kv_heads,
+            max_query_len=query_len,
+            max_seq_len=1344,
+            sm_count=132,
+            head_size=head_size,
+        )
+
+    assert [splits(b) for b in (160, 192, 198)] == [1, 1, 1]
+    assert [splits(b) for b in (200, 208, 232)] == [4, 4, 4]  # a short spill: 1.01-1.17 waves
+    assert [splits(b) for b in (256, 320)] == [2, 2]  # 1.29-1.62 waves
+    assert [splits(b) for b in (384, 396, 512)] == [1, 1, 1]  # (nearly) whole waves
+    assert [splits(b) for b in (400, 448)] == [2, 2]  # just past two waves
+    assert splits(200, kv_heads=4) == 2  # 800 programs: 2.02 waves
+    # Narrow heads (more programs an SM, unmeasured) and few-token chunks keep one split.
+    assert splits(200, head_size=64) == 1
+    assert splits(200, query_len=4) == 1
+    # Short contexts cap the splits at one 32-position tile each, still a power of two.
+    assert (
+        choose_num_kv_splits(
+            num_q_blocks=200, num_kv_heads=2, max_query_len=1, max_seq_len=70, sm_count=132
+        )
+        == 2
+    )
+
+
+def test_wave_batch_sizes_are_the_batches_that_fill_whole_waves() -> None:
+    assert decode_wave_batch_sizes(2, 132, 128) == [198, 396, 594, 792]
+    assert decode_wave_batch_sizes(8, 132, 80) == [49, 99, 148, 198]
+    assert decode_wave_batch_sizes(2, 132, 64) == []
+    for batch in decode_wave_batch_sizes(4, 132, 128):  # an edge itself never splits
+        assert (
+            choose_num_kv_splits(
+                num_q_blocks=batch, num_kv_heads=4, max_query_len=1, max_seq_len=4096, sm_count=132
+            )
+            == 1
+        )
 
 
 def test_launch_tiles_follow_batch_shape_and_split_count() -> None:
