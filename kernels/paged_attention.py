@@ -61,6 +61,9 @@ _PROGRAMS_PER_SM = 4
 # A plain grid with this many programs per SM already streams KV at ~95% of copy bandwidth
 # on an H100 (64 sequences × 8 KV heads); splitting it only adds the merge.
 _NO_SPLIT_PROGRAMS_PER_SM = 2
+# Batches with chunks longer than 256 query rows but fewer than this many rows per sequence
+# on average (decodes riding along prompt chunks) take 64-row tiles (see _launch_config).
+_MIXED_MEAN_ROWS = 1024
 # Decode programs (one query token, heads padded to 128 or more) resident on one SM at once:
 # each holds two pipeline stages of K and V tiles, 2 × 64 positions × 128 dims × 2 bytes × 2
 # = 64 KiB of shared memory (32 × 256 for wider heads, the same), and a Hopper SM has 228 KiB.
@@ -704,10 +707,15 @@ def _launch_config(
     10, benchmarks/sweep_attention.py) 8 x 1024 tokens (32q/8kv) ran 263 us against 320
     us with the earlier 128 x 128 tiles and 8 warps (SDPA flash 276 us), 2 x 4096 764
     against 850 us. But every sequence of a launch gets whole query tiles, so a decode
-    riding in a prefill batch computes 256 rows for its 1-8: batches averaging under 256
-    query rows per sequence (e.g. 8192 tokens over 200 sequences) keep 128-row tiles.
-    Medium chunks get 128- or 64-row tiles. Heads wider than 128 halve the tiles to fit
-    shared memory.
+    riding in a prefill batch computes 256 rows for its 1-8. Batches of long chunks
+    averaging under `_MIXED_MEAN_ROWS` query rows per sequence (prompt chunks with many
+    decodes riding along) take 64 x 64 tiles with 4 warps and 3 stages instead (two
+    programs an SM): 7 x 1024 prompt tokens with 64 / 128 / 192 decodes at context 1152
+    (16q/2kv, H100, session 15, benchmarks/sweep_mixed_attention.py) ran 179 / 201 / 226 us
+    against 192 / 251 / 310 with 256-row tiles and 272 us (192 decodes) with the 128 x 128
+    tiles such batches had before; with 32 decodes it was even (170 vs 168), with none 8%
+    slower (144 vs 134). Medium chunks get 128- or 64-row tiles. Heads wider than 128
+    halve the tiles to fit shared memory.
     """
     rows = max_query_len * queries_per_kv
     min_rows = max(16, next_power_of_2(queries_per_kv))
@@ -721,9 +729,11 @@ def _launch_config(
         return max(min_rows, 64), 32, 4, 2
     if rows <= 64:
         return max(min_rows, 64), 64, 4, 3
-    mean_rows = rows if mean_query_len is None else mean_query_len * queries_per_kv
-    if rows <= 256 or mean_rows < 256:
+    if rows <= 256:
         return max(min_rows, 128), 128, 8, 3
+    mean_rows = rows if mean_query_len is None else mean_query_len * queries_per_kv
+    if mean_rows < _MIXED_MEAN_ROWS:
+        return max(min_rows, 64), 64, 4, 3
     return max(min_rows, 256), 64, 16, 2
 
 

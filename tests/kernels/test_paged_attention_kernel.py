@@ -340,9 +340,11 @@ def test_launch_tiles_follow_batch_shape_and_split_count() -> None:
     assert pa._launch_config(1, 8, 128, bf16, 16) == (16, 32, 4, 2)
     # Long prefills: 256-row tiles; medium chunks 128 rows; BLOCK_M never depends on splits.
     assert pa._launch_config(1024, 4, 128, bf16) == (256, 64, 16, 2)
-    # A prefill batch carrying many decodes (8192 tokens over 200 sequences) stays at 128
-    # rows: each decode computes whole tiles.
-    assert pa._launch_config(1024, 4, 128, bf16, 1, 8192 / 200)[0] == 128
+    # A prefill batch carrying many decodes (8192 tokens over 200 sequences) takes 64-row
+    # tiles, 3 stages: each decode computes whole tiles, and two programs share an SM.
+    assert pa._launch_config(1024, 4, 128, bf16, 1, 8192 / 200) == (64, 64, 4, 3)
+    assert pa._launch_config(1024, 8, 128, bf16, 1, 7232 / 71) == (64, 64, 4, 3)  # 64 decodes
+    assert pa._launch_config(1024, 8, 128, bf16, 1, 7200 / 39)[0] == 256  # 32 decodes
     assert pa._launch_config(1024, 4, 128, bf16, 1, 1024.0)[0] == 256
     assert pa._launch_config(32, 4, 128, bf16)[0] == 128
     assert pa._launch_config(8, 4, 128, bf16)[0] == 64
