@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
@@ -150,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.bench_gemv import graph_us
     from benchmarks.bench_text_throughput import ceilings
+    from benchmarks.report import write_report
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -232,11 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {m} | {floor:.1f} | {cublas:.1f} | {both:.1f} | {100 * (1 - both / cublas):.0f}% |"
         )
     lines.append(f"\nTotal run time {time.perf_counter() - t0:.0f} s.")
-    report = "\n".join(lines) + "\n"
-    out_dir = Path(os.environ.get("OUT") or "/tmp/out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "skinny_gemm.md").write_text(report)
-    print(report)
+    write_report("skinny_gemm", "\n".join(lines))
 
 
 if __name__ == "__main__":

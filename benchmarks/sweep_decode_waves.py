@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from benchmarks.bench_kernels import (  # noqa: E402
     decode_calls,
     forced_launch_config,
 )
+from benchmarks.report import write_report  # noqa: E402
 
 BATCHES = (64, 128, 160, 192, 198, 200, 208, 232, 256, 264, 288, 320, 384, 396, 400, 448, 512)
 # (label, splits, merge, forced (BLOCK_M, TILE_N, num_warps, num_stages) or None = engine's)
@@ -86,12 +86,8 @@ def run(shapes: list[tuple[int, int, int]], batches: list[int], replays: int) ->
             "|---" * (len(VARIANTS) + 4) + "|",
         ]
         for batch in batches:
-            auto = pa.choose_num_kv_splits(
-                num_q_blocks=batch,
-                num_kv_heads=hkv,
-                max_query_len=1,
-                max_seq_len=ctx,
-                sm_count=sm,
+            auto = pa.choose_num_kv_splits(  # the engine's choice: decode, graph at ctx
+                num_q_blocks=batch, num_kv_heads=hkv, max_query_len=1, max_seq_len=ctx, sm_count=sm
             )
             calls, nbytes = decode_calls(batch, ctx, hq, hkv, None)
             # The engine's split choice must give the unsplit result (up to the merge's
@@ -161,11 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--replays", type=int, default=20)
     args = p.parse_args(argv)
-    report = run(args.shapes, args.batches, args.replays)
-    out_dir = Path(os.environ.get("OUT") or "/tmp/out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "decode_waves.md").write_text(report)
-    print(report)
+    write_report("decode_waves", run(args.shapes, args.batches, args.replays))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ Writes $OUT/mixed_attention.md.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -36,20 +36,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_kernels import BLOCK_SIZE, DTYPE, HEAD_SIZE, bench  # noqa: E402
+from benchmarks.bench_kernels import (  # noqa: E402
+    BLOCK_SIZE,
+    DTYPE,
+    HEAD_SIZE,
+    bench,
+    forced_launch_config,
+)
+from benchmarks.report import write_report  # noqa: E402
 
 HQ, HKV = 16, 2  # Qwen2.5-3B
 TILES = ((128, 128, 8, 3), (256, 64, 16, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
          (64, 64, 8, 3), (64, 32, 4, 3))  # fmt: skip
 
 
-def mixed_batch(q_lens: list[int], seq_lens: list[int]) -> dict:
+def mixed_batch(q_lens: list[int], seq_lens: list[int], device: str = "cuda") -> dict:
     """Paged inputs for sequences with these query chunk and total lengths (fresh prompts
     have seq_len == q_len; decodes q_len 1), their cache blocks shuffled."""
     blocks = [-(-s // BLOCK_SIZE) for s in seq_lens]
     width = max(blocks)
-    perm = torch.randperm(sum(blocks), device="cuda", dtype=torch.int32)
-    table = torch.zeros(len(seq_lens), width, device="cuda", dtype=torch.int32)
+    perm = torch.randperm(sum(blocks), device=device, dtype=torch.int32)
+    table = torch.zeros(len(seq_lens), width, device=device, dtype=torch.int32)
     at = 0
     for i, b in enumerate(blocks):
         table[i, :b] = perm[at : at + b]
@@ -59,12 +66,12 @@ def mixed_batch(q_lens: list[int], seq_lens: list[int]) -> dict:
     for n in q_lens:
         qsl.append(qsl[-1] + n)
     return dict(
-        q=torch.randn(qsl[-1], HQ, HEAD_SIZE, device="cuda", dtype=DTYPE),
-        key_cache=torch.randn(shape, device="cuda", dtype=DTYPE),
-        value_cache=torch.randn(shape, device="cuda", dtype=DTYPE),
+        q=torch.randn(qsl[-1], HQ, HEAD_SIZE, device=device, dtype=DTYPE),
+        key_cache=torch.randn(shape, device=device, dtype=DTYPE),
+        value_cache=torch.randn(shape, device=device, dtype=DTYPE),
         block_tables=table,
-        query_start_loc=torch.tensor(qsl, device="cuda", dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, device="cuda", dtype=torch.int32),
+        query_start_loc=torch.tensor(qsl, device=device, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, device=device, dtype=torch.int32),
         max_query_len=max(q_lens),
         max_seq_len=max(seq_lens),
     )
@@ -75,14 +82,8 @@ def call(batch: dict, tile=None, **kwargs):  # noqa: ANN001, ANN201
     import kernels.paged_attention as pa
 
     def run() -> torch.Tensor:
-        if tile is None:
+        with forced_launch_config(tile) if tile else contextlib.nullcontext():
             return pa.paged_attention(**batch, scale=HEAD_SIZE**-0.5, **kwargs)
-        original = pa._launch_config
-        pa._launch_config = lambda *_: tile
-        try:
-            return pa.paged_attention(**batch, scale=HEAD_SIZE**-0.5, **kwargs)
-        finally:
-            pa._launch_config = original
 
     return run
 
@@ -162,11 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         del first, last, decodes
         torch.cuda.empty_cache()
-    report = "\n".join(lines) + "\n"
-    out_dir = Path(os.environ.get("OUT") or "/tmp/out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "mixed_attention.md").write_text(report)
-    print(report)
+    write_report("mixed_attention", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -296,3 +296,22 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
     torch.manual_seed(0)
     apart = b1.step_calls(layers, variants[2], 40, 64, torch.device("cpu"))[0]()
     torch.testing.assert_close(apart, fused, rtol=0.02, atol=0.02)
+
+
+def test_mixed_attention_batches_give_each_sequence_its_own_cache_blocks() -> None:
+    # The mixed-step sweep's batch: prompts and decodes over shuffled, disjoint blocks, and
+    # the attention call it times runs on it (the torch path on CPU).
+    import torch
+
+    from benchmarks import sweep_mixed_attention as mixed
+
+    q_lens, seq_lens = [1, 1, 20, 12], [40, 17, 20, 12]
+    batch = mixed.mixed_batch(q_lens, seq_lens, device="cpu")
+    table = batch["block_tables"]
+    used = [table[i, : -(-s // mixed.BLOCK_SIZE)].tolist() for i, s in enumerate(seq_lens)]
+    flat = [b for row in used for b in row]
+    assert sorted(flat) == list(range(batch["key_cache"].shape[0]))  # each block once
+    assert batch["query_start_loc"].tolist() == [0, 1, 2, 22, 34]
+    assert (batch["max_query_len"], batch["max_seq_len"]) == (20, 40)
+    out = mixed.call(batch, tile=(64, 64, 4, 3))()
+    assert out.shape == (34, mixed.HQ, mixed.HEAD_SIZE) and torch.isfinite(out.float()).all()
