@@ -100,9 +100,13 @@ def gemv_option(args) -> dict:
     return opts
 
 
-def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
+def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args, budget: int, trace: str) -> dict:
+    """One mmengine run at a token budget of `budget` a step; `trace`: a step-trace file
+    to write (MMENGINE_STEP_TRACE for this engine only), or ""."""
     from mmengine import LLM, SamplingParams
+    from mmengine.step_trace import ENV as TRACE_ENV
 
+    os.environ[TRACE_ENV] = trace  # read when the engine core starts
     t0 = time.perf_counter()
     llm = LLM(
         str(cfg_dir),
@@ -112,7 +116,7 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
         async_scheduling=args.async_scheduling,
         max_model_len=args.prompt_len + out_len + 64,
         max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=budget,
         enforce_eager=args.enforce_eager,
         extra={"load_format": "dummy", **gemv_option(args)},
     )
@@ -134,7 +138,7 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args) -> dict:
         if k.startswith(("time_", "num_prefill", "num_decode"))
     }
     return {
-        "system": f"mmengine ({_mode(args)})",
+        "system": f"mmengine ({_mode(args)}, {budget}-token steps)",
         "wall_s": wall,
         "output_tokens": n_out,
         "startup_s": startup,
@@ -247,7 +251,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument(
+        "--max-num-batched-tokens",
+        default="8192",
+        help="mmengine's token budget a step; a comma list runs mmengine once per value "
+        "(default: 8192)",
+    )
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument(
         "--async-scheduling",
@@ -269,6 +278,8 @@ def main() -> None:
         flush=True,
     )
     reqs = make_requests(args.num_requests, args.prompt_len, cfg["vocab_size"])
+    budgets = [int(x) for x in args.max_num_batched_tokens.split(",")]
+    base_trace = os.environ.get("MMENGINE_STEP_TRACE", "")
     rows: list[dict] = []
     systems = args.systems.split(",")
     with tempfile.TemporaryDirectory() as tmp:
@@ -276,7 +287,23 @@ def main() -> None:
         for system in systems:
             try:
                 if system == "mmengine":
-                    rows.append(bench_mmengine(cfg_dir, reqs, args.output_len, args))
+                    for budget in budgets:
+                        trace = base_trace
+                        if base_trace and len(budgets) > 1:
+                            trace = str(Path(base_trace).with_suffix(f".{budget}.jsonl"))
+                        try:
+                            rows.append(
+                                bench_mmengine(cfg_dir, reqs, args.output_len, args, budget, trace)
+                            )
+                        except Exception as e:  # the other budgets still run
+                            rows.append(
+                                {
+                                    "system": f"mmengine ({budget})",
+                                    "error": f"{type(e).__name__}: {e}"[:300],
+                                }
+                            )
+                        print(json.dumps(rows[-1]), flush=True)
+                    continue
                 elif system == "hf_generate":
                     rows.extend(
                         bench_hf_generate(
@@ -329,21 +356,20 @@ def main() -> None:
             f"| {r['system']} | {w:.2f} | {args.num_requests / w:.2f} | {r['output_tokens'] / w:.0f} | "
             f"{(args.num_requests * args.prompt_len + r['output_tokens']) / w:.0f} | {speed} | {flops_floor_s / w:.0%} |"
         )
-    mm = [r for r in ok if r["system"].startswith("mmengine")]
-    if mm:
-        r = mm[0]
+    for r in (r for r in ok if r["system"].startswith("mmengine")):
         pr = r.get("profile", {})
+        lines += ["", f"**{r['system']}**"]
         if pr:
             lines += [
                 "",
-                "mmengine engine-core profile of the timed run (s): "
+                "Engine-core profile of the timed run (s): "
                 + ", ".join(f"{k.replace('time_', '')} {v}" for k, v in pr.items()),
             ]
         lines += [
             "",
             f"Batch-1 decode step: {r['decode_step_b1_ms']:.2f} ms; weight-read floor {floor_b1_ms:.2f} ms "
             f"({weight_bytes / 1e9:.2f} GB / {ceil['read_GBps']:.0f} GB/s read) -> {r['decode_step_b1_ms'] / floor_b1_ms:.2f}x the floor. "
-            f"mmengine start-up (load + profile + compile + graph capture): {r['startup_s']:.0f} s; KV blocks {r['kv_blocks']}, preemptions {r['preemptions']}.",
+            f"Start-up (load + profile + compile + graph capture): {r['startup_s']:.0f} s; KV blocks {r['kv_blocks']}, preemptions {r['preemptions']}.",
         ]
     text = "\n".join(lines)
     print(text)
