@@ -129,6 +129,8 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args, budget: int, trace: 
     wall = time.perf_counter() - t0
     after = llm.stats()
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    if args.torch_profile:
+        profile_run(llm, args, budget, len(reqs[0]), p)
     b1_ms = batch1_ms_per_token(llm, reqs[0][: args.prompt_len])
     stats = llm.stats()
     llm.shutdown()
@@ -147,6 +149,26 @@ def bench_mmengine(cfg_dir: Path, reqs, out_len: int, args, budget: int, trace: 
         "preemptions": stats["num_preemptions"],
         "profile": profile,
     }
+
+
+def profile_run(llm, args, budget: int, prompt_len: int, params) -> None:  # noqa: ANN001
+    """The same workload again (fresh prompts: no prefix-cache hits) under torch.profiler;
+    writes the trace and its summary (benchmarks/profile_w1.py --analyse) to
+    `args.torch_profile`/trace.<budget>.json.gz and .md. Not timed as the benchmark."""
+    from benchmarks.profile_w1 import analyse, load_trace
+
+    out = Path(args.torch_profile)
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / f"trace.{budget}.json.gz"
+    reqs = make_requests(args.num_requests, prompt_len, CONFIGS[args.config]["vocab_size"], seed=1)
+    llm.start_profile(trace)
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": r} for r in reqs], params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    llm.stop_profile()
+    text = analyse(load_trace(trace), wall, None)
+    (out / f"trace.{budget}.md").write_text(text)
+    print(f"torch.profiler, {budget}-token steps:\n{text}", flush=True)
 
 
 def batch1_ms_per_token(llm, prompt: list[int], k: int = 128) -> float:  # noqa: ANN001
@@ -265,6 +287,13 @@ def main() -> None:
         help="plan each step while the GPU runs the previous one (default: the engine's, on)",
     )
     add_gemv_argument(ap)
+    ap.add_argument(
+        "--torch-profile",
+        default="",
+        metavar="DIR",
+        help="after each timed mmengine run, run the workload again under torch.profiler and "
+        "write DIR/trace.<budget>.json.gz with its summary (.md)",
+    )
     ap.add_argument("--systems", default="mmengine,hf_generate,hf_generate_batch")
     ap.add_argument("--hf-batch-sizes", default="16,32,64")
     args = ap.parse_args()

@@ -154,8 +154,12 @@ class ModelRunner:
             # Layer 0 (no residual yet) and 1-token steps get their own graphs; leave room
             # for a few more specializations, and fall back to eager rather than fail.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-            for layer in self.model.layers:
-                layer.forward = torch.compile(layer.forward, dynamic=True)
+            if config.extra_option("compile_whole_model"):
+                model = self.model
+                model.forward_layers = torch.compile(model.forward_layers, dynamic=True)
+            else:
+                for layer in self.model.layers:
+                    layer.forward = torch.compile(layer.forward, dynamic=True)
         self.forward_embeds = self._forward_embeds
         self.forward_fn = self._forward
         self.encoder_runner = self._load_encoder(model_path) if spec.is_multimodal else None

@@ -143,13 +143,21 @@ class DecoderModel(nn.Module):
         inputs_embeds: torch.Tensor,  # [T, H]
         kv_caches: list[KVCache],
     ) -> torch.Tensor:  # [T, H]: final hidden states
-        hidden, residual = inputs_embeds, None
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, cache)
+        hidden, residual = self.forward_layers(positions, inputs_embeds, kv_caches)
         if residual is None:  # the few-token path returns the residual stream whole
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def forward_layers(
+        self, positions: torch.Tensor, inputs_embeds: torch.Tensor, kv_caches: list[KVCache]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder layers: (hidden, residual) of the last one (the region that
+        ``torch.compile`` covers, whole or layer by layer)."""
+        hidden, residual = inputs_embeds, None
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, cache)
+        return hidden, residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] fp32
         return self.lm_head(hidden).float()
