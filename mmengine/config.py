@@ -24,7 +24,7 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
     "torch_compile": ExtraOption(bool, True, "GPU: torch.compile the decoder layers"),
     "compile_whole_model": ExtraOption(
         bool,
-        False,
+        True,
         "GPU, with torch_compile: compile all decoder layers as one graph (one compiled call "
         "a step) instead of each layer as its own call",
     ),
@@ -46,6 +46,11 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
         True,
         "GPU, with gemv_max_tokens > 0: rotary and the K/V-cache write run in the QKV "
         "projection's launch",
+    ),
+    "lm_head_gemv": ExtraOption(
+        bool,
+        False,
+        "GPU, with gemv_max_tokens > 0: one-row logits through the GEMV kernel instead of cuBLAS",
     ),
     "kernel_warmup": ExtraOption(
         bool,

@@ -124,8 +124,7 @@ class ModelRunner:
         self.use_cuda_graphs = on_gpu and config.extra_option("cuda_graphs")
         # Decode steps of one token run each layer as four fused skinny-matmul launches
         # (kernels/gemv.py) around attention; on CUDA in eager mode too, so graphs and
-        # eager agree. (The LM head stays on cuBLAS: the GEMV kernel was slower there,
-        # 0.255 vs 0.184 ms with the argmax on an H200.)
+        # eager agree. Their one-row logits go through the GEMV kernel too (`lm_head_gemv`).
         # Set explicitly it applies anywhere (the CPU tests run the path's torch reference);
         # by default only on CUDA.
         gemv = config.extra_option("gemv_max_tokens")
@@ -135,6 +134,7 @@ class ModelRunner:
         # per layer); `gemv_rope=0` keeps them in their own kernel (A/B benchmarks).
         gemv_rope = config.extra_option("gemv_rope")
         set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens, gemv_rope)
+        self.model.lm_head_gemv = bool(self.gemv_max_tokens) and config.extra_option("lm_head_gemv")
         if self.gemv_max_tokens:
             pdl = pdl_supported(next(self.model.parameters()))
             rope_state = "off" if not gemv_rope else "off (q/k norms)" if spec.qk_norm else "on"
@@ -147,12 +147,16 @@ class ModelRunner:
                 "on" if pdl else "off",
             )
         if self.compiled:
-            # Compile the decoder layer, not the whole model: all layers share one compiled
-            # graph (parameters are graph inputs), so start-up does not grow with depth.
+            # All decoder layers as one compiled call (default), or each layer as its own
+            # (`compile_whole_model=0`: one graph shared by every layer, a shorter compile).
+            # A prefill step is launched from the host, not replayed, and each compiled call
+            # costs host time: per layer, a 256-token step took 39.5 ms to launch against
+            # 18.2 ms whole, the GPU idle meanwhile (H100, session 16,
+            # benchmarks/bench_step_host.py); 8192-token steps are GPU-bound either way.
             import torch._dynamo
 
-            # Layer 0 (no residual yet) and 1-token steps get their own graphs; leave room
-            # for a few more specializations, and fall back to eager rather than fail.
+            # 1-token steps (and, per layer, layer 0 without a residual) get their own
+            # graphs; leave room for a few more, and fall back to eager rather than fail.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             if config.extra_option("compile_whole_model"):
                 model = self.model

@@ -315,3 +315,54 @@ def test_mixed_attention_batches_give_each_sequence_its_own_cache_blocks() -> No
     assert (batch["max_query_len"], batch["max_seq_len"]) == (20, 40)
     out = mixed.call(batch, tile=(64, 64, 4, 3))()
     assert out.shape == (34, mixed.HQ, mixed.HEAD_SIZE) and torch.isfinite(out.float()).all()
+
+
+def test_step_host_times_each_fresh_prefill_step_and_leaves_nothing_behind(
+    qwen2_ckpt: Path,
+) -> None:
+    """bench_step_host's driving (the GPU times come from the device): one timed row per
+    step after a warm-up step, the runner's execute restored, synchronous steps only
+    while timing, no request or KV block left; variants and step shapes parse."""
+    import cProfile
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_step_host import parse_variant, step_shapes, time_steps
+    from mmengine import LLM
+
+    assert parse_variant("base") == ("base", {})
+    assert parse_variant("whole:compile_whole_model=1,gemv_rope=0") == (
+        "whole",
+        {"compile_whole_model": 1, "gemv_rope": 0},
+    )
+    with pytest.raises(SystemExit):
+        parse_variant("bad:compile_whole_model")
+    assert step_shapes(8192, 1024) == (8, 1024)
+    assert step_shapes(256, 1024) == (1, 256)
+    assert step_shapes(1536, 1024) == (1, 1536)
+
+    torch.set_num_threads(1)
+    llm = LLM(
+        str(qwen2_ckpt),
+        dtype="float32",
+        device="cpu",
+        skip_tokenizer_init=True,
+        multiprocess=False,
+        max_model_len=160,
+        max_num_batched_tokens=64,
+    )
+    core = llm._client.core
+    core.async_scheduling = True
+    execute = core.runner.execute
+    try:
+        prof = cProfile.Profile()
+        timer = time_steps(llm, n_prompts=2, length=30, repeats=3, seed=1, profiler=prof)
+        assert len(timer.rows) == 3  # one step each: 2 x 30 tokens fit the 64-token budget
+        for launch, step, _gpu in timer.rows:
+            assert 0 < launch <= step
+        assert prof.getstats()  # the launches were profiled
+        assert core.runner.execute == execute and core.async_scheduling
+        assert not core.has_unfinished() and core.stats().kv_blocks_used == 0
+    finally:
+        llm.shutdown()

@@ -71,3 +71,42 @@ def test_compiled_mode_keeps_the_triton_norm_only_outside_the_compiled_layers() 
     assert layer_norms and all(m.use_triton is False for m in layer_norms)
     set_kernel_mode(model, compiled=False)
     assert model.norm.use_triton is None and all(m.use_triton is None for m in layer_norms)
+
+
+def test_one_row_logits_go_through_the_gemv_kernel_only_when_enabled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Batch-1 decode: the LM head's one-row product takes kernels/gemv.py (set with the
+    # few-token path); more rows, or the switch off, keep nn.Linear (cuBLAS).
+    from kernels.gemv import gemv_torch
+    from mmengine.config import ModelSpec
+    from mmengine.models import decoder
+    from mmengine.models.decoder import DecoderModel
+
+    spec = ModelSpec(
+        architecture="Qwen2ForCausalLM", model_type="qwen2", text_model_type="qwen2",
+        hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=64, vocab_size=50, rms_norm_eps=1e-6, rope_theta=1e4,
+        max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=True, qk_norm=False,
+        mrope_section=None, rope_scaling=None, eos_token_ids=[0], dtype="float32", hf_config={},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DecoderModel(spec, max_position=64)
+    calls: list[tuple[int, ...]] = []
+
+    def spy(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return gemv_torch(x, weight)
+
+    monkeypatch.setattr(decoder, "gemv", spy)
+    h = torch.randn(2, 32)
+    ref = model.lm_head(h).float()
+    assert not model.lm_head_gemv  # off unless the runner turns it on
+    torch.testing.assert_close(model.compute_logits(h[:1]), ref[:1])
+    assert calls == []
+    model.lm_head_gemv = True
+    out = model.compute_logits(h[:1])
+    assert calls == [(1, 32)] and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.compute_logits(h), ref)  # two rows: nn.Linear
+    assert calls == [(1, 32)]
