@@ -218,21 +218,16 @@ def test_random_checkpoint_with_the_borrowed_tokenizer_runs_the_chat_benchmark(
     assert turns_on["embedding_cache_hits"] > 0 and turns_on["prefix_cache_hit_tokens"] > 0
 
 
-def test_mixed_step_profile_runs_prompt_chunks_with_decodes_riding_along(
-    qwen2_ckpt: Path,
-) -> None:
-    """profile_llm_steps' mixed step (GPU kernels on the device; here its driving): the
-    profiled steps hold every decode plus a full budget of prompt tokens, and it leaves no
-    request behind."""
+def _cpu_llm(ckpt: Path):  # noqa: ANN202
+    """An in-process fp32 engine on the CPU with a 64-token step budget (the benchmark
+    scripts' step drivers, tested without a GPU)."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.profile_llm_steps import mixed_steps
     from mmengine import LLM
 
     torch.set_num_threads(1)
-    llm = LLM(
-        str(qwen2_ckpt),
+    return LLM(
+        str(ckpt),
         dtype="float32",
         device="cpu",
         skip_tokenizer_init=True,
@@ -240,6 +235,19 @@ def test_mixed_step_profile_runs_prompt_chunks_with_decodes_riding_along(
         max_model_len=160,
         max_num_batched_tokens=64,
     )
+
+
+def test_mixed_step_profile_runs_prompt_chunks_with_decodes_riding_along(
+    qwen2_ckpt: Path,
+) -> None:
+    """profile_llm_steps' mixed step (GPU kernels on the device; here its driving): the
+    profiled steps hold every decode plus a full budget of prompt tokens, and it leaves no
+    request behind."""
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.profile_llm_steps import mixed_steps
+
+    llm = _cpu_llm(qwen2_ckpt)
     core = llm._client.core
     core.async_scheduling = True  # as on a GPU; the profile turns it off for its steps
     try:
@@ -325,11 +333,8 @@ def test_step_host_times_each_fresh_prefill_step_and_leaves_nothing_behind(
     while timing, no request or KV block left; variants and step shapes parse."""
     import cProfile
 
-    import torch
-
     sys.path.insert(0, str(ROOT))
     from benchmarks.bench_step_host import parse_variant, step_shapes, time_steps
-    from mmengine import LLM
 
     assert parse_variant("base") == ("base", {})
     assert parse_variant("whole:compile_whole_model=1,gemv_rope=0") == (
@@ -342,16 +347,7 @@ def test_step_host_times_each_fresh_prefill_step_and_leaves_nothing_behind(
     assert step_shapes(256, 1024) == (1, 256)
     assert step_shapes(1536, 1024) == (1, 1536)
 
-    torch.set_num_threads(1)
-    llm = LLM(
-        str(qwen2_ckpt),
-        dtype="float32",
-        device="cpu",
-        skip_tokenizer_init=True,
-        multiprocess=False,
-        max_model_len=160,
-        max_num_batched_tokens=64,
-    )
+    llm = _cpu_llm(qwen2_ckpt)
     core = llm._client.core
     core.async_scheduling = True
     execute = core.runner.execute

@@ -49,21 +49,27 @@ def test_residual_add_reaches_addmm_only_without_the_custom_op(as_op: bool) -> N
     torch.testing.assert_close(new_residual, expected[1], rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_mode_keeps_the_triton_norm_only_outside_the_compiled_layers() -> None:
-    # Only the decoder layers are compiled: their norms take torch forms for the compiler
-    # to fuse, but the model's final norm runs eagerly (inside the decode CUDA graph), where
-    # its torch form would be ~7 separate kernels; it keeps the Triton kernel.
+def _tiny_spec(num_layers: int):  # noqa: ANN202
+    """A Qwen2-shaped decoder spec small enough to build on the CPU in milliseconds."""
     from mmengine.config import ModelSpec
-    from mmengine.models.decoder import DecoderModel
-    from mmengine.models.layers import set_kernel_mode
 
-    spec = ModelSpec(
+    return ModelSpec(
         architecture="Qwen2ForCausalLM", model_type="qwen2", text_model_type="qwen2",
-        hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+        hidden_size=32, num_layers=num_layers, num_heads=4, num_kv_heads=2, head_dim=8,
         intermediate_size=64, vocab_size=50, rms_norm_eps=1e-6, rope_theta=1e4,
         max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=True, qk_norm=False,
         mrope_section=None, rope_scaling=None, eos_token_ids=[0], dtype="float32", hf_config={},
     )  # fmt: skip
+
+
+def test_compiled_mode_keeps_the_triton_norm_only_outside_the_compiled_layers() -> None:
+    # Only the decoder layers are compiled: their norms take torch forms for the compiler
+    # to fuse, but the model's final norm runs eagerly (inside the decode CUDA graph), where
+    # its torch form would be ~7 separate kernels; it keeps the Triton kernel.
+    from mmengine.models.decoder import DecoderModel
+    from mmengine.models.layers import set_kernel_mode
+
+    spec = _tiny_spec(num_layers=2)
     model = DecoderModel(spec, max_position=64)
     set_kernel_mode(model, compiled=True, gemv_max_tokens=1)
     assert model.norm.use_triton is None
@@ -79,17 +85,10 @@ def test_one_row_logits_go_through_the_gemv_kernel_only_when_enabled(
     # Batch-1 decode: the LM head's one-row product takes kernels/gemv.py (set with the
     # few-token path); more rows, or the switch off, keep nn.Linear (cuBLAS).
     from kernels.gemv import gemv_torch
-    from mmengine.config import ModelSpec
     from mmengine.models import decoder
     from mmengine.models.decoder import DecoderModel
 
-    spec = ModelSpec(
-        architecture="Qwen2ForCausalLM", model_type="qwen2", text_model_type="qwen2",
-        hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-        intermediate_size=64, vocab_size=50, rms_norm_eps=1e-6, rope_theta=1e4,
-        max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=True, qk_norm=False,
-        mrope_section=None, rope_scaling=None, eos_token_ids=[0], dtype="float32", hf_config={},
-    )  # fmt: skip
+    spec = _tiny_spec(num_layers=1)
     torch.manual_seed(0)
     model = DecoderModel(spec, max_position=64)
     calls: list[tuple[int, ...]] = []
