@@ -124,7 +124,7 @@ class ModelRunner:
         self.use_cuda_graphs = on_gpu and config.extra_option("cuda_graphs")
         # Decode steps of one token run each layer as four fused skinny-matmul launches
         # (kernels/gemv.py) around attention; on CUDA in eager mode too, so graphs and
-        # eager agree. Their one-row logits go through the GEMV kernel too (`lm_head_gemv`).
+        # eager agree. Their one-row logits stay on cuBLAS unless `lm_head_gemv` is on.
         # Set explicitly it applies anywhere (the CPU tests run the path's torch reference);
         # by default only on CUDA.
         gemv = config.extra_option("gemv_max_tokens")

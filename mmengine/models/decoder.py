@@ -117,9 +117,10 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head."""
 
-    # One-row logits (batch-1 decode) through the GEMV kernel; set with the few-token path.
-    # It read Qwen2.5-3B's 622 MB head in 198 us against cuBLAS's 217 (H100, session 16,
-    # `bench_gemv.py --rows 1 --lm-head`).
+    # One-row logits (batch-1 decode) through the GEMV kernel (the runner's `lm_head_gemv`
+    # option, off by default). Alone it read Qwen2.5-3B's 622 MB head in 198 us against
+    # cuBLAS's 217 (H100, session 16, `bench_gemv.py --rows 1 --lm-head`), but the engine's
+    # batch-1 token time did not move (2.41 vs 2.39 ms, H200).
     lm_head_gemv = False
 
     def __init__(self, spec: ModelSpec, max_position: int) -> None:
