@@ -75,6 +75,7 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     *,
     use_triton_kernel: bool | None = None,
+    launcher: object = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """HF-exact RMSNorm over the last dim, optionally after adding a residual.
 
@@ -86,6 +87,9 @@ def rms_norm(
         residual: optional tensor of x's shape and dtype.
         use_triton_kernel: force the Triton kernel (True) or the torch reference (False);
             None takes Triton on CUDA tensors or when MMENGINE_FORCE_TRITON=1.
+        launcher: what launches the kernel: None for the `@triton.jit` function itself, or
+            `torch.library.wrap_triton(_rms_norm_kernel)` inside a `torch.library.triton_op`
+            (then torch.compile puts the launch in its own generated code).
 
     Returns:
         `out` without a residual; `(out, new_residual)` with one, where
@@ -114,7 +118,8 @@ def rms_norm(
     block_h = next_power_of_2(hidden)
     # One row per program; wide rows get more warps so each thread keeps ~8-16 elements.
     num_warps = min(max(block_h // 512, 1), 16)
-    _rms_norm_kernel[(num_rows,)](
+    kernel = _rms_norm_kernel if launcher is None else launcher
+    kernel[(num_rows,)](  # type: ignore[index]
         out,
         new_residual,
         x3,

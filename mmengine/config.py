@@ -28,6 +28,12 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
         "GPU, with torch_compile: compile all decoder layers as one graph (one compiled call "
         "a step) instead of each layer as its own call",
     ),
+    "norm_triton_op": ExtraOption(
+        bool,
+        False,
+        "GPU, with torch_compile: the residual add + RMSNorm as a triton_op that the compiled "
+        "code launches itself (an experiment: less host time per prefill step, not yet timed)",
+    ),
     "cuda_graphs": ExtraOption(bool, True, "GPU: replay decode steps as CUDA graphs"),
     # Default 1: at one row a Qwen2.5-3B decode step on an H200 ran 8% faster (CUDA graph
     # 2.73 -> 2.51 ms). At 2-8 rows the tensor-core tiles beat cuBLAS on three of four

@@ -133,7 +133,13 @@ class ModelRunner:
         # Rotary + KV write in the QKV projection's epilogue on that path (one launch fewer
         # per layer); `gemv_rope=0` keeps them in their own kernel (A/B benchmarks).
         gemv_rope = config.extra_option("gemv_rope")
-        set_kernel_mode(self.model, self.compiled, self.gemv_max_tokens, gemv_rope)
+        set_kernel_mode(
+            self.model,
+            self.compiled,
+            self.gemv_max_tokens,
+            gemv_rope,
+            norm_triton_op=config.extra_option("norm_triton_op"),
+        )
         self.model.lm_head_gemv = bool(self.gemv_max_tokens) and config.extra_option("lm_head_gemv")
         if self.gemv_max_tokens:
             pdl = pdl_supported(next(self.model.parameters()))

@@ -109,3 +109,27 @@ def test_one_row_logits_go_through_the_gemv_kernel_only_when_enabled(
     torch.testing.assert_close(out, ref[:1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.compute_logits(h), ref)  # two rows: nn.Linear
     assert calls == [(1, 32)]
+
+
+def test_norm_triton_op_switch_reaches_the_norms_only_when_compiled() -> None:
+    # extra norm_triton_op: under compile the layers' add + norm take the triton_op form
+    # (on CUDA tensors; CPU tensors keep the custom op); the final norm stays eager.
+    from mmengine.models.decoder import DecoderModel
+    from mmengine.models.layers import set_kernel_mode
+
+    model = DecoderModel(_tiny_spec(num_layers=2), max_position=64)
+    norms = [m for layer in model.layers for m in layer.modules() if isinstance(m, RMSNorm)]
+    set_kernel_mode(model, compiled=True, norm_triton_op=True)
+    assert norms and all(m.residual_as_triton_op and m.residual_as_custom_op for m in norms)
+    set_kernel_mode(model, compiled=False, norm_triton_op=True)
+    assert not any(m.residual_as_triton_op or m.residual_as_custom_op for m in norms)
+    set_kernel_mode(model, compiled=True)
+    assert not any(m.residual_as_triton_op for m in norms)
+    # On the CPU the custom op (its torch reference) still runs: same numbers either way.
+    set_kernel_mode(model, compiled=True, norm_triton_op=True)
+    x, residual = torch.randn(3, 32), torch.randn(3, 32)
+    out, new_residual = norms[1](x, residual)
+    norms[1].residual_as_custom_op = False
+    ref_out, ref_residual = norms[1](x, residual)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(new_residual, ref_residual)

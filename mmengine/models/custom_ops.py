@@ -9,14 +9,21 @@
   ATen's addmm with a separate `out` first copies the residual into it: one extra
   hidden-size copy per projection (0.76 ms of an 81 ms 8 x 1024 prefill step on an H100,
   36 `memcpy32_post` launches per decode graph). Opaque, the add stays in the norm kernel.
+- `mmengine::add_rms_norm_triton` (`extra={"norm_triton_op": True}`, an experiment, off by
+  default and not yet timed): the same kernel as a `torch.library.triton_op`. torch.compile
+  traces into it and launches the kernel from its generated code, so a prefill step skips
+  the custom-op dispatch and Triton's Python launcher twice a layer (a prefill step's host
+  launch is its cost below ~4k tokens; `benchmarks/bench_step_host.py`). Inductor still
+  cannot see an add in it to fold into the matmul.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.library import triton_op, wrap_triton
 
 from kernels.gemv import gemv
-from kernels.rms_norm import rms_norm
+from kernels.rms_norm import _rms_norm_kernel, rms_norm
 
 
 @torch.library.custom_op("mmengine::gemv", mutates_args=())
@@ -75,3 +82,16 @@ def add_rms_norm_op(
 def _add_rms_norm_fake(x, residual, weight, eps):  # noqa: ANN001, ANN202
     out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
     return out, torch.empty_like(x)
+
+
+_RMS_NORM_LAUNCHER = wrap_triton(_rms_norm_kernel)
+
+
+@triton_op("mmengine::add_rms_norm_triton", mutates_args=())
+def add_rms_norm_triton_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, new_residual = rms_norm(
+        x, weight, eps, residual, use_triton_kernel=True, launcher=_RMS_NORM_LAUNCHER
+    )
+    return out, new_residual

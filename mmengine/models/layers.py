@@ -28,6 +28,7 @@ from mmengine.models import custom_ops  # noqa: F401  (registers mmengine::add_r
 class RMSNorm(nn.Module):
     use_triton: bool | None = None  # None: Triton on CUDA tensors
     residual_as_custom_op = False  # under torch.compile: the add + norm as one opaque op
+    residual_as_triton_op = False  # ... as a triton_op instead, on CUDA (`norm_triton_op`)
     # True for a norm that runs outside the compiled layers (the model's final norm): it
     # keeps the Triton kernel under torch.compile too, where its torch form would run as
     # ~7 uncompiled elementwise / reduction kernels.
@@ -43,6 +44,8 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
         if residual is not None and self.residual_as_custom_op:
+            if self.residual_as_triton_op and x.is_cuda:
+                return torch.ops.mmengine.add_rms_norm_triton(x, residual, self.weight, self.eps)
             return torch.ops.mmengine.add_rms_norm(x, residual, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps, residual, use_triton_kernel=self.use_triton)
 
@@ -188,12 +191,17 @@ class PagedAttention(nn.Module):
 
 
 def set_kernel_mode(
-    model: nn.Module, compiled: bool, gemv_max_tokens: int = 0, gemv_rope: bool = True
+    model: nn.Module,
+    compiled: bool,
+    gemv_max_tokens: int = 0,
+    gemv_rope: bool = True,
+    norm_triton_op: bool = False,
 ) -> None:
     """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses;
-    attention, the residual add + norm and the few-token projections as custom ops. Steps
-    of at most `gemv_max_tokens` tokens run the decoder layers' few-token path (0: off),
-    with rotary and the KV write in the QKV projection's epilogue when `gemv_rope`."""
+    attention, the residual add + norm and the few-token projections as custom ops (the
+    add + norm as a triton_op when `norm_triton_op`). Steps of at most `gemv_max_tokens`
+    tokens run the decoder layers' few-token path (0: off), with rotary and the KV write in
+    the QKV projection's epilogue when `gemv_rope`."""
     for m in model.modules():
         if hasattr(m, "gemv_max_tokens"):
             m.gemv_max_tokens = gemv_max_tokens
@@ -201,6 +209,7 @@ def set_kernel_mode(
             m.gemv_as_custom_op = compiled
         if isinstance(m, RMSNorm):
             m.residual_as_custom_op = compiled
+            m.residual_as_triton_op = compiled and norm_triton_op
         if isinstance(m, RMSNorm) and m.outside_compiled_region:
             m.use_triton = None
         elif isinstance(m, (RMSNorm, SiluAndMul, RotaryEmbedding)):

@@ -67,6 +67,23 @@ def test_triton_matches_reference_with_and_without_residual(dtype: torch.dtype) 
         assert torch.equal(new_residual, ref_residual)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_op_form_launches_the_same_kernel_as_the_custom_op(dtype: torch.dtype) -> None:
+    # `mmengine::add_rms_norm_triton` (extra norm_triton_op): the kernel launched through
+    # torch.library.wrap_triton, which torch.compile inlines; called eagerly it must give
+    # the plain launch's results to the bit.
+    import mmengine.models.custom_ops  # noqa: F401  (registers the ops)
+
+    gen = torch.Generator().manual_seed(3)
+    x, residual = (torch.randn(5, 160, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.randn(160, generator=gen).to(dtype)
+    out, new_residual = torch.ops.mmengine.add_rms_norm_triton(x, residual, weight, EPS)
+    ref_out, ref_residual = rms_norm(x, weight, EPS, residual, use_triton_kernel=True)
+    assert torch.equal(out, ref_out) and torch.equal(new_residual, ref_residual)
+    torch_out, _ = rms_norm_torch(x, weight, EPS, residual)
+    torch.testing.assert_close(out, torch_out, atol=1e-3, rtol=1e-3)
+
+
 def test_triton_normalizes_each_head_of_a_strided_qk_view() -> None:
     # Qwen3's per-head q norm: [T, heads, head_dim] sliced out of a fused QKV output.
     gen = torch.Generator().manual_seed(2)
