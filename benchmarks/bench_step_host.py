@@ -17,7 +17,7 @@ NAME[:KEY=VALUE,...]`, engine `extra` options or `enforce_eager=1`) is one run o
 script (an engine's GPU memory is not all returned within a process); `--cprofile` adds
 where the host time goes (cProfile, top functions) for the `--cprofile-tokens` step.
 
-    for v in base whole:compile_whole_model=1 eager:enforce_eager=1; do
+    for v in base perlayer:compile_whole_model=0 normop:norm_triton_op=1 eager:enforce_eager=1; do
         python3 benchmarks/bench_step_host.py --variant $v [--tokens 256,1024,2048,8192] [--cprofile]
     done
 
