@@ -53,11 +53,6 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
         "GPU, with gemv_max_tokens > 0: rotary and the K/V-cache write run in the QKV "
         "projection's launch",
     ),
-    "lm_head_gemv": ExtraOption(
-        bool,
-        False,
-        "GPU, with gemv_max_tokens > 0: one-row logits through the GEMV kernel instead of cuBLAS",
-    ),
     "kernel_warmup": ExtraOption(
         bool,
         True,

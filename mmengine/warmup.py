@@ -189,9 +189,6 @@ def warm_up(runner: ModelRunner, max_num_batched_tokens: int, max_num_seqs: int)
         dtype=runner.dtype,
     )
     n = warm_up_sampling(spec.vocab_size, runner.device)
-    if runner.model.lm_head_gemv:  # one-row logits: the GEMV kernel's plain variant
-        hidden = torch.zeros(1, spec.hidden_size, dtype=runner.dtype, device=runner.device)
-        runner.model.compute_logits(hidden)
     encodes = 0
     if runner.encoder_runner is not None:
         # The profiling step encoded the largest batch; the compiled vision blocks guard

@@ -79,38 +79,6 @@ def test_compiled_mode_keeps_the_triton_norm_only_outside_the_compiled_layers() 
     assert model.norm.use_triton is None and all(m.use_triton is None for m in layer_norms)
 
 
-def test_one_row_logits_go_through_the_gemv_kernel_only_when_enabled(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Batch-1 decode: the LM head's one-row product takes kernels/gemv.py (set with the
-    # few-token path); more rows, or the switch off, keep nn.Linear (cuBLAS).
-    from kernels.gemv import gemv_torch
-    from mmengine.models import decoder
-    from mmengine.models.decoder import DecoderModel
-
-    spec = _tiny_spec(num_layers=1)
-    torch.manual_seed(0)
-    model = DecoderModel(spec, max_position=64)
-    calls: list[tuple[int, ...]] = []
-
-    def spy(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        calls.append(tuple(x.shape))
-        return gemv_torch(x, weight)
-
-    monkeypatch.setattr(decoder, "gemv", spy)
-    h = torch.randn(2, 32)
-    ref = model.lm_head(h).float()
-    assert not model.lm_head_gemv  # off unless the runner turns it on
-    torch.testing.assert_close(model.compute_logits(h[:1]), ref[:1])
-    assert calls == []
-    model.lm_head_gemv = True
-    out = model.compute_logits(h[:1])
-    assert calls == [(1, 32)] and out.dtype == torch.float32
-    torch.testing.assert_close(out, ref[:1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.compute_logits(h), ref)  # two rows: nn.Linear
-    assert calls == [(1, 32)]
-
-
 def test_norm_triton_op_switch_reaches_the_norms_only_when_compiled() -> None:
     # extra norm_triton_op: under compile the layers' add + norm take the triton_op form
     # (on CUDA tensors; CPU tensors keep the custom op); the final norm stays eager.

@@ -135,7 +135,7 @@ def test_few_token_layer_path_greedy_tokens_identical_to_hf(
     prompts = make_prompts(12)
     refs = hf_greedy(text_ckpt, prompts)
     kwargs = dict(dtype="float32", device="cpu", max_model_len=256, multiprocess=False)
-    extra = {"gemv_max_tokens": 8, "gemv_rope": gemv_rope, "lm_head_gemv": True}
+    extra = {"gemv_max_tokens": 8, "gemv_rope": gemv_rope}
     with (
         caplog.at_level(logging.INFO, logger="mmengine.model_runner"),
         LLM(str(text_ckpt), max_num_seqs=4, extra=extra, **kwargs) as llm,
@@ -143,7 +143,6 @@ def test_few_token_layer_path_greedy_tokens_identical_to_hf(
         model = llm._client.core.runner.model
         assert all(layer.gemv_max_tokens == 8 for layer in model.layers)
         assert all(layer.gemv_rope == bool(gemv_rope) for layer in model.layers)
-        assert model.lm_head_gemv  # one-row logits through the GEMV path as well (opt-in)
         # The start-up log says which decode path runs.
         assert "steps of <= 8 token(s)" in caplog.text
         fused = gemv_rope and model.layers[0].q_norm is None  # Qwen3's q/k norms: unfused

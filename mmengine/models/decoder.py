@@ -12,7 +12,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kernels.gemv import gemv
 from mmengine.config import ModelSpec
 from mmengine.models.custom_ops import fused_linear
 from mmengine.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
@@ -117,12 +116,6 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head."""
 
-    # One-row logits (batch-1 decode) through the GEMV kernel (the runner's `lm_head_gemv`
-    # option, off by default). Alone it read Qwen2.5-3B's 622 MB head in 198 us against
-    # cuBLAS's 217 (H100, session 16, `bench_gemv.py --rows 1 --lm-head`), but the engine's
-    # batch-1 token time did not move (2.41 vs 2.39 ms, H200).
-    lm_head_gemv = False
-
     def __init__(self, spec: ModelSpec, max_position: int) -> None:
         super().__init__()
         self.spec = spec
@@ -167,8 +160,6 @@ class DecoderModel(nn.Module):
         return hidden, residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] fp32
-        if self.lm_head_gemv and hidden.shape[0] == 1:
-            return gemv(hidden, self.lm_head.weight).float()
         return self.lm_head(hidden).float()
 
     # ---- weights -------------------------------------------------------------------------
