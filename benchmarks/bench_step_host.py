@@ -1,9 +1,9 @@
 """Host time to launch a prefill step against the step's time on the GPU (issue 3).
 
-A decode step replays a CUDA graph, but a prefill (or mixed) step launches the compiled
-decoder layers one by one from Python. If that launch takes longer than the GPU needs for
-the step's kernels, the GPU waits on the host: the step costs its host time, not its
-kernel time. This script measures both, per step size, on the Qwen2.5-3B text config
+A decode step replays a CUDA graph, and so does a step with prompt chunks of up to
+`mixed_graph_max_tokens` tokens (default 1024); a larger one launches the compiled
+decoder layers from Python. If a launch takes longer than the GPU needs for the step's
+kernels, the GPU waits on the host: the step costs its host time, not its kernel time. This script measures both, per step size, on the Qwen2.5-3B text config
 (random bf16 weights, in-process engine, synchronous steps):
 
   - launch ms: host time of `ModelRunner.execute` (prepare + forward + sampling launches),
@@ -17,7 +17,7 @@ NAME[:KEY=VALUE,...]`, engine `extra` options or `enforce_eager=1`) is one run o
 script (an engine's GPU memory is not all returned within a process); `--cprofile` adds
 where the host time goes (cProfile, top functions) for the `--cprofile-tokens` step.
 
-    for v in base perlayer:compile_whole_model=0 normop:norm_triton_op=1 eager:enforce_eager=1; do
+    for v in base nomixed:mixed_graph_max_tokens=0 nonormop:mixed_graph_max_tokens=0,norm_triton_op=0; do
         python3 benchmarks/bench_step_host.py --variant $v [--tokens 256,1024,2048,8192] [--cprofile]
     done
 

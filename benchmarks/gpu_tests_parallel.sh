@@ -14,7 +14,7 @@ export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2}
 groups=(
   "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_on_gpu"
   "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_with_compile_and_graphs tests/test_gpu_engine.py::test_nothing_compiles_after_start_up"
-  "tests/test_gpu_engine.py::test_cuda_graphs_and_eager_give_the_same_tokens"
+  "tests/test_gpu_engine.py::test_cuda_graphs_and_eager_give_the_same_tokens tests/test_gpu_engine.py::test_mixed_step_graphs_replay_prompt_steps_and_give_the_eager_tokens"
   "tests/test_gpu_engine.py::test_bf16_logprobs_close_to_hf_bf16"
   "tests/kernels tests/encoders/test_gpu.py"
   "tests/test_gpu_mm.py::test_mm_bf16_prompt_logprobs_close_to_hf"

@@ -30,11 +30,20 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
     ),
     "norm_triton_op": ExtraOption(
         bool,
-        False,
+        True,
         "GPU, with torch_compile: the residual add + RMSNorm as a triton_op that the compiled "
-        "code launches itself (an experiment: less host time per prefill step, not yet timed)",
+        "code launches itself (less host time per step launched from the host; off: an "
+        "opaque custom op)",
     ),
     "cuda_graphs": ExtraOption(bool, True, "GPU: replay decode steps as CUDA graphs"),
+    "mixed_graph_max_tokens": ExtraOption(
+        int,
+        1024,
+        "GPU, with cuda_graphs: steps that carry prompt chunks (text only) and at most this "
+        "many tokens in all replay CUDA graphs captured at bucketed token counts, instead "
+        "of being launched kernel by kernel from the host (0: never)",
+        (0, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048),
+    ),
     # Default 1: at one row a Qwen2.5-3B decode step on an H200 ran 8% faster (CUDA graph
     # 2.73 -> 2.51 ms). At 2-8 rows the tensor-core tiles beat cuBLAS on three of four
     # projections alone, but their fused RMSNorm costs 4-10 us a projection, and the decode

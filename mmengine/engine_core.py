@@ -83,7 +83,7 @@ class EngineCore:
         else:
             num_blocks = default_num_kv_blocks(self.runner, config.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_cuda_graphs(config.max_num_seqs)
+        self.runner.capture_cuda_graphs(config.max_num_seqs, max_batched)
         warm_up(self.runner, max_batched, config.max_num_seqs)
         per_block = kv_bytes_per_block(self.spec, config.block_size, self.dtype)
         logger.info(

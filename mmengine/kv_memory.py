@@ -87,7 +87,7 @@ def profile_num_kv_blocks(
     # cudaMalloc mid-run. They count in memory_reserved(), so `others` stays right.
     free, total_mem = torch.cuda.mem_get_info()
     others = total_mem - free - torch.cuda.memory_reserved()  # CUDA context, other processes
-    graph_reserve = 512 << 20 if runner.use_cuda_graphs else 0
+    graph_reserve = runner.graph_pool_bytes(max_num_batched_tokens)
     budget = (
         total_mem * runner.config.gpu_memory_utilization
         - others

@@ -50,7 +50,8 @@ class StepInputs:
     mm_rows: torch.Tensor | None
     meta: AttentionMetadata
     num_tokens: int  # real tokens (T may include CUDA-graph padding rows after them)
-    graph_batch: int | None  # replay the CUDA graph of this batch size
+    graph_batch: int | None  # replay the decode CUDA graph of this batch size
+    mixed_graph: int | None  # replay the mixed-step CUDA graph of this many rows
     logits_rows: list[int]  # rows of the hidden states whose logits we need
     sample_reqs: list[tuple[Request, int]]  # (request, index into logits_rows) that sample
     prompt_lp_reqs: list[tuple[Request, int, int, int]]  # (req, first logits idx, first pos, n)
@@ -280,7 +281,24 @@ class ModelRunner:
             self.kv_caches = allocate()
         self.num_kv_blocks = num_blocks
 
-    def capture_cuda_graphs(self, max_num_seqs: int) -> None:
+    def mixed_graph_max_tokens(self, max_num_batched_tokens: int) -> int:
+        """Row count of the largest mixed-step CUDA graph (0: none): the option, capped at
+        the step's token budget."""
+        if not self.use_cuda_graphs:
+            return 0
+        return min(self.config.extra_option("mixed_graph_max_tokens"), max_num_batched_tokens)
+
+    def graph_pool_bytes(self, max_num_batched_tokens: int) -> int:
+        """GPU memory set aside for the CUDA graphs' pool: 512 MiB for the decode graphs,
+        plus the largest mixed graph's activations (its rows x the widest tensors live at
+        once in a layer: gate_up's output, SiLU's, a few of hidden size)."""
+        if not self.use_cuda_graphs:
+            return 0
+        rows = self.mixed_graph_max_tokens(max_num_batched_tokens)
+        width = 3 * self.spec.intermediate_size + 8 * self.spec.hidden_size
+        return (512 << 20) + rows * width * self.dtype.itemsize
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         if not self.use_cuda_graphs:
             return
         self.graphs = CudaGraphRunner(
@@ -291,6 +309,7 @@ class ModelRunner:
             max_model_len=self.max_model_len,
             mrope=self.spec.mrope_section is not None,
             device=self.device,
+            mixed_max_tokens=self.mixed_graph_max_tokens(max_num_batched_tokens),
             extra_sizes=tuple(
                 decode_wave_batch_sizes(
                     self.spec.num_kv_heads,
@@ -422,6 +441,22 @@ class ModelRunner:
             qsl.extend(range(qsl[-1] + 1, qsl[-1] + pad + 1))
             seq_lens.extend([1] * pad)
             tables.extend([[0]] * pad)
+        mixed_graph = None
+        if self.graphs is not None and graph_batch is None and not mm_rows:
+            mixed_graph = self.graphs.mixed_bucket(num_tokens)
+        if mixed_graph is not None:
+            # Pad the rows (no sequence, no K/V write) and the sequences (no rows).
+            assert self.graphs is not None
+            pad = mixed_graph - num_tokens
+            ids.extend([0] * pad)
+            pos.extend([0] * pad)
+            for r in range(3):
+                pos3[r].extend([0] * pad)
+            slots.extend([-1] * pad)
+            pad_seqs = self.graphs.mixed_seqs(mixed_graph) - len(tables)
+            qsl.extend([qsl[-1]] * pad_seqs)
+            seq_lens.extend([1] * pad_seqs)
+            tables.extend([[0]] * pad_seqs)
         # A multiple of 16: the attention kernel is specialized on the block-table row
         # stride's 16-divisibility (aligned block-id loads), and a width that changed class
         # from step to step would compile kernel variants mid-run.
@@ -455,6 +490,7 @@ class ModelRunner:
             meta=meta,
             num_tokens=num_tokens,
             graph_batch=graph_batch,
+            mixed_graph=mixed_graph,
             logits_rows=logits_rows,
             sample_reqs=sample_reqs,
             prompt_lp_reqs=plp_reqs,
@@ -550,6 +586,10 @@ class ModelRunner:
         if inputs.graph_batch is not None and self.graphs is not None:
             return self.graphs.run(
                 inputs.graph_batch, inputs.input_ids, inputs.positions, inputs.meta
+            )
+        if inputs.mixed_graph is not None and self.graphs is not None:
+            return self.graphs.run_mixed(
+                inputs.mixed_graph, inputs.input_ids, inputs.positions, inputs.meta
             )
         embeds = self.model.embed(inputs.input_ids)
         if inputs.mm_rows is not None:

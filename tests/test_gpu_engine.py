@@ -77,6 +77,26 @@ def test_cuda_graphs_and_eager_give_the_same_tokens(qwen2_ckpt: Path) -> None:
     assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in graphs]
 
 
+def test_mixed_step_graphs_replay_prompt_steps_and_give_the_eager_tokens(
+    qwen2_ckpt: Path,
+) -> None:
+    # Steps that carry prompt chunks (here all of them: a 96-token budget, prompts longer
+    # than it chunked, decodes riding along) replay the mixed-step CUDA graphs, padded to
+    # their token buckets; float32, as above.
+    prompts = make_prompts()
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kw = dict(dtype="float32", max_num_batched_tokens=96, multiprocess=False)
+    eager = _gen(qwen2_ckpt, prompts, p, enforce_eager=True, **kw)
+    with LLM(
+        str(qwen2_ckpt), device="cuda", max_model_len=256, max_num_seqs=32,
+        num_kv_blocks=1024, extra={"torch_compile": False}, **kw,
+    ) as llm:  # fmt: skip
+        graphs = llm.generate(prompts, p, use_tqdm=False)
+        runner = llm._client.core.runner
+        assert runner.graphs.mixed_sizes[-1] == 96 and runner.graphs.mixed_replays > 0
+    assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in graphs]
+
+
 def test_bf16_logprobs_close_to_hf_bf16(text_ckpt: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,109 @@
+"""CUDA graphs for steps that carry prompt chunks (mixed graphs), checked on the CPU.
+
+The GPU suite replays real graphs (tests/test_gpu_engine.py). Here a stand-in replays a
+graph by running the same forward eagerly on the graph runner's persistent buffers with
+the graph's fixed metadata: what a captured graph computes. The runner's padding (rows
+that belong to no sequence, sequences with no rows, skipped K/V writes) must then leave
+every real token's result as an unpadded step computes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmengine import SamplingParams
+from mmengine.attention import forward_context
+from mmengine.cuda_graphs import CudaGraphRunner, mixed_token_sizes
+
+
+def _runner(**kw) -> CudaGraphRunner:  # noqa: ANN003
+    args = dict(max_num_seqs=8, max_blocks_per_seq=4, max_model_len=64, mrope=False)
+    args.update(kw)
+    return CudaGraphRunner(lambda ids, pos: ids, device=torch.device("cpu"), **args)
+
+
+def test_mixed_graph_sizes_reach_the_cap_and_hold_every_step_that_fits() -> None:
+    assert mixed_token_sizes(0) == [] and mixed_token_sizes(1) == []
+    assert mixed_token_sizes(1024)[-1] == 1024 and mixed_token_sizes(1024)[0] == 16
+    assert mixed_token_sizes(600)[-2:] == [512, 600]  # a cap between buckets is one too
+    graphs = _runner(mixed_max_tokens=100)
+    assert graphs.mixed_bucket(2) == 16 and graphs.mixed_bucket(17) == 32
+    assert graphs.mixed_bucket(100) == 100 and graphs.mixed_bucket(101) is None
+    # Room for every sequence a step of that size can hold: one a row, max_num_seqs at most.
+    assert graphs.mixed_seqs(16) == 8 and graphs.mixed_seqs(100) == 8
+    assert _runner(max_num_seqs=256, mixed_max_tokens=64).mixed_seqs(32) == 32
+    # The buffers hold the largest graph's rows and sequences.
+    assert graphs.input_ids.shape[0] >= 100 and graphs.query_start_loc.shape[0] >= 9
+    assert _runner().mixed_sizes == []  # off unless asked for
+
+
+class EagerGraphs(CudaGraphRunner):
+    """Replays a "graph" by running its forward eagerly on the persistent buffers, with the
+    metadata the graph was captured with (what the GPU graph computes)."""
+
+    def __init__(self, runner, max_num_seqs: int, mixed_max_tokens: int) -> None:  # noqa: ANN001
+        super().__init__(
+            runner.forward_fn, max_num_seqs=max_num_seqs, max_blocks_per_seq=16,
+            max_model_len=runner.max_model_len, mrope=runner.spec.mrope_section is not None,
+            device=runner.device, mixed_max_tokens=mixed_max_tokens,
+        )  # fmt: skip
+        self.decode_replays = 0
+
+    def run(self, b, input_ids, positions, meta):  # noqa: ANN001, ANN201
+        self._copy_inputs(b, b, input_ids, positions, meta)
+        self.decode_replays += 1
+        with forward_context(self._meta(b)):
+            return self.forward_fn(self.input_ids[:b], self.positions[..., :b])
+
+    def run_mixed(self, t, input_ids, positions, meta):  # noqa: ANN001, ANN201
+        self._copy_inputs(t, self.mixed_seqs(t), input_ids, positions, meta)
+        self.mixed_replays += 1
+        with forward_context(self._mixed_meta(t)):
+            return self.forward_fn(self.input_ids[:t], self.positions[..., :t])
+
+
+def _generate(ckpt: Path, graphs: bool) -> tuple[list[list[int]], list[float], EagerGraphs | None]:
+    from mmengine import LLM
+
+    torch.set_num_threads(1)
+    llm = LLM(
+        str(ckpt), dtype="float32", device="cpu", skip_tokenizer_init=True,
+        multiprocess=False, max_model_len=160, max_num_batched_tokens=48, max_num_seqs=8,
+    )  # fmt: skip
+    try:
+        core = llm._client.core
+        fake = None
+        if graphs:
+            fake = EagerGraphs(core.runner, max_num_seqs=8, mixed_max_tokens=48)
+            core.runner.graphs = fake
+        gen = torch.Generator().manual_seed(3)
+        # Prompts of 5-70 tokens under a 48-token budget: chunked prompts, prompt chunks
+        # with decodes riding along, and decode-only steps.
+        prompts = [
+            torch.randint(10, 200, (int(n),), generator=gen).tolist()
+            for n in (5, 70, 13, 40, 9, 27)
+        ]
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        tokens = [o.outputs[0].token_ids for o in outs]
+        lps = [
+            lp[t].logprob
+            for o in outs
+            for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)
+        ]
+        assert core.stats().kv_blocks_used == 0
+        return tokens, lps, fake
+    finally:
+        llm.shutdown()
+
+
+def test_padded_graph_steps_give_every_request_the_tokens_of_unpadded_steps(
+    qwen2_ckpt: Path,
+) -> None:
+    ref_tokens, ref_lps, _ = _generate(qwen2_ckpt, graphs=False)
+    tokens, lps, fake = _generate(qwen2_ckpt, graphs=True)
+    assert fake is not None and fake.mixed_replays > 0 and fake.decode_replays > 0
+    assert tokens == ref_tokens
+    assert max(abs(a - b) for a, b in zip(lps, ref_lps)) < 1e-4
