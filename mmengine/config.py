@@ -44,6 +44,12 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
         "of being launched kernel by kernel from the host (0: never)",
         (0, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048),
     ),
+    "mixed_graph_multimodal": ExtraOption(
+        bool,
+        False,
+        "GPU, with mixed_graph_max_tokens > 0, vision-language models: steps with image or "
+        "video rows replay the mixed-step graphs too (an experiment, not yet run on a GPU)",
+    ),
     # Default 1: at one row a Qwen2.5-3B decode step on an H200 ran 8% faster (CUDA graph
     # 2.73 -> 2.51 ms). At 2-8 rows the tensor-core tiles beat cuBLAS on three of four
     # projections alone, but their fused RMSNorm costs 4-10 us a projection, and the decode

@@ -11,7 +11,10 @@ inputs in and replays. All graphs share one memory pool, captured largest first.
   empty (their query range has no rows), and the padding rows after the real tokens
   belong to no sequence and write no K/V. The graph's attention is launched for at most
   T query rows a sequence and min(T, max_num_seqs) sequences, so any step that fits the
-  bucket replays it. Without them such a step costs its host launch time, ~14 ms for a
+  bucket replays it. Steps with vision rows replay them too when the runner was given a
+  masked forward (`mixed_graph_multimodal`): the rows' embeddings go into a persistent
+  buffer and a row mask selects them over the token embeddings inside the graph. Without
+  the graphs such a step costs its host launch time, ~14 ms for a
   Qwen2.5-3B step of 256 or 1024 tokens on an H100, whose GPU needs a few ms of it
   (benchmarks/bench_step_host.py).
 """
@@ -29,6 +32,9 @@ from mmengine.attention import AttentionMetadata, forward_context
 logger = logging.getLogger(__name__)
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, positions) -> hidden
+# (ids, positions, mm_embeds, mm_mask) -> hidden: rows where mm_mask is set take their
+# embedding from mm_embeds (vision rows) instead of the token embedding.
+MaskedForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 MIXED_TOKEN_SIZES = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048)
@@ -62,8 +68,16 @@ class CudaGraphRunner:
         device: torch.device,
         extra_sizes: tuple[int, ...] = (),
         mixed_max_tokens: int = 0,
+        mm_forward_fn: MaskedForwardFn | None = None,
+        hidden_size: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        """`mm_forward_fn` (with the model's `hidden_size` and `dtype`): the mixed graphs
+        also take steps with vision rows, whose embeddings are copied into a persistent
+        buffer and selected by a row mask inside the graph."""
         self.forward_fn = forward_fn
+        self.mm_forward_fn = mm_forward_fn
+        self.mixed_multimodal = mm_forward_fn is not None
         self.sizes = graph_batch_sizes(max_num_seqs, extra_sizes)
         self.max_bs = self.sizes[-1]
         self.max_model_len = max_model_len
@@ -76,6 +90,11 @@ class CudaGraphRunner:
         # each decoder-layer graph twice, once mid-run (benchmarks/mid_run_compiles.py).
         with torch.inference_mode():
             self._allocate_buffers(n_tok, n_seq, max_blocks_per_seq, mrope, device)
+            self.mm_embeds = torch.zeros(
+                (n_tok if self.mixed_multimodal else 0, hidden_size), dtype=dtype, device=device
+            )
+            self.mm_mask = torch.zeros(self.mm_embeds.shape[0], dtype=torch.bool, device=device)
+        self._mm_mask_set = False  # some mask rows are set (cleared before a text step)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -139,11 +158,11 @@ class CudaGraphRunner:
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(2):  # warm up (autotuning, lazy init) off the graph
-                        self.forward_fn(self.input_ids[:n], self._positions(n))
+                        self._forward(mixed, n)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    out = self.forward_fn(self.input_ids[:n], self._positions(n))
+                    out = self._forward(mixed, n)
             if self.pool is None:
                 self.pool = graph.pool()
             (self.mixed_graphs if mixed else self.graphs)[n] = graph
@@ -165,6 +184,13 @@ class CudaGraphRunner:
 
     def _positions(self, n: int) -> torch.Tensor:
         return self.positions[..., :n]
+
+    def _forward(self, mixed: bool, n: int) -> torch.Tensor:
+        """What the graph of `n` rows computes, on the persistent buffers."""
+        ids, positions = self.input_ids[:n], self._positions(n)
+        if mixed and self.mm_forward_fn is not None:
+            return self.mm_forward_fn(ids, positions, self.mm_embeds[:n], self.mm_mask[:n])
+        return self.forward_fn(ids, positions)
 
     def bucket(self, num_seqs: int) -> int | None:
         """The decode graph for `num_seqs` one-token sequences (None: none that large)."""
@@ -190,8 +216,7 @@ class CudaGraphRunner:
         meta: AttentionMetadata,  # padded to b sequences of one token
     ) -> torch.Tensor:  # [b, H]
         self._copy_inputs(b, b, input_ids, positions, meta)
-        self.graphs[b].replay()
-        return self.outputs[b]
+        return self._replay(False, b)
 
     def run_mixed(
         self,
@@ -199,11 +224,29 @@ class CudaGraphRunner:
         input_ids: torch.Tensor,  # [t] already padded
         positions: torch.Tensor,  # [t] or [3, t]
         meta: AttentionMetadata,  # padded to mixed_seqs(t) sequences, the extra ones empty
+        mm_rows: torch.Tensor | None = None,  # int64 rows that take vision embeddings
+        mm_values: torch.Tensor | None = None,  # [len(mm_rows), H] their embeddings
     ) -> torch.Tensor:  # [t, H]
         self._copy_inputs(t, self.mixed_seqs(t), input_ids, positions, meta)
-        self.mixed_graphs[t].replay()
+        if mm_rows is not None:
+            if not self.mixed_multimodal or mm_values is None:
+                raise ValueError("vision rows given to mixed graphs captured without them")
+            self.mm_mask.zero_()
+            self.mm_mask[mm_rows] = True
+            self.mm_embeds[mm_rows] = mm_values.to(self.mm_embeds.dtype)
+            self._mm_mask_set = True
+        elif self._mm_mask_set:
+            self.mm_mask.zero_()
+            self._mm_mask_set = False
         self.mixed_replays += 1
-        return self.mixed_outputs[t]
+        return self._replay(True, t)
+
+    def _replay(self, mixed: bool, n: int) -> torch.Tensor:
+        if mixed:
+            self.mixed_graphs[n].replay()
+            return self.mixed_outputs[n]
+        self.graphs[n].replay()
+        return self.outputs[n]
 
     def _copy_inputs(
         self,

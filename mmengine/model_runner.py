@@ -214,6 +214,18 @@ class ModelRunner:
         """ids -> hidden [T, H] (what decode CUDA graphs capture)."""
         return self.forward_embeds(self.model.embed(input_ids), positions)
 
+    def _forward_masked(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mm_embeds: torch.Tensor,  # [T, H]
+        mm_mask: torch.Tensor,  # bool [T]: rows that take mm_embeds
+    ) -> torch.Tensor:
+        """ids -> hidden [T, H] with vision rows taken from `mm_embeds` (what mixed CUDA
+        graphs capture with `mixed_graph_multimodal`)."""
+        embeds = torch.where(mm_mask.unsqueeze(-1), mm_embeds, self.model.embed(input_ids))
+        return self.forward_embeds(embeds, positions)
+
     def to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return host_to_device(torch.tensor(values, dtype=dtype), self.device)
 
@@ -301,6 +313,7 @@ class ModelRunner:
     def capture_cuda_graphs(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         if not self.use_cuda_graphs:
             return
+        mm_graphs = self.spec.is_multimodal and self.config.extra_option("mixed_graph_multimodal")
         self.graphs = CudaGraphRunner(
             self.forward_fn,
             max_num_seqs=max_num_seqs,
@@ -310,6 +323,9 @@ class ModelRunner:
             mrope=self.spec.mrope_section is not None,
             device=self.device,
             mixed_max_tokens=self.mixed_graph_max_tokens(max_num_batched_tokens),
+            mm_forward_fn=self._forward_masked if mm_graphs else None,
+            hidden_size=self.spec.hidden_size,
+            dtype=self.dtype,
             extra_sizes=tuple(
                 decode_wave_batch_sizes(
                     self.spec.num_kv_heads,
@@ -442,7 +458,11 @@ class ModelRunner:
             seq_lens.extend([1] * pad)
             tables.extend([[0]] * pad)
         mixed_graph = None
-        if self.graphs is not None and graph_batch is None and not mm_rows:
+        if (
+            self.graphs is not None
+            and graph_batch is None
+            and (not mm_rows or self.graphs.mixed_multimodal)
+        ):
             mixed_graph = self.graphs.mixed_bucket(num_tokens)
         if mixed_graph is not None:
             # Pad the rows (no sequence, no K/V write) and the sequences (no rows).
@@ -588,8 +608,14 @@ class ModelRunner:
                 inputs.graph_batch, inputs.input_ids, inputs.positions, inputs.meta
             )
         if inputs.mixed_graph is not None and self.graphs is not None:
+            mm_values = torch.cat(self._mm_slices) if inputs.mm_rows is not None else None
             return self.graphs.run_mixed(
-                inputs.mixed_graph, inputs.input_ids, inputs.positions, inputs.meta
+                inputs.mixed_graph,
+                inputs.input_ids,
+                inputs.positions,
+                inputs.meta,
+                mm_rows=inputs.mm_rows,
+                mm_values=mm_values,
             )
         embeds = self.model.embed(inputs.input_ids)
         if inputs.mm_rows is not None:

@@ -43,25 +43,24 @@ class EagerGraphs(CudaGraphRunner):
     """Replays a "graph" by running its forward eagerly on the persistent buffers, with the
     metadata the graph was captured with (what the GPU graph computes)."""
 
-    def __init__(self, runner, max_num_seqs: int, mixed_max_tokens: int) -> None:  # noqa: ANN001
+    def __init__(self, runner, max_num_seqs: int, mixed_max_tokens: int, mm: bool = False) -> None:  # noqa: ANN001
         super().__init__(
-            runner.forward_fn, max_num_seqs=max_num_seqs, max_blocks_per_seq=16,
+            runner.forward_fn, max_num_seqs=max_num_seqs, max_blocks_per_seq=64,
             max_model_len=runner.max_model_len, mrope=runner.spec.mrope_section is not None,
             device=runner.device, mixed_max_tokens=mixed_max_tokens,
+            mm_forward_fn=runner._forward_masked if mm else None,
+            hidden_size=runner.spec.hidden_size, dtype=runner.dtype,
         )  # fmt: skip
         self.decode_replays = 0
+        self.vision_replays = 0  # mixed replays with vision rows
 
-    def run(self, b, input_ids, positions, meta):  # noqa: ANN001, ANN201
-        self._copy_inputs(b, b, input_ids, positions, meta)
-        self.decode_replays += 1
-        with forward_context(self._meta(b)):
-            return self.forward_fn(self.input_ids[:b], self.positions[..., :b])
-
-    def run_mixed(self, t, input_ids, positions, meta):  # noqa: ANN001, ANN201
-        self._copy_inputs(t, self.mixed_seqs(t), input_ids, positions, meta)
-        self.mixed_replays += 1
-        with forward_context(self._mixed_meta(t)):
-            return self.forward_fn(self.input_ids[:t], self.positions[..., :t])
+    def _replay(self, mixed: bool, n: int) -> torch.Tensor:
+        if not mixed:
+            self.decode_replays += 1
+        elif self.mixed_multimodal and bool(self.mm_mask.any()):
+            self.vision_replays += 1
+        with forward_context(self._mixed_meta(n) if mixed else self._meta(n)):
+            return self._forward(mixed, n)
 
 
 def _generate(ckpt: Path, graphs: bool) -> tuple[list[list[int]], list[float], EagerGraphs | None]:
@@ -107,3 +106,34 @@ def test_padded_graph_steps_give_every_request_the_tokens_of_unpadded_steps(
     assert fake is not None and fake.mixed_replays > 0 and fake.decode_replays > 0
     assert tokens == ref_tokens
     assert max(abs(a - b) for a, b in zip(lps, ref_lps)) < 1e-4
+
+
+def test_vision_rows_replay_the_mixed_graphs_and_keep_hf_tokens(qwen2_vl_ckpt: Path) -> None:
+    # `mixed_graph_multimodal`: steps with image rows replay the mixed graphs, the rows'
+    # embeddings selected by a mask inside the graph. Chunks of 24 tokens cut through the
+    # images; greedy tokens must stay HF's (fp32 CPU oracle, as tests/test_mm_parity.py).
+    from mmengine import LLM
+    from tests.test_mm_parity import MAX_NEW, cases, hf_refs
+
+    texts, _, refs = hf_refs(qwen2_vl_ckpt, "qwen2_vl")
+    reqs = []
+    for text, c in zip(texts, cases("qwen2_vl")):
+        mm = {k: v for k, v in (("image", c["images"]), ("video", c["videos"])) if v}
+        reqs.append({"prompt": text, "multi_modal_data": mm} if mm else text)
+    torch.set_num_threads(1)
+    with LLM(
+        str(qwen2_vl_ckpt), dtype="float32", device="cpu", max_model_len=1024,
+        multiprocess=False, max_num_batched_tokens=24, max_num_seqs=8,
+    ) as llm:  # fmt: skip
+        core = llm._client.core
+        fake = EagerGraphs(core.runner, max_num_seqs=8, mixed_max_tokens=24, mm=True)
+        core.runner.graphs = fake
+        p = SamplingParams(temperature=0, max_tokens=MAX_NEW)
+        text = {"prompt_token_ids": list(range(300, 360))}  # 60 tokens: 3 text-only chunks
+        before = llm.generate(text, p, use_tqdm=False)[0].outputs[0].token_ids
+        outs = llm.generate(reqs, p, use_tqdm=False)
+        vision = fake.vision_replays
+        # A text step after vision steps must not see their rows (the mask is cleared).
+        after = llm.generate(text, p, use_tqdm=False)[0].outputs[0].token_ids
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert vision > 0 and fake.vision_replays == vision and before == after
