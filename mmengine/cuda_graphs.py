@@ -99,7 +99,8 @@ class CudaGraphRunner:
         self.outputs: dict[int, torch.Tensor] = {}
         self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.mixed_outputs: dict[int, torch.Tensor] = {}
-        self.mixed_replays = 0  # steps that replayed a mixed graph (tests, logs)
+        self.decode_replays = 0  # steps that replayed a decode graph (stats, logs)
+        self.mixed_replays = 0  # steps that replayed a mixed graph
         self.pool = None
 
     def mixed_seqs(self, tokens: int) -> int:
@@ -216,6 +217,7 @@ class CudaGraphRunner:
         meta: AttentionMetadata,  # padded to b sequences of one token
     ) -> torch.Tensor:  # [b, H]
         self._copy_inputs(b, b, input_ids, positions, meta)
+        self.decode_replays += 1
         return self._replay(False, b)
 
     def run_mixed(

@@ -115,6 +115,7 @@ class EngineCore:
         self._last_gen_tokens = 0
         self._last_prompt_tokens = 0
         self._last_encoder_items = 0
+        self._last_steps = self._last_graph_steps = self._last_graph_prompt_steps = 0
         self.async_scheduling = (
             config.async_scheduling
             if config.async_scheduling is not None
@@ -282,6 +283,7 @@ class EngineCore:
     # ---- introspection ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         s, kv = self.scheduler.stats, self.scheduler.kv
+        graphs = self.runner.graphs
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -300,6 +302,8 @@ class EngineCore:
             time_encoder_s=self.runner.encoder_seconds(),
             num_prefill_steps=int(self._timing["prefill_steps"]),
             num_decode_steps=int(self._timing["decode_steps"]),
+            num_graph_decode_steps=graphs.decode_replays if graphs is not None else 0,
+            num_graph_prompt_steps=graphs.mixed_replays if graphs is not None else 0,
             num_preemptions=s.num_preemptions,
             prompt_tokens_computed=s.prompt_tokens_computed,
             generation_tokens=s.generation_tokens,
@@ -363,6 +367,19 @@ class EngineCore:
             (st.generation_tokens - self._last_gen_tokens) / dt,
             st.num_preemptions,
         )
+        if self.runner.graphs is not None:
+            graph_steps = st.num_graph_decode_steps + st.num_graph_prompt_steps
+            steps = st.num_steps - self._last_steps
+            logger.info(
+                "CUDA graphs: %d of %d steps replayed (%d with prompt chunks); the rest were "
+                "launched op by op",
+                graph_steps - self._last_graph_steps,
+                steps,
+                st.num_graph_prompt_steps - self._last_graph_prompt_steps,
+            )
+            self._last_graph_steps = graph_steps
+            self._last_graph_prompt_steps = st.num_graph_prompt_steps
+        self._last_steps = st.num_steps
         if self.runner.encoder_runner is not None:
             looked_up = st.embedding_cache_hits + st.embedding_cache_misses
             logger.info(

@@ -159,6 +159,10 @@ class EngineStats(msgspec.Struct):
     time_encoder_s: float = 0.0
     num_prefill_steps: int = 0
     num_decode_steps: int = 0
+    # Steps that replayed a CUDA graph (GPU): decode graphs, and mixed-step graphs (steps
+    # with prompt chunks up to `mixed_graph_max_tokens`); the rest were launched op by op.
+    num_graph_decode_steps: int = 0
+    num_graph_prompt_steps: int = 0
     encoder_runs: int = 0
     encoder_items: int = 0
     embedding_cache_hits: int = 0

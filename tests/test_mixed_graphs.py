@@ -9,8 +9,10 @@ every real token's result as an unpadded step computes it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 import torch
 
 from mmengine import SamplingParams
@@ -51,13 +53,10 @@ class EagerGraphs(CudaGraphRunner):
             mm_forward_fn=runner._forward_masked if mm else None,
             hidden_size=runner.spec.hidden_size, dtype=runner.dtype,
         )  # fmt: skip
-        self.decode_replays = 0
         self.vision_replays = 0  # mixed replays with vision rows
 
     def _replay(self, mixed: bool, n: int) -> torch.Tensor:
-        if not mixed:
-            self.decode_replays += 1
-        elif self.mixed_multimodal and bool(self.mm_mask.any()):
+        if mixed and self.mixed_multimodal and bool(self.mm_mask.any()):
             self.vision_replays += 1
         with forward_context(self._mixed_meta(n) if mixed else self._meta(n)):
             return self._forward(mixed, n)
@@ -70,6 +69,7 @@ def _generate(ckpt: Path, graphs: bool) -> tuple[list[list[int]], list[float], E
     llm = LLM(
         str(ckpt), dtype="float32", device="cpu", skip_tokenizer_init=True,
         multiprocess=False, max_model_len=160, max_num_batched_tokens=48, max_num_seqs=8,
+        log_stats_interval_s=0.0,
     )  # fmt: skip
     try:
         core = llm._client.core
@@ -92,17 +92,25 @@ def _generate(ckpt: Path, graphs: bool) -> tuple[list[list[int]], list[float], E
             for o in outs
             for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)
         ]
-        assert core.stats().kv_blocks_used == 0
+        st = core.stats()
+        assert st.kv_blocks_used == 0
+        if fake is not None:  # the engine's stats count the replays
+            assert st.num_graph_prompt_steps == fake.mixed_replays
+            assert st.num_graph_decode_steps == fake.decode_replays
+            assert st.num_graph_prompt_steps + st.num_graph_decode_steps <= st.num_steps
         return tokens, lps, fake
     finally:
         llm.shutdown()
 
 
 def test_padded_graph_steps_give_every_request_the_tokens_of_unpadded_steps(
-    qwen2_ckpt: Path,
+    qwen2_ckpt: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ref_tokens, ref_lps, _ = _generate(qwen2_ckpt, graphs=False)
-    tokens, lps, fake = _generate(qwen2_ckpt, graphs=True)
+    with caplog.at_level(logging.INFO, logger="mmengine"):
+        tokens, lps, fake = _generate(qwen2_ckpt, graphs=True)
+    # The periodic log says how many steps replayed graphs.
+    assert any(r.getMessage().startswith("CUDA graphs: ") for r in caplog.records)
     assert fake is not None and fake.mixed_replays > 0 and fake.decode_replays > 0
     assert tokens == ref_tokens
     assert max(abs(a - b) for a, b in zip(lps, ref_lps)) < 1e-4
