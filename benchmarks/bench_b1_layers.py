@@ -112,10 +112,10 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     """One decode step of one token through every layer (its residual stream passed on as
     the engine's few-token path does), as a one-call list for the graph to capture. Each
     layer has its own KV-cache blocks."""
-    from kernels.gemv import GemvConfig, gemv, gemv_qkv_rope, launch_config
-    from kernels.paged_attention import choose_num_kv_splits, paged_attention
-    from kernels.rms_norm import rms_norm
-    from kernels.rotary import build_cos_sin_cache
+    from mmkernels.gemv import GemvConfig, gemv, gemv_qkv_rope, launch_config
+    from mmkernels.paged_attention import choose_num_kv_splits, paged_attention
+    from mmkernels.rms_norm import rms_norm
+    from mmkernels.rotary import build_cos_sin_cache
 
     dt = torch.bfloat16
     nb = -(-ctx // BLOCK)

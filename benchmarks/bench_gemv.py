@@ -1,4 +1,4 @@
-"""Few-token projections of a decode step: `kernels/gemv.py` against cuBLAS (issue 3).
+"""Few-token projections of a decode step: `mmkernels/gemv.py` against cuBLAS (issue 3).
 
 For each projection of one Qwen2.5-3B decoder layer, 36 distinct weights (one per layer, so
 nothing is served from L2 as it would not be in the engine) are run back to back inside a
@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_text_throughput import ceilings  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
-from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.gemv import GemvConfig, gemv, gemv_qkv_rope, launch_config  # noqa: E402
-from kernels.rms_norm import rms_norm  # noqa: E402
-from kernels.rotary import build_cos_sin_cache  # noqa: E402
-from kernels.rotary_kv import rotary_write_kv  # noqa: E402
+from mmkernels.activation import silu_and_mul  # noqa: E402
+from mmkernels.gemv import GemvConfig, gemv, gemv_qkv_rope, launch_config  # noqa: E402
+from mmkernels.rms_norm import rms_norm  # noqa: E402
+from mmkernels.rotary import build_cos_sin_cache  # noqa: E402
+from mmkernels.rotary_kv import rotary_write_kv  # noqa: E402
 
 LAYERS = 36
 H, INTER, QKV = 2048, 11008, 2048 + 2 * 256

@@ -1,4 +1,4 @@
-"""Benchmarks the Triton kernels of `kernels/` on a CUDA GPU against the card's ceilings.
+"""Benchmarks the Triton kernels of `mmkernels/` on a CUDA GPU against the card's ceilings.
 
 Measures (a) the device-to-device copy bandwidth, the ceiling for memory-bound kernels;
 (b) decode attention bandwidth (K/V bytes read + q/out) with the split-KV path on and off;
@@ -97,7 +97,7 @@ def copy_bandwidth(rep_ms: int) -> tuple[float, Row]:
 def forced_launch_config(config: tuple[int, int, int, int]):  # noqa: ANN201
     """Within the block, paged_attention launches with this (BLOCK_M, TILE_N, num_warps,
     num_stages) whatever the batch, as the tile sweeps need."""
-    import kernels.paged_attention as pa
+    import mmkernels.paged_attention as pa
 
     original = pa._launch_config
     pa._launch_config = lambda *_: config
@@ -149,8 +149,8 @@ def decode_calls(
 ) -> tuple[list[Callable[[], object]], int]:
     """Calls of one decode step on enough distinct input sets to overflow L2 (or `copies`
     of them), and the bytes one call must move (K/V read, q read, out written).
-    `attention` replaces `kernels.paged_attention.paged_attention` (e.g. an older copy)."""
-    from kernels.paged_attention import paged_attention
+    `attention` replaces `mmkernels.paged_attention.paged_attention` (e.g. an older copy)."""
+    from mmkernels.paged_attention import paged_attention
 
     attention = attention or paged_attention
     kv_bytes = 2 * batch * context * num_kv_heads * HEAD_SIZE * DTYPE.itemsize
@@ -201,7 +201,7 @@ def decode_rows(copy_tbps: float) -> list[Row]:
 def prefill_rows(rep_ms: int) -> list[Row]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.paged_attention import paged_attention
+    from mmkernels.paged_attention import paged_attention
 
     rows = []
     for (model, hq, hkv), (batch, seq) in itertools.product(
@@ -268,10 +268,10 @@ def prefill_rows(rep_ms: int) -> list[Row]:
 
 
 def elementwise_rows(copy_tbps: float, rep_ms: int) -> list[Row]:
-    from kernels.activation import silu_and_mul, silu_and_mul_torch
-    from kernels.kv_cache import write_kv_cache, write_kv_cache_torch
-    from kernels.rms_norm import rms_norm, rms_norm_torch
-    from kernels.rotary import apply_rotary, apply_rotary_torch, build_cos_sin_cache
+    from mmkernels.activation import silu_and_mul, silu_and_mul_torch
+    from mmkernels.kv_cache import write_kv_cache, write_kv_cache_torch
+    from mmkernels.rms_norm import rms_norm, rms_norm_torch
+    from mmkernels.rotary import apply_rotary, apply_rotary_torch, build_cos_sin_cache
 
     tokens, hidden, inter = 4096, 4096, 14336
     item = DTYPE.itemsize
@@ -346,7 +346,7 @@ def elementwise_rows(copy_tbps: float, rep_ms: int) -> list[Row]:
 
 def sweep_rows(rep_ms: int) -> list[Row]:
     """Times other tiles (BLOCK_M, TILE_N, num_warps, num_stages) and split counts."""
-    import kernels.paged_attention as pa
+    import mmkernels.paged_attention as pa
 
     rows = []
 

@@ -331,7 +331,7 @@ def main() -> None:
     ap.add_argument(
         "--vision-segment-kernel",
         action="store_true",
-        help="window attention of the vision tower through kernels/segment_attention.py "
+        help="window attention of the vision tower through mmkernels/segment_attention.py "
         "(the engine's extra={'vision_segment_kernel': True}; off by default: no consistent "
         "gain when measured, benchmarks/RESULTS.md session 6)",
     )

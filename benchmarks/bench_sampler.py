@@ -136,10 +136,10 @@ def _kernel_call(ks, logits: torch.Tensor, setting: tuple[int, float, float]):
 def kernel_sweep(
     batches: list[int], vocab: int, device: torch.device, reps: int, sweep: bool
 ) -> list[str]:
-    """GPU time of `kernels.sampling.sample_from_logits` alone (parameters already on the
+    """GPU time of `mmkernels.sampling.sample_from_logits` alone (parameters already on the
     device), per setting and batch, at the default launch config and, with `sweep`, at
     other loop widths and warp counts."""
-    import kernels.sampling as ks
+    import mmkernels.sampling as ks
 
     configs = [(ks._BLOCK, ks._NUM_WARPS)]
     if sweep:

@@ -14,7 +14,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/kernels 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/mmkernels 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [ "$what" = mmtests ] || [ "$what" = all ]; then
   timeout ${MMTESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_mm.py 2>&1 | tee "$OUT/gpu_mmtests.log" | tail -40

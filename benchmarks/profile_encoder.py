@@ -120,7 +120,7 @@ def main() -> None:
     launch += [
         ("compiled", k, *host_vs_gpu(lambda k=k: enc.encode(items[:k]))) for k in (1, len(items))
     ]
-    # The window blocks' attention through kernels/segment_attention.py (opt-in in the engine).
+    # The window blocks' attention through mmkernels/segment_attention.py (opt-in in the engine).
     enc.short_segment_kernel = True
     try:
         seg_ms = timed(lambda: enc.encode(items))

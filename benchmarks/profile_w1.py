@@ -246,19 +246,19 @@ def step_table(cpu_ranges: list[dict], k_sorted: list, starts: list) -> list[dic
 
 def triton_variants() -> dict[str, int]:
     """Compiled specializations of each of our Triton kernels in this process."""
-    import kernels.activation
-    import kernels.kv_cache
-    import kernels.paged_attention
-    import kernels.rms_norm
-    import kernels.rotary
+    import mmkernels.activation
+    import mmkernels.kv_cache
+    import mmkernels.paged_attention
+    import mmkernels.rms_norm
+    import mmkernels.rotary
 
     counts = {}
     for mod in (
-        kernels.activation,
-        kernels.kv_cache,
-        kernels.paged_attention,
-        kernels.rms_norm,
-        kernels.rotary,
+        mmkernels.activation,
+        mmkernels.kv_cache,
+        mmkernels.paged_attention,
+        mmkernels.rms_norm,
+        mmkernels.rotary,
     ):
         for name, fn in vars(mod).items():
             caches = getattr(fn, "device_caches", None)

@@ -2,7 +2,7 @@
 
 `py-spy record --format raw` writes one line per distinct stack: frames joined by ';',
 outermost first, then the sample count. This reports, for the project's own code
-(mmengine/, kernels/, encoders/, processors/), the share of samples
+(mmengine/, mmkernels/, encoders/, processors/), the share of samples
   - inclusive: stacks that pass through the function (its time and its callees');
   - innermost: stacks whose innermost project frame is it (time in it, or in library code
     it called directly: torch ops, CUDA launches, ZMQ), by function and line.
@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-PROJECT_DIRS = ("mmengine/", "kernels/", "encoders/", "processors/")
+PROJECT_DIRS = ("mmengine/", "mmkernels/", "encoders/", "processors/")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]+)(?::(?P<line>\d+))?\)$")
 
 

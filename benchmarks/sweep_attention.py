@@ -11,8 +11,8 @@ Two parts, one markdown report ($OUT/sweep_attention.md):
   timed as CUDA-graph replays over distinct inputs (36 at batch 1: one per layer), next to
   a device copy of the same bytes.
 
-`--baseline FILE` loads another copy of `kernels/paged_attention.py` (e.g. the previous
-commit's, `git show HEAD~1:kernels/paged_attention.py > /tmp/old.py`) and times it at the
+`--baseline FILE` loads another copy of `mmkernels/paged_attention.py` (e.g. the previous
+commit's, `git show HEAD~1:mmkernels/paged_attention.py > /tmp/old.py`) and times it at the
 default tiles beside this tree's, so a kernel change is measured against its predecessor
 in one run on one card.
 
@@ -211,14 +211,14 @@ def decode_part(modules: dict[str, ModuleType], replays: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--baseline", help="another copy of kernels/paged_attention.py to time")
+    ap.add_argument("--baseline", help="another copy of mmkernels/paged_attention.py to time")
     ap.add_argument(
         "--only", nargs="+", choices=("prefill", "decode"), default=["prefill", "decode"]
     )
     ap.add_argument("--rep-ms", type=int, default=100)
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args(argv)
-    import kernels.paged_attention as pa
+    import mmkernels.paged_attention as pa
 
     modules = {"this tree": pa}
     if args.baseline:

@@ -77,7 +77,7 @@ def engine_splits(auto: int) -> int:
 
 def compare_fused(splits: tuple[int, ...], replays: int) -> str:
     """Fused vs two-launch merge for every shape of SHAPES; returns the markdown report."""
-    import kernels.paged_attention as pa
+    import mmkernels.paged_attention as pa
 
     t0 = time.perf_counter()
     copy_tbps, _ = copy_bandwidth(200)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"written to {out_dir / 'decode_fused_merge.md'}")
         return
     configs = CONFIGS[:1] if args.default_config_only else CONFIGS
-    import kernels.paged_attention as pa
+    import mmkernels.paged_attention as pa
 
     copy_tbps, _ = copy_bandwidth(200)
     sm = torch.cuda.get_device_properties(0).multi_processor_count

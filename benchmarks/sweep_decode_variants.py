@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args(argv)
-    import kernels.paged_attention as pa
+    import mmkernels.paged_attention as pa
 
     t0 = time.perf_counter()
     sm = torch.cuda.get_device_properties(0).multi_processor_count

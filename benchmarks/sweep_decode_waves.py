@@ -59,7 +59,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def run(shapes: list[tuple[int, int, int]], batches: list[int], replays: int) -> str:
-    import kernels.paged_attention as pa
+    import mmkernels.paged_attention as pa
 
     t0 = time.perf_counter()
     copy_tbps, _ = copy_bandwidth(200)

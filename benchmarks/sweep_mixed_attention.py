@@ -79,7 +79,7 @@ def mixed_batch(q_lens: list[int], seq_lens: list[int], device: str = "cuda") ->
 
 def call(batch: dict, tile=None, **kwargs):  # noqa: ANN001, ANN201
     """One paged_attention call on `batch`, optionally with forced tiles."""
-    import kernels.paged_attention as pa
+    import mmkernels.paged_attention as pa
 
     def run() -> torch.Tensor:
         with forced_launch_config(tile) if tile else contextlib.nullcontext():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.staging import host_to_device
-from kernels import segment_attention as short_segments
+from mmkernels import segment_attention as short_segments
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ class SegmentPlan:
     # call (fp16/bf16); the grouped SDPA path above serves CPU and float32.
     cu_seqlens: torch.Tensor | None = None
     max_len: int = 0
-    # On CUDA, segments of at most kernels.segment_attention.MAX_SEGMENT tokens go to that
+    # On CUDA, segments of at most mmkernels.segment_attention.MAX_SEGMENT tokens go to that
     # kernel instead of the variable-length flash call (opt-in until measured end to end).
     short_kernel: bool = False
 

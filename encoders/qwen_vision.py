@@ -161,7 +161,7 @@ class QwenVisionEncoder(VisionEncoder):
     patch: QwenPatchConfig
     blocks: nn.ModuleList
     _staging: PinnedStaging | None = None  # created on first use
-    # Window attention through kernels/segment_attention.py on CUDA (opt-in: the engine's
+    # Window attention through mmkernels/segment_attention.py on CUDA (opt-in: the engine's
     # extra={"vision_segment_kernel": True}); full-frame segments keep the flash call.
     short_segment_kernel: bool = False
 

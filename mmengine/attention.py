@@ -57,7 +57,7 @@ def paged_attention_forward(
     scale: float,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Write this step's K/V into the cache, then attend over each sequence's pages."""
-    from kernels.kv_cache import write_kv_cache
+    from mmkernels.kv_cache import write_kv_cache
 
     meta = current_metadata()
     write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
@@ -75,7 +75,7 @@ def rotary_paged_attention_forward(
     mrope_section: list[int] | None,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Rotary on q and k, K/V into the cache (one fused kernel), then paged attention."""
-    from kernels.rotary_kv import rotary_write_kv
+    from mmkernels.rotary_kv import rotary_write_kv
 
     meta = current_metadata()
     t, d, hk = qkv.shape[0], key_cache.shape[-1], key_cache.shape[2]
@@ -111,9 +111,9 @@ def gemv_rope_attention_forward(
     mrope_section: list[int] | None,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Norm, QKV projection, rotary and the K/V cache write in one GEMV launch
-    (`kernels.gemv.gemv_qkv_rope`), then paged attention: a few-token step's attention
+    (`mmkernels.gemv.gemv_qkv_rope`), then paged attention: a few-token step's attention
     half of a decoder layer in two or three launches."""
-    from kernels.gemv import gemv_qkv_rope
+    from mmkernels.gemv import gemv_qkv_rope
 
     meta = current_metadata()
     q = gemv_qkv_rope(
@@ -140,7 +140,7 @@ def _attend(
     scale: float,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    from kernels.paged_attention import paged_attention
+    from mmkernels.paged_attention import paged_attention
 
     splits = (
         meta.num_kv_splits
@@ -181,7 +181,7 @@ def decode_kv_splits(
         return None
     if meta.max_query_len != 1:
         return 1
-    from kernels.paged_attention import choose_num_kv_splits
+    from mmkernels.paged_attention import choose_num_kv_splits
 
     return choose_num_kv_splits(
         num_q_blocks=meta.block_tables.shape[0],

@@ -9,7 +9,7 @@ from typing import Any
 # EngineConfig.extra: switches of the GPU path, mostly for A/B benchmarks (`--extra
 # KEY=VALUE` on the command line). Unknown keys and values of the wrong kind are refused,
 # so a typo cannot go unnoticed; EngineConfig stores each value in its kind.
-GEMV_MAX_ROWS = 8  # kernels/gemv.MAX_ROWS (not imported here: that would load Triton)
+GEMV_MAX_ROWS = 8  # mmkernels/gemv.MAX_ROWS (not imported here: that would load Triton)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
         bool,
         False,
         "GPU, with mixed_graph_max_tokens > 0, vision-language models: steps with image or "
-        "video rows replay the mixed-step graphs too (an experiment, not yet run on a GPU)",
+        "video rows replay the mixed-step graphs too (correct on GPU, but no serving gain "
+        "measured: session 18, benchmarks/RESULTS.md W2)",
     ),
     # Default 1: at one row a Qwen2.5-3B decode step on an H200 ran 8% faster (CUDA graph
     # 2.73 -> 2.51 ms). At 2-8 rows the tensor-core tiles beat cuBLAS on three of four

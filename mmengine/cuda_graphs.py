@@ -51,7 +51,7 @@ def mixed_token_sizes(max_tokens: int) -> list[int]:
 
 def graph_batch_sizes(max_num_seqs: int, extra: tuple[int, ...] = ()) -> list[int]:
     """The decode batch sizes captured: powers of two to 8, then steps of 16 and 32, plus
-    `extra` (decode attention's wave edges, `kernels.paged_attention.decode_wave_batch_sizes`),
+    `extra` (decode attention's wave edges, `mmkernels.paged_attention.decode_wave_batch_sizes`),
     all up to `max_num_seqs`."""
     sizes = {1, 2, 4, 8, *range(16, 257, 16), *range(288, 1025, 32), *extra}
     return sorted(s for s in sizes if 0 < s <= max(max_num_seqs, 1))
@@ -101,6 +101,7 @@ class CudaGraphRunner:
         self.mixed_outputs: dict[int, torch.Tensor] = {}
         self.decode_replays = 0  # steps that replayed a decode graph (stats, logs)
         self.mixed_replays = 0  # steps that replayed a mixed graph
+        self.vision_replays = 0  # of those, steps with image or video rows
         self.pool = None
 
     def mixed_seqs(self, tokens: int) -> int:
@@ -237,6 +238,7 @@ class CudaGraphRunner:
             self.mm_mask[mm_rows] = True
             self.mm_embeds[mm_rows] = mm_values.to(self.mm_embeds.dtype)
             self._mm_mask_set = True
+            self.vision_replays += 1
         elif self._mm_mask_set:
             self.mm_mask.zero_()
             self._mm_mask_set = False

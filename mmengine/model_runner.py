@@ -19,8 +19,6 @@ import torch
 from torch.profiler import record_function
 
 from encoders.staging import host_to_device
-from kernels._dispatch import pdl_supported
-from kernels.paged_attention import decode_wave_batch_sizes
 from mmengine.attention import AttentionMetadata, forward_context
 from mmengine.config import EngineConfig, ModelSpec
 from mmengine.cuda_graphs import CudaGraphRunner
@@ -36,6 +34,8 @@ from mmengine.sampler import (
     sample_async,
 )
 from mmengine.scheduler import RunnerOutput, SchedulerOutput
+from mmkernels._dispatch import pdl_supported
+from mmkernels.paged_attention import decode_wave_batch_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class ModelRunner:
         self.compiled = on_gpu and config.extra_option("torch_compile")
         self.use_cuda_graphs = on_gpu and config.extra_option("cuda_graphs")
         # Decode steps of one token run each layer as four fused skinny-matmul launches
-        # (kernels/gemv.py) around attention; on CUDA in eager mode too, so graphs and
+        # (mmkernels/gemv.py) around attention; on CUDA in eager mode too, so graphs and
         # eager agree. (The LM head stays on cuBLAS: through the GEMV kernel it read the
         # head faster alone, 198 vs 217 us on an H100, but the engine's batch-1 token time
         # did not move, 2.41 vs 2.39 ms on an H200; session 16.)
@@ -200,7 +200,7 @@ class ModelRunner:
             encoder, "short_segment_kernel"
         ):
             # Opt-in until measured end to end: short window segments through a Triton
-            # kernel instead of the variable-length flash call (kernels/segment_attention.py).
+            # kernel instead of the variable-length flash call (mmkernels/segment_attention.py).
             encoder.short_segment_kernel = True
         cache = EmbeddingCache(int(self.config.mm_embedding_cache_gib * (1 << 30)))
         logger.info("loaded the vision encoder in %.1fs", time.perf_counter() - t0)

@@ -2,7 +2,7 @@
 
 Order, as in vLLM: raw logprobs (for the user) -> min_tokens mask -> penalties ->
 greedy argmax, or temperature -> min-p -> top-k -> top-p -> a random draw
-(`kernels.sampling`: on the GPU one Triton kernel per step, with no sort of the vocabulary
+(`mmkernels.sampling`: on the GPU one Triton kernel per step, with no sort of the vocabulary
 and no host sync; elsewhere its sort-based torch reference). Every sampled row draws from its own
 64-bit seed: a seeded request's come from its `SeedStream`, so its tokens are the same
 whatever else is in the batch; the others' from the host's random generator.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from encoders.staging import host_to_device
-from kernels.sampling import sample_from_logits
 from mmengine.messages import TokenLogprobs
+from mmkernels.sampling import sample_from_logits
 
 _MASK64 = (1 << 64) - 1
 
@@ -151,7 +151,7 @@ def warm_up_sampling(vocab: int, device: torch.device) -> int:
     """Runs the sampling kernel's variants once (without top-k, and with each width of
     its top-k candidate sort), so that the first request asking for one does not wait
     for its compile (9 s on an H200 for a top-k variant). Returns how many ran."""
-    from kernels.sampling import _SMALL_CAP
+    from mmkernels.sampling import _SMALL_CAP
 
     logits = torch.zeros(4, vocab, device=device)
     for top_k in (0, 1, _SMALL_CAP):  # no top-k; the narrow sort; the wide one

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mmengine.attention  # noqa: F401 - registers the ops
-from kernels.rotary import build_cos_sin_cache
 from mmengine.attention import AttentionMetadata, forward_context
+from mmkernels.rotary import build_cos_sin_cache
 
 torch.set_num_threads(1)
 
@@ -106,7 +106,7 @@ def test_gemv_rope_paged_attention_op_passes_opcheck(mrope: bool) -> None:
 def test_gemv_rope_paged_attention_equals_projection_then_rotary_op_and_compiles(
     mrope: bool,
 ) -> None:
-    from kernels.rms_norm import rms_norm_torch
+    from mmkernels.rms_norm import rms_norm_torch
 
     meta, args = _gemv_step(mrope)
     x, weight, bias, norm_w, eps, positions, cos_sin, kc, vc, scale, heads, section = args

@@ -81,6 +81,36 @@ def test_mm_fp32_greedy_identical_to_hf_on_gpu(family_ckpt: tuple[str, Path]) ->
     assert [o.outputs[0].token_ids for o in outs] == refs
 
 
+def test_vision_steps_replay_mixed_graphs_and_keep_hf_tokens(
+    family_ckpt: tuple[str, Path],
+) -> None:
+    # `mixed_graph_multimodal`: steps with image or video rows replay the mixed-step CUDA
+    # graphs (compiled forward, embeddings selected by a row mask inside the graph). A
+    # 96-token budget makes every prompt step small enough and cuts chunks through the
+    # images; float32 greedy tokens must stay HF's (CPU oracle, as above).
+    family, ckpt = family_ckpt
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        texts, _, refs = hf_refs(ckpt, family)
+        reqs = []
+        for text, c in zip(texts, cases(family)):
+            mm = {k: v for k, v in (("image", c["images"]), ("video", c["videos"])) if v}
+            reqs.append({"prompt": text, "multi_modal_data": mm} if mm else text)
+        with _gpu_llm(
+            ckpt, "float32", max_num_batched_tokens=96, multiprocess=False,
+            extra={"mixed_graph_multimodal": True},
+        ) as llm:  # fmt: skip
+            outs = llm.generate(
+                reqs, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False
+            )
+            graphs = llm._client.core.runner.graphs
+            assert graphs.mixed_sizes[-1] == 96 and graphs.vision_replays > 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert [o.outputs[0].token_ids for o in outs] == refs
+
+
 def _mm_requests(ckpt: Path, family: str, invert: bool) -> list:
     """The parity cases as engine requests; `invert` gives the same shapes with other
     pixels (so the embedding and prefix caches miss and nothing compiles anew)."""

@@ -1,7 +1,7 @@
 """Decoder-layer kernels as opaque ops for torch.compile (attention's are in attention.py).
 
 - `mmengine::gemv`: decode steps of one token run each projection of a decoder layer
-  through `kernels/gemv.py`, with the RMSNorms, the SiLU-and-mul and the residual adds
+  through `mmkernels/gemv.py`, with the RMSNorms, the SiLU-and-mul and the residual adds
   fused into the projections around them (four launches around attention instead of
   ~nine). The compiler must not look inside, or it would re-split the fused kernel.
 - `mmengine::add_rms_norm`: the residual add + RMSNorm between projections. As torch ops
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from kernels.gemv import gemv
-from kernels.rms_norm import _rms_norm_kernel, rms_norm
+from mmkernels.gemv import gemv
+from mmkernels.rms_norm import _rms_norm_kernel, rms_norm
 
 
 @torch.library.custom_op("mmengine::gemv", mutates_args=())

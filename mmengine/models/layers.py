@@ -1,6 +1,6 @@
 """Building blocks shared by the decoder models.
 
-Each layer calls the matching function in ``kernels/``, which runs a Triton kernel on
+Each layer calls the matching function in ``mmkernels/``, which runs a Triton kernel on
 CUDA tensors and the plain-torch reference elsewhere. Under ``torch.compile`` the runner
 switches the element-wise layers to their torch form (``use_triton = False``) so the
 compiler can fuse them, and attention becomes one opaque custom op.
@@ -14,15 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.activation import silu_and_mul
-from kernels.rms_norm import rms_norm
-from kernels.rotary import apply_rotary
 from mmengine.attention import (
     gemv_rope_attention_forward,
     paged_attention_forward,
     rotary_paged_attention_forward,
 )
 from mmengine.models import custom_ops  # noqa: F401  (registers mmengine::add_rms_norm)
+from mmkernels.activation import silu_and_mul
+from mmkernels.rms_norm import rms_norm
+from mmkernels.rotary import apply_rotary
 
 
 class RMSNorm(nn.Module):

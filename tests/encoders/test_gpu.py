@@ -54,7 +54,7 @@ def test_bf16_packed_encode_on_gpu_is_close_to_hf_float32(model_type, segment_ke
         torch.bfloat16,
         torch.device("cuda"),
     )
-    # The window blocks through kernels/segment_attention.py instead of the flash call.
+    # The window blocks through mmkernels/segment_attention.py instead of the flash call.
     encoder.short_segment_kernel = segment_kernel
     grids = [(1, 10, 6), (2, 8, 8), (1, 2, 2), (1, 16, 12)]
     items = [qwen_item(f"i{n}", g, seed=n) for n, g in enumerate(grids)]

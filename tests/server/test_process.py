@@ -228,8 +228,8 @@ def test_extra_flag_sets_engine_switches_and_refuses_unknown_keys(
 
 
 def test_engine_config_checks_extra_values_and_stores_them_in_their_kind() -> None:
-    from kernels.gemv import MAX_ROWS
     from mmengine.config import EXTRA_OPTIONS, GEMV_MAX_ROWS
+    from mmkernels.gemv import MAX_ROWS
 
     assert GEMV_MAX_ROWS == MAX_ROWS  # the limit config checks is the kernel's
     with pytest.raises(ValueError, match="unknown extra option 'cuda_graph'"):

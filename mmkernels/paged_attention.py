@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
+from mmkernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
 
 logger = logging.getLogger(__name__)
 

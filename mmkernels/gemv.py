@@ -15,7 +15,7 @@ program owning a few output columns for all rows of x (at one row a loop on CUDA
   half and j of the up half, and writes silu(gate) * up;
 - a residual add (`residual`): out = residual + x @ weight.T;
 - for a QKV projection (`gemv_qkv_rope`): rotary on q and k and the KV-cache write, in
-  place of `kernels/rotary_kv.py`'s launch. A program owns pairs of weight rows, element i
+  place of `mmkernels/rotary_kv.py`'s launch. A program owns pairs of weight rows, element i
   and i + head_size / 2 of a head (the two halves rotate_half mixes), the way `gated`
   pairs gate and up rows.
 
@@ -33,11 +33,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
-from kernels.activation import silu_and_mul_torch
-from kernels.rms_norm import rms_norm_torch
-from kernels.rotary import _check_args, rotate_pair
-from kernels.rotary_kv import rotary_write_kv_torch
+from mmkernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
+from mmkernels.activation import silu_and_mul_torch
+from mmkernels.rms_norm import rms_norm_torch
+from mmkernels.rotary import _check_args, rotate_pair
+from mmkernels.rotary_kv import rotary_write_kv_torch
 
 MAX_ROWS = 8  # rows of x the kernel takes; more go to the regular matmul
 # (The engine's default row count is EngineConfig.extra's gemv_max_tokens, mmengine/config.py.)
@@ -80,7 +80,7 @@ def _gemv_kernel(
     NUM_KV_HEADS: tl.constexpr,  # ROPE
     CACHE_BLOCK_SIZE: tl.constexpr,  # ROPE
     IS_MROPE: tl.constexpr,  # ROPE
-    MROPE_END_T: tl.constexpr,  # ROPE with IS_MROPE: as in kernels/rotary.py
+    MROPE_END_T: tl.constexpr,  # ROPE with IS_MROPE: as in mmkernels/rotary.py
     MROPE_END_H: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel before
     LATE_TRIGGER: tl.constexpr,  # USE_PDL: let the next kernel launch after the K loop

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.kv_cache import write_kv_cache, write_kv_cache_torch
+from mmkernels.kv_cache import write_kv_cache, write_kv_cache_torch
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.segment_attention import segment_attention, segment_attention_torch
+from mmkernels.segment_attention import segment_attention, segment_attention_torch
 
 torch.set_num_threads(1)
 

@@ -31,7 +31,7 @@ def triton_interpreter_active() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    from kernels.rms_norm import _rms_norm_kernel
+    from mmkernels.rms_norm import _rms_norm_kernel
 
     helpers = [
         v for v in vars(tl_standard).values() if isinstance(v, JITFunction | InterpretedFunction)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import silu_and_mul, silu_and_mul_torch
+from mmkernels.activation import silu_and_mul, silu_and_mul_torch
 
 torch.set_num_threads(1)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from kernels import _dispatch
+from mmkernels import _dispatch
 
 
 class _FakeCudaTensor:

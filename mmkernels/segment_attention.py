@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_launchable, next_power_of_2, use_triton
+from mmkernels._dispatch import check_launchable, next_power_of_2, use_triton
 
 MAX_SEGMENT = 128  # longest segment the kernel holds in one program
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.paged_attention as pa
-from kernels.paged_attention import (
+import mmkernels.paged_attention as pa
+from mmkernels.paged_attention import (
     choose_num_kv_splits,
     decode_wave_batch_sizes,
     paged_attention,

@@ -18,7 +18,7 @@ CHILD = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kernels.sampling import _sample_kernel
+    from mmkernels.sampling import _sample_kernel
 
     target = GPUTarget("cuda", 90, 32)
     # (logits dtype, top-k dtype, loop width, candidate sort width, top-k on): the engine's
@@ -54,7 +54,7 @@ GEMV_CHILD = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kernels.gemv import _gemv_kernel, launch_config
+    from mmkernels.gemv import _gemv_kernel, launch_config
 
     target = GPUTarget("cuda", 90, 32)
     POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "cos_sin_ptr": "*fp32"}

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-import kernels.sampling as sampling
-from kernels.sampling import filter_logits_torch, sample_from_logits
+import mmkernels.sampling as sampling
+from mmkernels.sampling import filter_logits_torch, sample_from_logits
 
 torch.set_num_threads(1)
 

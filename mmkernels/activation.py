@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_launchable, next_power_of_2, use_triton
+from mmkernels._dispatch import check_launchable, next_power_of_2, use_triton
 
 _BLOCK = 1024  # elements of the output row per program
 

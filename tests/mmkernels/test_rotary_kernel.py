@@ -8,7 +8,7 @@ the GPU; on CPU fp32 and fp16 must match exactly.
 import pytest
 import torch
 
-from kernels.rotary import apply_rotary, apply_rotary_torch, build_cos_sin_cache
+from mmkernels.rotary import apply_rotary, apply_rotary_torch, build_cos_sin_cache
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_launchable, next_power_of_2, use_triton
+from mmkernels._dispatch import check_launchable, next_power_of_2, use_triton
 
 
 def build_cos_sin_cache(

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
-from kernels.kv_cache import write_kv_cache_torch
-from kernels.rotary import _check_args, _rotate_heads, _token_cos_sin, apply_rotary_torch
+from mmkernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
+from mmkernels.kv_cache import write_kv_cache_torch
+from mmkernels.rotary import _check_args, _rotate_heads, _token_cos_sin, apply_rotary_torch
 
 
 # stride_pos_row (the token count of M-RoPE positions) changes every step: not specialized.

@@ -10,9 +10,9 @@ and several (tensor-core tiles); norm and bias on and off.
 import pytest
 import torch
 
-from kernels.gemv import GemvConfig, gemv, gemv_qkv_rope, gemv_qkv_rope_torch, launch_config
-from kernels.rotary import build_cos_sin_cache
-from kernels.rotary_kv import rotary_write_kv
+from mmkernels.gemv import GemvConfig, gemv, gemv_qkv_rope, gemv_qkv_rope_torch, launch_config
+from mmkernels.rotary import build_cos_sin_cache
+from mmkernels.rotary_kv import rotary_write_kv
 
 torch.set_num_threads(1)
 

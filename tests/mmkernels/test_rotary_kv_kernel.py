@@ -4,9 +4,9 @@ torch reference and against the unfused kernels it replaces."""
 import pytest
 import torch
 
-from kernels.kv_cache import write_kv_cache
-from kernels.rotary import apply_rotary, build_cos_sin_cache
-from kernels.rotary_kv import rotary_write_kv, rotary_write_kv_torch
+from mmkernels.kv_cache import write_kv_cache
+from mmkernels.rotary import apply_rotary, build_cos_sin_cache
+from mmkernels.rotary_kv import rotary_write_kv, rotary_write_kv_torch
 
 torch.set_num_threads(1)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import silu_and_mul_torch
-from kernels.gemv import MAX_ROWS, GemvConfig, gemv, gemv_torch, launch_config
-from kernels.rms_norm import rms_norm_torch
+from mmkernels.activation import silu_and_mul_torch
+from mmkernels.gemv import MAX_ROWS, GemvConfig, gemv, gemv_torch, launch_config
+from mmkernels.rms_norm import rms_norm_torch
 
 torch.set_num_threads(1)
 

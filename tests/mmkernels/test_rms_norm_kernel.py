@@ -9,7 +9,7 @@ bf16 to the bit.
 import pytest
 import torch
 
-from kernels.rms_norm import rms_norm, rms_norm_torch
+from mmkernels.rms_norm import rms_norm, rms_norm_torch
 
 torch.set_num_threads(1)
 
