@@ -173,6 +173,7 @@ def _decode_container(
     _check_frame_size(width, height, config)
 
     import av
+    from av.video.reformatter import VideoReformatter
 
     rate = stream.average_rate or stream.guessed_rate
     source_fps = float(rate) if rate else 0.0
@@ -204,6 +205,13 @@ def _decode_container(
             status=413,
         )
     wanted, last = set(indices), indices[-1]
+    # This call's own RGB converter, single-threaded. `frame.to_ndarray(format=...)` would
+    # use PyAV's converter cached per thread (PyAV >= 17), whose FFmpeg 8 swscale context
+    # keeps slice threads alive after the call: a process forked from another thread
+    # later frees that context in the child and hangs joining threads the child does not
+    # have (seen with PyAV 18.1: an input-worker pool forked after a video decode). The
+    # input workers are processes already, so one scaling thread each is also what we want.
+    reformatter = VideoReformatter()
     # The frames go straight into their place in the clip: no list of frames to stack and
     # then transpose (each a second and third copy of up to video_max_total_pixels * 3 B).
     video = torch.empty((len(indices), 3, height, width), dtype=torch.uint8)
@@ -217,7 +225,8 @@ def _decode_container(
         if index in wanted:
             if (frame.width, frame.height) != (width, height):
                 raise MediaDecodeError("Video frames change size mid-stream.")
-            rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))  # [H, W, 3] uint8
+            rgb_frame = reformatter.reformat(frame, format="rgb24", threads=1)
+            rgb = torch.from_numpy(rgb_frame.to_ndarray())  # [H, W, 3] uint8
             video[len(kept)].copy_(rgb.permute(2, 0, 1))
             kept.append(index)
         if index >= last:

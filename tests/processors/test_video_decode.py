@@ -162,3 +162,37 @@ def test_frame_arrays_are_accepted_and_capped():
         frames_to_tensor(np.zeros((9, 4, 4, 3), dtype=np.uint8), MediaConfig(video_max_frames=8))
     with pytest.raises(MediaDecodeError):
         frames_to_tensor(np.zeros((4, 4, 3), dtype=np.uint8))
+
+
+def _fork_from_another_thread() -> int | None:
+    """Forks a child that exits at once, from a thread other than the main one; returns
+    its exit code (None: it hung and was killed)."""
+    import multiprocessing
+    import threading
+
+    result: list[int | None] = []
+
+    def fork_and_wait() -> None:
+        child = multiprocessing.get_context("fork").Process(target=int)
+        child.start()
+        child.join(timeout=20)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            result.append(None)
+        else:
+            result.append(child.exitcode)
+
+    thread = threading.Thread(target=fork_and_wait)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def test_a_process_forked_from_another_thread_after_a_decode_does_not_hang():
+    # PyAV >= 17 caches an RGB converter per thread; with FFmpeg 8 its swscale context
+    # keeps slice threads. Left cached on this (main) thread, a child forked from another
+    # thread freed it and hung joining threads it does not have: an input-worker pool
+    # started from a helper thread never came up. decode_video uses a converter of its own.
+    decode_video(mp4_bytes(num_frames=4, fps=4, height=360, width=640), MediaConfig())
+    assert _fork_from_another_thread() == 0
