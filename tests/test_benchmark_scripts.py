@@ -362,3 +362,42 @@ def test_step_host_times_each_fresh_prefill_step_and_leaves_nothing_behind(
         assert not core.has_unfinished() and core.stats().kv_blocks_used == 0
     finally:
         llm.shutdown()
+
+
+def test_step_host_times_vision_steps_of_fresh_images(qwen2_vl_ckpt: Path) -> None:
+    """bench_step_host --images: each timed step carries one prompt of a fresh image
+    (processed by the input path, then encoded in the step), so no embedding or prefix
+    cache hit makes a step cheaper than the one it stands for."""
+    import json
+
+    import torch
+
+    from mmengine import LLM
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_step_host import image_prompt_maker, time_steps
+
+    cfg = json.loads((qwen2_vl_ckpt / "config.json").read_text())
+    vision = tuple(
+        cfg[k] for k in ("vision_start_token_id", "image_token_id", "vision_end_token_id")
+    )
+    torch.set_num_threads(1)
+    llm = LLM(
+        str(qwen2_vl_ckpt), dtype="float32", device="cpu", skip_tokenizer_init=True,
+        multiprocess=False, max_model_len=256, max_num_batched_tokens=192,
+    )  # fmt: skip
+    try:
+        make = image_prompt_maker(llm, (56, 56), text_len=8, seed=3, image_token_ids=vision)
+        ids, mm = make(0, 0)
+        assert len(mm.mm_items) == 1 and len(ids) > 3 + 8  # the image's placeholders expanded
+        core = llm._client.core
+        before = llm.stats()
+        timer = time_steps(llm, 1, 0, repeats=3, seed=3, make_prompt=make)
+        after = llm.stats()
+        assert len(timer.rows) == 3 and timer.tokens == [len(ids)] * 3  # one step a prompt
+        assert after["encoder_items"] - before["encoder_items"] == 4  # warm-up + 3, all encoded
+        assert after["embedding_cache_hits"] == before["embedding_cache_hits"]
+        assert after["mm_prefix_cache_hit_tokens"] == before["mm_prefix_cache_hit_tokens"]
+        assert not core.has_unfinished() and core.stats().kv_blocks_used == 0
+    finally:
+        llm.shutdown()
