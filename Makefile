@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The pip `make torch` installs with (setup and constraints pass their venv's).
+PIP ?= $(PY) -m pip
 
 .PHONY: setup demo test lint format gpu-test clean torch constraints
 
