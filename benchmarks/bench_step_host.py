@@ -52,12 +52,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_mm_throughput import (  # noqa: E402
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    noise_image,
+)
 from benchmarks.model_configs import CONFIGS, write_config_dir  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 
-# Qwen2-VL-family <|vision_start|>, <|image_pad|>, <|vision_end|> (the published configs'
-# ids, as bench_mm_throughput uses them).
-VISION_TOKENS = (151652, 151655, 151653)
+VISION_TOKENS = (VISION_START, IMAGE_PAD, VISION_END)  # the published Qwen-VL configs' ids
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, int]]:
@@ -129,7 +133,6 @@ def image_prompt_maker(
     tokens, through the engine's input workers (decode, preprocess, placeholder expansion),
     as `time_steps`' `make_prompt`. Every call draws new pixels: no cache hit."""
     import numpy as np
-    from PIL import Image
 
     # Text ids below the vision tokens: the special tokens (video placeholders among them)
     # sit above the ordinary vocabulary in the Qwen-VL tokenizers.
@@ -138,7 +141,7 @@ def image_prompt_maker(
 
     def make(r: int, i: int) -> tuple[list[int], object]:
         rng = np.random.default_rng([seed, r, i])
-        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        image = noise_image(rng.integers(2**62), w, h)
         text = rng.integers(min(1000, high // 2), high, text_len).tolist()
         ids = [*image_token_ids, *text]
         ((_, _, fut),) = llm._process_media([(None, ids, ({"image": image}, None))])
