@@ -8,18 +8,23 @@ CUDA graph per variant and times the replays in alternating rounds. No engine an
 torch.compile: a variant costs a graph capture and the kernel variants it compiles, so a
 sweep takes seconds where engine A/Bs (`ab_decode_graphs.py`) take a minute a variant.
 
-A variant `NAME:SPLITS:MERGE[:GU]` sets attention's KV split count (0: the engine's choice
-for the captured graph, from `--max-seq-len`), its merge (`auto`: fused in the split launch
-up to FUSED_MERGE_MAX_SPLITS, `fused`, `two`: a second launch), and optionally gate_up's
-launch as `COLUMNSxWARPS` (default: `launch_config`'s, 2x4 since session 15; 1x2 before). With its fused RMSNorm each
-gate_up program reads the x row twice (the rms prologue, then the K loop) plus the norm
-weight: at one column a program that is ~135 MB of cached reads (L1 or L2) a layer
-against 90 MB of weights, so wider programs may pay off there where they did not for the
-projection alone. `sep` instead runs that norm as a launch of its own (o_proj without its
-residual, then `rms_norm` with the residual add, then gate_up without a norm): one launch
-more a layer, against the fused norm's ~2.8 us (session 11, gate_up alone).
+A variant is `NAME[:KEY=VALUE]...`:
 
-    python3 benchmarks/bench_b1_layers.py [--variants engine:0:auto,s16f:16:fused]
+- `splits=N`: attention's KV split count (default 0: the engine's choice for the captured
+  graph, from `--max-seq-len`); `merge=auto|fused|two`: its merge (`auto`, the default:
+  fused in the split launch up to FUSED_MERGE_MAX_SPLITS; `two`: a second launch);
+- `qkv=`, `o=`, `gu=`, `down=`: a projection's row-loop launch as `COLUMNSxWARPS` (K tiles
+  as `launch_config` picks them) or `COLUMNSxBLOCK_KxWARPS` (default: `launch_config`'s).
+  A K tile as wide as the row (2048 for qkv, o_proj, gate_up) makes the one tile a
+  program fetches before its PDL wait its whole slice of the weight. `gu=sep` instead
+  runs gate_up's RMSNorm as a launch of its own (o_proj without its residual, then
+  `rms_norm` with the residual add, then gate_up without a norm);
+- `trig=KIND.PLACE+...`: where launches let their PDL successor launch
+  (`mmkernels/_dispatch.pdl_trigger`; kinds rope, plain, gated, attn; places early =
+  before its own wait, so e.g. gate_up launches and fetches weights while attention still
+  runs under o_proj's wait; start; late = after the main loop).
+
+    python3 benchmarks/bench_b1_layers.py [--variants engine,early:trig=plain.early+gated.early]
 
 Writes $OUT/b1_layers.md: per variant, ms per 36-layer step (median of round medians, each
 round's median) and the weight-read floor at the card's measured read rate.
@@ -28,6 +33,8 @@ round's median) and the weight-read floor at the card's measured read rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -44,9 +51,13 @@ from benchmarks.report import write_report  # noqa: E402
 H, INTER, HQ, HK, D = 2048, 11008, 16, 2, 128  # Qwen2.5-3B
 QKV = (HQ + 2 * HK) * D
 LAYERS, BLOCK = 36, 16
+WHOLE = "o=2x2048x4:qkv=1x2048x4:gu=2x2048x4"  # each program's whole slice in one K tile
 DEFAULT_VARIANTS = (
-    "engine:0:auto,s32two:32:two,s16two:16:two,gu1x2:0:auto:1x2,gu2x2:0:auto:2x2,"
-    "gu2x8:0:auto:2x8,gu4x4:0:auto:4x4,gu4x8:0:auto:4x8,gusep:0:auto:sep"
+    "engine,oearly:trig=plain.early,gearly:trig=gated.early,"
+    "gemvearly:trig=plain.early+gated.early,aearly:trig=attn.early,"
+    "allearly:trig=plain.early+gated.early+attn.early,gu1tile:gu=2x2048x4,whole:" + WHOLE + ","
+    "wholeearly:" + WHOLE + ":trig=plain.early+gated.early,"
+    "wholeallearly:" + WHOLE + ":trig=plain.early+gated.early+attn.early"
 )
 MERGES = {"auto": None, "fused": True, "two": False}
 
@@ -54,37 +65,94 @@ MERGES = {"auto": None, "fused": True, "two": False}
 @dataclass(frozen=True)
 class Variant:
     name: str
-    splits: int  # 0: the engine's choice
-    merge: str  # a key of MERGES
-    gate_up: tuple[int, int] | None = None  # (output columns, warps) of each gate_up program
+    splits: int = 0  # 0: the engine's choice
+    merge: str = "auto"  # a key of MERGES
+    configs: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (projection, launch) overrides
     separate_norm: bool = False  # gate_up's RMSNorm (+ the residual add) as its own launch
+    trigger: str = ""  # MMENGINE_PDL_TRIGGER while this variant launches ("": defaults)
+
+    def config(self, projection: str, rows: int, n: int, k: int, **kw: bool):  # noqa: ANN201
+        """The projection's GemvConfig: this variant's override, else None (the default)."""
+        from mmkernels.gemv import GemvConfig, launch_config
+
+        launch = dict(self.configs).get(projection)
+        if launch is None:
+            return None
+        if len(launch) == 2:  # COLUMNSxWARPS: the K tile as launch_config picks it
+            launch = (launch[0], launch_config(rows, n, k, **kw).block_k, launch[1])
+        return GemvConfig(*launch)
+
+
+PROJECTIONS = ("qkv", "o", "gu", "down")
 
 
 def parse_variants(text: str) -> list[Variant]:
     out = []
     for item in text.split(","):
-        parts = item.split(":")
-        sep = len(parts) == 4 and parts[3] == "sep"
-        gu = parts[3].split("x") if len(parts) == 4 and not sep else ["1", "1"]
-        if (
-            len(parts) not in (3, 4)
-            or not parts[1].isdigit()
-            or parts[2] not in MERGES
-            or len(gu) != 2
-            or not all(g.isdigit() and int(g) > 0 for g in gu)
-        ):
-            raise SystemExit(
-                f"--variants: expected NAME:SPLITS:auto|fused|two[:COLUMNSxWARPS|sep], got {item!r}"
-            )
-        gate_up = (int(gu[0]), int(gu[1])) if len(parts) == 4 and not sep else None
-        out.append(Variant(parts[0], int(parts[1]), parts[2], gate_up, sep))
+        name, *fields = item.split(":")
+        kw: dict = {}
+        configs = []
+        for field in fields:
+            key, _, value = field.partition("=")
+            nums = value.split("x")
+            if key == "splits" and value.isdigit():
+                kw["splits"] = int(value)
+            elif key == "merge" and value in MERGES:
+                kw["merge"] = value
+            elif key == "gu" and value == "sep":
+                kw["separate_norm"] = True
+            elif (
+                key in PROJECTIONS
+                and len(nums) in (2, 3)
+                and all(x.isdigit() and int(x) > 0 for x in nums)
+            ):
+                configs.append((key, tuple(int(x) for x in nums)))
+            elif key == "trig" and value:
+                kw["trigger"] = ",".join(t.replace(".", "=") for t in value.split("+"))
+            else:
+                raise SystemExit(
+                    f"--variants: expected NAME[:KEY=VALUE]... with splits=N, "
+                    f"merge=auto|fused|two, qkv|o|gu|down=CxW or CxKxW, gu=sep, "
+                    f"trig=KIND.PLACE+...; got {field!r} in {item!r}"
+                )
+        if not name:
+            raise SystemExit(f"--variants: a variant needs a name, got {item!r}")
+        if kw.get("trigger"):
+            _check_trigger(kw["trigger"])
+        out.append(Variant(name, configs=tuple(configs), **kw))
     return out
 
 
-def _gate_up_name(v: Variant) -> str:
+def _check_trigger(spec: str) -> None:
+    from mmkernels import _dispatch
+
+    with _trigger_env(spec):
+        try:
+            _dispatch.pdl_trigger("plain")
+        except ValueError as e:
+            raise SystemExit(f"--variants: {e}") from None
+
+
+@contextlib.contextmanager
+def _trigger_env(spec: str):  # noqa: ANN202
+    from mmkernels._dispatch import PDL_TRIGGER_ENV
+
+    old = os.environ.get(PDL_TRIGGER_ENV)
+    os.environ[PDL_TRIGGER_ENV] = spec
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[PDL_TRIGGER_ENV]
+        else:
+            os.environ[PDL_TRIGGER_ENV] = old
+
+
+def _launches(v: Variant) -> str:
+    parts = [f"{k}={'x'.join(map(str, c))}" for k, c in v.configs]
     if v.separate_norm:
-        return "norm apart"
-    return "x".join(map(str, v.gate_up)) if v.gate_up else "default"
+        parts.append("gate_up norm apart")
+    return " ".join(parts) or "default"
 
 
 def build_layers(dev: torch.device, count: int = LAYERS) -> list[dict]:
@@ -112,7 +180,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     """One decode step of one token through every layer (its residual stream passed on as
     the engine's few-token path does), as a one-call list for the graph to capture. Each
     layer has its own KV-cache blocks."""
-    from mmkernels.gemv import GemvConfig, gemv, gemv_qkv_rope, launch_config
+    from mmkernels.gemv import gemv, gemv_qkv_rope
     from mmkernels.paged_attention import choose_num_kv_splits, paged_attention
     from mmkernels.rms_norm import rms_norm
     from mmkernels.rotary import build_cos_sin_cache
@@ -135,10 +203,10 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
         else 132,
     )
     x0 = torch.randn(1, H, device=dev, dtype=dt)
-    gu_config = None
-    if v.gate_up is not None:  # the row loop's K tiles as launch_config picks them
-        block_k = launch_config(1, INTER, H, gated=True).block_k
-        gu_config = GemvConfig(v.gate_up[0], block_k, v.gate_up[1])
+    qkv_cfg = v.config("qkv", 1, QKV // 2, H, rope=True)
+    o_cfg = v.config("o", 1, H, HQ * D)
+    gu_cfg = v.config("gu", 1, INTER, H, gated=True, norm=not v.separate_norm)
+    down_cfg = v.config("down", 1, H, INTER)
     per_layer = []
     for i, layer in enumerate(layers):
         table = (torch.arange(nb, device=dev, dtype=torch.int32) + 1 + i * nb).view(1, nb)
@@ -146,27 +214,32 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
         per_layer.append((layer, table, slots))
 
     def step() -> torch.Tensor:
+        with _trigger_env(v.trigger):  # the trigger places are constexprs, set per launch
+            return layers_step()
+
+    def layers_step() -> torch.Tensor:
         stream = x0
         for layer, table, slots in per_layer:
             q = gemv_qkv_rope(
                 stream, layer["qkv"], layer["bias"], norm_weight=layer["ln1"], eps=1e-6,
                 positions=positions, cos_sin_cache=cos_sin, key_cache=kc, value_cache=vc,
-                slot_mapping=slots, num_q_heads=HQ,
+                slot_mapping=slots, num_q_heads=HQ, config=qkv_cfg,
             )  # fmt: skip
             a = paged_attention(
                 q, kc, vc, table, qsl, seq_lens, scale=D**-0.5, max_query_len=1,
                 max_seq_len=max_seq_len, num_kv_splits=splits, fused_merge=MERGES[v.merge],
             ).view(1, HQ * D)  # fmt: skip
             if v.separate_norm:
-                normed, s = rms_norm(gemv(a, layer["o"]), layer["ln2"], 1e-6, stream)
-                act = gemv(normed, layer["gate_up"], gated=True)
+                o = gemv(a, layer["o"], config=o_cfg)
+                normed, s = rms_norm(o, layer["ln2"], 1e-6, stream)
+                act = gemv(normed, layer["gate_up"], gated=True, config=gu_cfg)
             else:
-                s = gemv(a, layer["o"], residual=stream)
+                s = gemv(a, layer["o"], residual=stream, config=o_cfg)
                 act = gemv(
                     s, layer["gate_up"], norm_weight=layer["ln2"], eps=1e-6, gated=True,
-                    config=gu_config,
+                    config=gu_cfg,
                 )  # fmt: skip
-            stream = gemv(act, layer["down"], residual=s)
+            stream = gemv(act, layer["down"], residual=s, config=down_cfg)
         return stream
 
     return [step]
@@ -218,14 +291,14 @@ def main(argv: list[str] | None = None) -> None:
         f"variant. Weights {weight_bytes / 1e9:.2f} GB: floor {floor_ms:.3f} ms at "
         f"{read_bps / 1e9:.0f} GB/s.",
         "",
-        "| variant | splits | merge | gate_up | ms | x floor | vs first | rounds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | splits | merge | launches | PDL triggers | ms | x floor | vs first | rounds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in args.variants:
         ms = statistics.median(rounds[v.name])
         lines.append(
             f"| {v.name} | {v.splits or 'engine'} | {v.merge} | "
-            f"{_gate_up_name(v)} | {ms:.3f} | "
+            f"{_launches(v)} | {v.trigger or 'default'} | {ms:.3f} | "
             f"{ms / floor_ms:.2f} | {100 * (ms / base - 1):+.1f}% | "
             + " ".join(f"{x:.3f}" for x in rounds[v.name])
             + " |"

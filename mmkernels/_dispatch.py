@@ -84,3 +84,35 @@ def pdl_supported(tensor: torch.Tensor, num_tokens: int | None = None) -> bool:
 @functools.cache
 def _capability_major(device_index: int) -> int:  # asked once per launch: cache it
     return torch.cuda.get_device_capability(device_index)[0]
+
+
+# Where a PDL kernel lets its successor launch (`gdc_launch_dependents()`): before its own
+# `gdc_wait()` (its successor may launch while the kernel before this one still runs, so
+# it fetches its weights earlier), right after it, or after its main loop. Each launching
+# kind has a default; MMENGINE_PDL_TRIGGER ("kind=place,...", kinds below; read at launch)
+# overrides them for A/B benchmarks. Measurements: docs/design-notes.md.
+PDL_TRIGGER_ENV = "MMENGINE_PDL_TRIGGER"
+TRIGGER_PLACES = ("early", "start", "late")  # the kernels' TRIGGER constexpr: 0, 1, 2
+PDL_TRIGGER_DEFAULTS = {
+    "rope": "late",  # the QKV + rotary GEMV (its successor is attention)
+    "gated": "start",  # the gate_up GEMV
+    "plain": "start",  # o_proj, down and any other GEMV
+    "attn": "start",  # paged attention's split kernel
+}
+
+
+def pdl_trigger(kind: str) -> int:
+    """The TRIGGER constexpr of a `kind` launch (a key of `PDL_TRIGGER_DEFAULTS`): 0 early
+    (before its `gdc_wait`), 1 at its start (after the wait), 2 late (after its main loop).
+    Safe anywhere: before its wait a kernel reads only what no kernel writes (weights)."""
+    places = dict(PDL_TRIGGER_DEFAULTS)
+    spec = os.environ.get(PDL_TRIGGER_ENV, "")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, place = item.partition("=")
+        if name not in places or place not in TRIGGER_PLACES:
+            raise ValueError(
+                f"{PDL_TRIGGER_ENV}: expected KIND=PLACE items with KIND one of "
+                f"{', '.join(places)} and PLACE one of {', '.join(TRIGGER_PLACES)}, got {item!r}"
+            )
+        places[name] = place
+    return TRIGGER_PLACES.index(places[kind])

@@ -24,7 +24,6 @@ product, the residual sum each rounded to the activation dtype), so the result e
 torch reference up to the matmul's summation order.
 """
 
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,7 +32,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mmkernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
+from mmkernels._dispatch import (
+    check_launchable,
+    next_power_of_2,
+    pdl_supported,
+    pdl_trigger,
+    use_triton,
+)
 from mmkernels.activation import silu_and_mul_torch
 from mmkernels.rms_norm import rms_norm_torch
 from mmkernels.rotary import _check_args, rotate_pair
@@ -83,7 +88,7 @@ def _gemv_kernel(
     MROPE_END_T: tl.constexpr,  # ROPE with IS_MROPE: as in mmkernels/rotary.py
     MROPE_END_H: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel before
-    LATE_TRIGGER: tl.constexpr,  # USE_PDL: let the next kernel launch after the K loop
+    TRIGGER: tl.constexpr,  # USE_PDL: the next kernel may launch 0 before the wait, 1 after, 2 after the K loop
     DOT: tl.constexpr,  # tensor-core tiles (tl.dot, BLOCK_M >= 16) instead of a row loop
     NUM_STAGES: tl.constexpr,  # DOT: software-pipeline depth of its loops (else None)
     DOT_PRECISION: tl.constexpr,  # DOT: "ieee" for fp32 inputs (tests), else "tf32"
@@ -91,6 +96,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NORM_BLOCK_K: tl.constexpr,  # HAS_NORM: K width of the rms prologue's steps
+    ONE_TILE: tl.constexpr,  # the row loop with K <= BLOCK_K: x is read once, in the prologue
 ):
     dtype = x_ptr.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
@@ -120,8 +126,10 @@ def _gemv_kernel(
         if PAIRED:
             wu_next = tl.load(w_rows_b + offs_k0[None, :], mask=w_mask, other=0.0)
     if USE_PDL:
+        if TRIGGER == 0:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        if not LATE_TRIGGER:
+        if TRIGGER == 1:
             tl.extra.cuda.gdc_launch_dependents()
 
     if HAS_NORM:  # the rms of each whole x row, before any chunk is used
@@ -129,14 +137,22 @@ def _gemv_kernel(
         # on an H200 in session 11: the fused norm's cost there is the K loop's per-tile
         # normalization, not this). The row loop passes BLOCK_K and NUM_STAGES None (the
         # compiler's default, as with a plain range).
-        offs_nk = tl.arange(0, NORM_BLOCK_K)
-        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in tl.range(0, K, NORM_BLOCK_K, num_stages=NUM_STAGES):
-            offs_k = k0 + offs_nk
-            xk = tl.load(
-                x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0
+        if ONE_TILE:  # the whole rows are the loop's one x tile: load them once
+            x_one = tl.load(
+                x_rows + offs_k0[None, :], mask=mask_m[:, None] & (offs_k0 < K)[None, :], other=0.0
             ).to(tl.float32)
-            sum_sq += tl.sum(xk * xk, 1)
+            sum_sq = tl.sum(x_one * x_one, 1)
+        else:
+            offs_nk = tl.arange(0, NORM_BLOCK_K)
+            sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in tl.range(0, K, NORM_BLOCK_K, num_stages=NUM_STAGES):
+                offs_k = k0 + offs_nk
+                xk = tl.load(
+                    x_rows + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k < K)[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                sum_sq += tl.sum(xk * xk, 1)
         inv_rms = tl.rsqrt(sum_sq / K + eps)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -174,10 +190,12 @@ def _gemv_kernel(
             w_next = tl.load(w_rows + next_k[None, :], mask=w_mask, other=0.0)
             if PAIRED:
                 wu_next = tl.load(w_rows_b + next_k[None, :], mask=w_mask, other=0.0)
-            xk = tl.load(
-                x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-            )
-            xk = xk.to(tl.float32)
+            if HAS_NORM and ONE_TILE:
+                xk = x_one
+            else:
+                xk = tl.load(
+                    x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                ).to(tl.float32)
             if HAS_NORM:  # HF: weight * (x * rsqrt(var + eps)).to(dtype), rounded again
                 nw = tl.load(norm_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 xk = (xk * inv_rms[:, None]).to(dtype).to(tl.float32)
@@ -189,7 +207,7 @@ def _gemv_kernel(
                 if PAIRED:
                     acc_up = tl.where(row, acc_up + tl.sum(wu * xm[None, :], 1)[None, :], acc_up)
 
-    if USE_PDL and LATE_TRIGGER:
+    if USE_PDL and TRIGGER == 2:
         tl.extra.cuda.gdc_launch_dependents()
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_a, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -429,20 +447,6 @@ def gemv(
     return out
 
 
-# Which GEMV launches let their PDL dependent launch only after their K loop (otherwise
-# at their start): "rope" (the QKV + rotary launch, whose dependent is attention), "all",
-# or "none". MMENGINE_GEMV_LATE_TRIGGER overrides it (read at launch; A/B benchmarks).
-LATE_TRIGGER = "rope"
-LATE_TRIGGER_ENV = "MMENGINE_GEMV_LATE_TRIGGER"
-
-
-def _late_trigger(rope: bool) -> bool:
-    mode = os.environ.get(LATE_TRIGGER_ENV, LATE_TRIGGER)
-    if mode not in ("rope", "all", "none"):
-        raise ValueError(f"{LATE_TRIGGER_ENV} must be rope, all or none, got {mode!r}")
-    return mode == "all" or (mode == "rope" and rope)
-
-
 @dataclass(frozen=True)
 class _Rope:
     """The ROPE epilogue's tensors and shape (see `gemv_qkv_rope`)."""
@@ -530,7 +534,7 @@ def _launch(
         PAIRED=gated or rope is not None,
         **rope_meta,
         USE_PDL=use_pdl,
-        LATE_TRIGGER=_late_trigger(rope is not None),
+        TRIGGER=pdl_trigger("rope" if rope is not None else "gated" if gated else "plain"),
         DOT=cfg.dot,
         NUM_STAGES=cfg.num_stages if cfg.dot else None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -540,6 +544,7 @@ def _launch(
         NORM_BLOCK_K=max(cfg.block_k, min(cfg.norm_block_k, next_power_of_2(k)))
         if cfg.dot
         else cfg.block_k,
+        ONE_TILE=not cfg.dot and k <= cfg.block_k,
         num_warps=cfg.num_warps,
         launch_pdl=use_pdl,
     )

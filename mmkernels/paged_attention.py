@@ -27,13 +27,18 @@ so calls can be captured in CUDA graphs.
 import functools
 import logging
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from mmkernels._dispatch import check_launchable, next_power_of_2, pdl_supported, use_triton
+from mmkernels._dispatch import (
+    check_launchable,
+    next_power_of_2,
+    pdl_supported,
+    pdl_trigger,
+    use_triton,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +48,6 @@ _SPLIT_MAX_QUERY_LEN = 8
 # Splits down to one 32-position tile: a decode of one sequence (2 KV heads, 1152
 # positions) ran 10.3 us at 8 splits of 64-wide tiles and 6.8 us at 64 splits of 32
 # (H200, session 10, benchmarks/sweep_attention.py), the work spread over 72 SMs, not 12.
-# MMENGINE_ATTN_LATE_TRIGGER=1: the kernel after attention (under PDL) launches only once
-# every program is past its KV loop, not at their start (read at launch; A/B benchmarks).
-LATE_TRIGGER_ENV = "MMENGINE_ATTN_LATE_TRIGGER"
 _MIN_SPLIT_LEN = 32
 # `fused_merge=None` fuses the split merge into the split kernel up to this many splits:
 # beyond, its last program merges alone and the two-launch merge is faster (H100 sweep,
@@ -200,11 +202,13 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so tests compare tightly
     LONGEST_FIRST: tl.constexpr,  # walk the query blocks last to first (see the wrapper)
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel before
-    LATE_TRIGGER: tl.constexpr,  # USE_PDL: the next kernel launches after the KV loop
+    TRIGGER: tl.constexpr,  # USE_PDL: the next kernel may launch 0 before the wait, 1 after, 2 after the KV loop
 ):
     if USE_PDL:  # wait for the kernel before (it wrote q and the KV cache)
+        if TRIGGER == 0:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        if not LATE_TRIGGER:
+        if TRIGGER == 1:
             tl.extra.cuda.gdc_launch_dependents()
     q_block_global = tl.program_id(0)
     if LONGEST_FIRST:
@@ -325,7 +329,7 @@ def _paged_attention_kernel(
             DOT_PRECISION,
         )
 
-    if USE_PDL and LATE_TRIGGER:
+    if USE_PDL and TRIGGER == 2:
         tl.extra.cuda.gdc_launch_dependents()
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -922,7 +926,7 @@ def paged_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         LONGEST_FIRST=longest_first and not one_block_per_seq,
         USE_PDL=pdl,
-        LATE_TRIGGER=os.environ.get(LATE_TRIGGER_ENV, "0") == "1",
+        TRIGGER=pdl_trigger("attn"),
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=pdl,

@@ -284,15 +284,27 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
 
     from benchmarks import bench_b1_layers as b1
 
-    variants = b1.parse_variants("e:0:auto,g:16:fused:2x4,t:8:two:sep")
-    assert [(v.splits, b1.MERGES[v.merge]) for v in variants] == [(0, None), (16, True), (8, False)]
-    assert [(v.gate_up, v.separate_norm) for v in variants] == [
-        (None, False),
-        ((2, 4), False),
-        (None, True),
+    variants = b1.parse_variants(
+        "e,g:splits=16:merge=fused:gu=2x4:o=2x2048x4,t:splits=8:merge=two:gu=sep,"
+        "p:trig=plain.early+attn.late:qkv=1x2048x4"
+    )
+    assert [(v.splits, b1.MERGES[v.merge]) for v in variants] == [
+        (0, None),
+        (16, True),
+        (8, False),
+        (0, None),
     ]
-    for bad in ("x:1", "x:a:auto", "x:4:both", "x:4:two:2", "x:4:two:0x2", "x:0:auto:2x4:1"):
-        with pytest.raises(SystemExit, match="NAME:SPLITS"):
+    assert [v.separate_norm for v in variants] == [False, False, True, False]
+    assert variants[0].config("gu", 1, b1.INTER, b1.H, gated=True) is None
+    # COLUMNSxWARPS keeps launch_config's K tile; COLUMNSxBLOCK_KxWARPS sets it.
+    assert tuple(variants[1].config("gu", 1, b1.INTER, b1.H, gated=True))[:3] == (2, 1024, 4)
+    assert tuple(variants[1].config("o", 1, b1.H, b1.H))[:3] == (2, 2048, 4)
+    assert variants[3].trigger == "plain=early,attn=late"
+    for bad in (
+        "x:1", "x:splits=a", "x:merge=both", "x:gu=2", "x:gu=0x2", "x:o=2x4x4x1",
+        "x:trig=plain.soon", "x:trig=", ":splits=2",
+    ):  # fmt: skip
+        with pytest.raises(SystemExit, match="--variants"):
             b1.parse_variants(bad)
     layers = b1.build_layers(torch.device("cpu"), 1)
     outs = [b1.step_calls(layers, v, 40, 64, torch.device("cpu"))[0]() for v in variants]

@@ -61,20 +61,28 @@ GEMV_CHILD = textwrap.dedent(
     flags = list(itertools.product([False, True], repeat=4))  # norm, bias, gated, residual
     cases = [(rows, *f, False) for rows, f in itertools.product([1, 2, 8], flags)]
     cases += [(rows, norm, True, False, False, True) for rows in (1, 2, 8) for norm in (0, 1)]
-    for rows, norm, bias, gated, res, rope in cases:
+    # One row with K in one tile (x read once by the fused norm): qkv and gate_up.
+    whole = {(1, 1, True, False, False, True), (1, 1, False, True, False, False)}
+    cases += [c + (True,) for c in whole]
+    cases = [c if len(c) == 7 else c + (False,) for c in cases]
+    for rows, norm, bias, gated, res, rope, one_tile in cases:
+        k = 11008 if res else 2048
         if rope:  # Qwen2.5-3B's QKV: 1280 rotation pairs
             cfg = launch_config(rows, 1280, 2048, rope=True)
         else:
-            cfg = launch_config(rows, 2048, 11008 if res else 2048, gated, norm=bool(norm))
+            cfg = launch_config(rows, 2048, k, gated, norm=bool(norm))
+        if one_tile:
+            cfg = cfg._replace(block_k=2048)
         consts = {
             "HAS_NORM": bool(norm), "HAS_BIAS": bias, "GATED": gated, "HAS_RESIDUAL": res,
             "ROPE": rope, "PAIRED": gated or rope, "HALF": 64, "NUM_Q_HEADS": 16,
             "NUM_KV_HEADS": 2, "CACHE_BLOCK_SIZE": 16, "IS_MROPE": bool(rope and norm),
-            "MROPE_END_T": 16, "MROPE_END_H": 40, "USE_PDL": True, "LATE_TRIGGER": rope,
+            "MROPE_END_T": 16, "MROPE_END_H": 40, "USE_PDL": True, "TRIGGER": 2 if rope else 0 if res else 1,
             "DOT": cfg.dot, "NUM_STAGES": cfg.num_stages if cfg.dot else None, "DOT_PRECISION": "tf32",
             "BLOCK_M": max(16, triton.next_power_of_2(rows)) if cfg.dot else triton.next_power_of_2(rows),
             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
             "NORM_BLOCK_K": max(cfg.block_k, min(cfg.norm_block_k, 2048)) if cfg.dot else cfg.block_k,
+            "ONE_TILE": not cfg.dot and k <= cfg.block_k,
         }
         sig = {}
         for name in _gemv_kernel.arg_names:
@@ -88,7 +96,11 @@ GEMV_CHILD = textwrap.dedent(
             ASTSource(_gemv_kernel, sig, constexprs=consts), target=target,
             options={"num_warps": cfg.num_warps},
         )
-        assert compiled.asm["ptx"], consts
+        ptx = compiled.asm["ptx"]
+        # The trigger sits where TRIGGER says: before the wait (0), after it (1 and 2).
+        trigger, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
+        assert trigger >= 0 and wait >= 0, consts
+        assert (trigger < wait) == (consts["TRIGGER"] == 0), consts
         # Pipelined tensor-core tiles must fit an sm_90 SM's shared memory (227 KiB).
         assert compiled.metadata.shared <= 232448, (consts, compiled.metadata.shared)
     print("compiled")
