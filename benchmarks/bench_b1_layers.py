@@ -18,7 +18,9 @@ A variant is `NAME[:KEY=VALUE]...`:
   A K tile as wide as the row (2048 for qkv, o_proj, gate_up) makes the one tile a
   program fetches before its PDL wait its whole slice of the weight. `gu=sep` instead
   runs gate_up's RMSNorm as a launch of its own (o_proj without its residual, then
-  `rms_norm` with the residual add, then gate_up without a norm);
+  `rms_norm` with the residual add, then gate_up without a norm); `onorm=1` has o_proj's
+  last program write that norm (`gemv_norm_out`) and gate_up read it, with no norm of
+  its own;
 - `trig=KIND.PLACE+...`: where launches let their PDL successor launch
   (`mmkernels/_dispatch.pdl_trigger`; kinds rope, plain, gated, attn; places early =
   before its own wait, so e.g. gate_up launches and fetches weights while attention still
@@ -57,7 +59,9 @@ DEFAULT_VARIANTS = (
     "gemvearly:trig=plain.early+gated.early,aearly:trig=attn.early,"
     "allearly:trig=plain.early+gated.early+attn.early,gu1tile:gu=2x2048x4,whole:" + WHOLE + ","
     "wholeearly:" + WHOLE + ":trig=plain.early+gated.early,"
-    "wholeallearly:" + WHOLE + ":trig=plain.early+gated.early+attn.early"
+    "wholeallearly:" + WHOLE + ":trig=plain.early+gated.early+attn.early,"
+    "onorm:onorm=1,onormearly:onorm=1:trig=plain.early+gated.early,"
+    "onormgu2x4:onorm=1:gu=2x4,onormwhole:onorm=1:" + WHOLE + ":trig=plain.early+gated.early"
 )
 MERGES = {"auto": None, "fused": True, "two": False}
 
@@ -70,6 +74,7 @@ class Variant:
     configs: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (projection, launch) overrides
     separate_norm: bool = False  # gate_up's RMSNorm (+ the residual add) as its own launch
     trigger: str = ""  # MMENGINE_PDL_TRIGGER while this variant launches ("": defaults)
+    norm_out: bool = False  # o_proj's last program writes gate_up's normalized input
 
     def config(self, projection: str, rows: int, n: int, k: int, **kw: bool):  # noqa: ANN201
         """The projection's GemvConfig: this variant's override, else None (the default)."""
@@ -101,6 +106,8 @@ def parse_variants(text: str) -> list[Variant]:
                 kw["merge"] = value
             elif key == "gu" and value == "sep":
                 kw["separate_norm"] = True
+            elif key == "onorm" and value in ("0", "1"):
+                kw["norm_out"] = value == "1"
             elif (
                 key in PROJECTIONS
                 and len(nums) in (2, 3)
@@ -112,11 +119,13 @@ def parse_variants(text: str) -> list[Variant]:
             else:
                 raise SystemExit(
                     f"--variants: expected NAME[:KEY=VALUE]... with splits=N, "
-                    f"merge=auto|fused|two, qkv|o|gu|down=CxW or CxKxW, gu=sep, "
+                    f"merge=auto|fused|two, qkv|o|gu|down=CxW or CxKxW, gu=sep, onorm=0|1, "
                     f"trig=KIND.PLACE+...; got {field!r} in {item!r}"
                 )
         if not name:
             raise SystemExit(f"--variants: a variant needs a name, got {item!r}")
+        if kw.get("separate_norm") and kw.get("norm_out"):
+            raise SystemExit(f"--variants: gu=sep and onorm=1 both move the norm, in {item!r}")
         if kw.get("trigger"):
             _check_trigger(kw["trigger"])
         out.append(Variant(name, configs=tuple(configs), **kw))
@@ -152,6 +161,8 @@ def _launches(v: Variant) -> str:
     parts = [f"{k}={'x'.join(map(str, c))}" for k, c in v.configs]
     if v.separate_norm:
         parts.append("gate_up norm apart")
+    if v.norm_out:
+        parts.append("norm by o_proj")
     return " ".join(parts) or "default"
 
 
@@ -180,7 +191,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     """One decode step of one token through every layer (its residual stream passed on as
     the engine's few-token path does), as a one-call list for the graph to capture. Each
     layer has its own KV-cache blocks."""
-    from mmkernels.gemv import gemv, gemv_qkv_rope
+    from mmkernels.gemv import NormOut, gemv, gemv_norm_out, gemv_qkv_rope
     from mmkernels.paged_attention import choose_num_kv_splits, paged_attention
     from mmkernels.rms_norm import rms_norm
     from mmkernels.rotary import build_cos_sin_cache
@@ -205,13 +216,14 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     x0 = torch.randn(1, H, device=dev, dtype=dt)
     qkv_cfg = v.config("qkv", 1, QKV // 2, H, rope=True)
     o_cfg = v.config("o", 1, H, HQ * D)
-    gu_cfg = v.config("gu", 1, INTER, H, gated=True, norm=not v.separate_norm)
+    gu_cfg = v.config("gu", 1, INTER, H, gated=True, norm=not (v.separate_norm or v.norm_out))
     down_cfg = v.config("down", 1, H, INTER)
     per_layer = []
     for i, layer in enumerate(layers):
         table = (torch.arange(nb, device=dev, dtype=torch.int32) + 1 + i * nb).view(1, nb)
         slots = (table[0, -1:].long() * BLOCK + (ctx - 1) % BLOCK).contiguous()
-        per_layer.append((layer, table, slots))
+        counter = torch.zeros(1, device=dev, dtype=torch.int32)
+        per_layer.append((layer, table, slots, NormOut(layer["ln2"], 1e-6, counter)))
 
     def step() -> torch.Tensor:
         with _trigger_env(v.trigger):  # the trigger places are constexprs, set per launch
@@ -219,7 +231,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
 
     def layers_step() -> torch.Tensor:
         stream = x0
-        for layer, table, slots in per_layer:
+        for layer, table, slots, norm_out in per_layer:
             q = gemv_qkv_rope(
                 stream, layer["qkv"], layer["bias"], norm_weight=layer["ln1"], eps=1e-6,
                 positions=positions, cos_sin_cache=cos_sin, key_cache=kc, value_cache=vc,
@@ -229,7 +241,12 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
                 q, kc, vc, table, qsl, seq_lens, scale=D**-0.5, max_query_len=1,
                 max_seq_len=max_seq_len, num_kv_splits=splits, fused_merge=MERGES[v.merge],
             ).view(1, HQ * D)  # fmt: skip
-            if v.separate_norm:
+            if v.norm_out:
+                s, normed = gemv_norm_out(
+                    a, layer["o"], residual=stream, norm_out=norm_out, config=o_cfg
+                )
+                act = gemv(normed, layer["gate_up"], gated=True, config=gu_cfg)
+            elif v.separate_norm:
                 o = gemv(a, layer["o"], config=o_cfg)
                 normed, s = rms_norm(o, layer["ln2"], 1e-6, stream)
                 act = gemv(normed, layer["gate_up"], gated=True, config=gu_cfg)

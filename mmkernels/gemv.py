@@ -62,13 +62,18 @@ def _gemv_kernel(
     key_cache_ptr,  # ROPE: [num_blocks, CACHE_BLOCK_SIZE, NUM_KV_HEADS, 2 * HALF]
     value_cache_ptr,  # ROPE: same strides as key_cache
     slot_mapping_ptr,  # ROPE: [M] int64; < 0: no cache write
+    norm_out_ptr,  # NORM_OUT: [M, N] (row stride stride_nm), RMSNorm of the output rows
+    norm_out_w_ptr,  # NORM_OUT: [N]
+    counter_ptr,  # NORM_OUT: int32, 0 between launches
     eps,
+    eps_out,  # NORM_OUT
     M,
     N,  # output columns; with ROPE rotation pairs (all heads' rows / 2)
     K,
     stride_xm,
     stride_om,
     stride_rm,
+    stride_nm,
     stride_pos_row,
     stride_cs_pos,
     stride_cache_blk,
@@ -97,6 +102,8 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     NORM_BLOCK_K: tl.constexpr,  # HAS_NORM: K width of the rms prologue's steps
     ONE_TILE: tl.constexpr,  # the row loop with K <= BLOCK_K: x is read once, in the prologue
+    NORM_OUT: tl.constexpr,  # also write the RMSNorm of the output rows (last program)
+    NORM_OUT_N: tl.constexpr,  # NORM_OUT: next power of 2 >= N
 ):
     dtype = x_ptr.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
@@ -254,6 +261,62 @@ def _gemv_kernel(
             y = y + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
         o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if NORM_OUT:
+            _norm_out_last_program(
+                out_ptr,
+                norm_out_ptr,
+                norm_out_w_ptr,
+                counter_ptr,
+                eps_out,
+                offs_m,
+                mask_m,
+                N,
+                stride_om,
+                stride_nm,
+                NORM_OUT_N,
+            )
+
+
+@triton.jit
+def _norm_out_last_program(
+    out_ptr,
+    norm_out_ptr,
+    norm_w_ptr,
+    counter_ptr,
+    eps,
+    offs_m,
+    mask_m,
+    N,
+    stride_om,
+    stride_nm,
+    NORM_N: tl.constexpr,
+):
+    """The program that stores the launch's last output columns reads the whole rows back
+    and writes their RMSNorm (HF's roundings), so the projection after the norm reads
+    finished inputs instead of every program of it normalizing x again.
+
+    The pattern of paged attention's fused merge: a CTA barrier orders every thread's
+    stores before the one thread's acquire-release atomic; the program that reads
+    num_programs - 1 has synchronized with every other program's release, loads the rows
+    through L2 (".cg"), and puts the counter back to 0 for the next launch."""
+    dtype = out_ptr.dtype.element_ty
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) - 1:
+        offs = tl.arange(0, NORM_N)
+        rows = offs_m.to(tl.int64)[:, None]
+        mask = mask_m[:, None] & (offs < N)[None, :]
+        x = tl.load(
+            out_ptr + rows * stride_om + offs[None, :], mask=mask, other=0.0, cache_modifier=".cg"
+        )
+        x = x.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, 1) / N + eps)
+        h = (x * inv_rms[:, None]).to(dtype).to(tl.float32)
+        w = tl.load(norm_w_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+        tl.store(
+            norm_out_ptr + rows * stride_nm + offs[None, :], (w[None, :] * h).to(dtype), mask=mask
+        )
+        tl.store(counter_ptr, 0)
 
 
 @triton.jit
@@ -423,6 +486,58 @@ def gemv(
             eps=eps,
             gated=gated,
         )
+    return _gemv(x, weight, bias, residual, norm_weight, eps, gated, config, pdl, None)[0]
+
+
+class NormOut(NamedTuple):
+    """The RMSNorm `gemv_norm_out` applies to its output rows (the next norm of the layer)."""
+
+    weight: torch.Tensor  # [N]
+    eps: float
+    counter: torch.Tensor  # int32 [1], zero; the launch leaves it zero (one per stream)
+
+
+def gemv_norm_out(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    residual: torch.Tensor | None,
+    norm_out: NormOut,
+    use_triton_kernel: bool | None = None,
+    config: GemvConfig | tuple[int, int, int] | None = None,
+    pdl: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gemv` (+ residual) that also returns the RMSNorm of its output rows: the o_proj
+    launch handing gate_up its normalized input, so that gate_up's thousands of programs
+    do not each read the whole x row for its rms and normalize every tile again.
+
+    The program that finishes last (an atomic count) reads the rows back and normalizes
+    them; `norm_out.counter` must be zero before the launch and is zero after it.
+
+    Returns:
+        (out, rms_norm(out, norm_out.weight, norm_out.eps)), both [M, N].
+    """
+    if not use_triton(x, use_triton_kernel):
+        out = gemv_torch(x, weight, residual=residual)
+        return out, rms_norm_torch(out, norm_out.weight, norm_out.eps)
+    out, normed = _gemv(x, weight, None, residual, None, 0.0, False, config, pdl, norm_out)
+    assert normed is not None
+    return out, normed
+
+
+def _gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    gated: bool,
+    config: GemvConfig | tuple[int, int, int] | None,
+    pdl: bool | None,
+    norm_out: NormOut | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Checks and launches `gemv` / `gemv_norm_out` on the Triton kernel."""
     check_launchable(_gemv_kernel, x)
     if x.dim() != 2 or x.shape[0] > MAX_ROWS:
         raise ValueError(f"gemv takes [M <= {MAX_ROWS}, K] inputs, got {tuple(x.shape)}")
@@ -436,15 +551,26 @@ def gemv(
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual must be [{rows}, {n}] with contiguous rows")
+    normed = None
+    if norm_out is not None:
+        if norm_out.weight.shape != (n,) or norm_out.counter.dtype != torch.int32:
+            raise ValueError(
+                f"norm_out needs a [{n}] weight and an int32 counter, got "
+                f"{tuple(norm_out.weight.shape)} and {norm_out.counter.dtype}"
+            )
+        normed = torch.empty_like(out)
     if rows == 0 or n == 0:
-        return out
+        return out, normed
     cfg = (
         GemvConfig(*config)
         if config is not None
         else launch_config(rows, n, k, gated, norm=norm_weight is not None)
     )
-    _launch(out, x, weight, bias, residual, norm_weight, eps, n, cfg, pdl, gated=gated)
-    return out
+    _launch(
+        out, x, weight, bias, residual, norm_weight, eps, n, cfg, pdl, gated=gated,
+        norm_out=norm_out, normed=normed,
+    )  # fmt: skip
+    return out, normed
 
 
 @dataclass(frozen=True)
@@ -474,6 +600,8 @@ def _launch(
     *,
     gated: bool = False,
     rope: _Rope | None = None,
+    norm_out: NormOut | None = None,
+    normed: torch.Tensor | None = None,
 ) -> None:
     """One `_gemv_kernel` launch over n output columns (or n rotation pairs with rope)."""
     if cfg.dot and cfg.block_n < 16:
@@ -518,13 +646,18 @@ def _launch(
         residual if residual is not None else dummy,
         norm_weight if norm_weight is not None else dummy,
         *rope_tensors,
+        normed if normed is not None else dummy,
+        norm_out.weight if norm_out is not None else dummy,
+        norm_out.counter if norm_out is not None else dummy,
         eps,
+        norm_out.eps if norm_out is not None else 0.0,
         rows,
         n,
         k,
         x.stride(0),
         out.stride(0),
         residual.stride(0) if residual is not None else 0,
+        normed.stride(0) if normed is not None else 0,
         *rope_strides,
         HAS_NORM=norm_weight is not None,
         HAS_BIAS=bias is not None,
@@ -545,6 +678,8 @@ def _launch(
         if cfg.dot
         else cfg.block_k,
         ONE_TILE=not cfg.dot and k <= cfg.block_k,
+        NORM_OUT=norm_out is not None,
+        NORM_OUT_N=next_power_of_2(n) if norm_out is not None else 1,
         num_warps=cfg.num_warps,
         launch_pdl=use_pdl,
     )

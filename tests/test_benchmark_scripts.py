@@ -286,15 +286,17 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
 
     variants = b1.parse_variants(
         "e,g:splits=16:merge=fused:gu=2x4:o=2x2048x4,t:splits=8:merge=two:gu=sep,"
-        "p:trig=plain.early+attn.late:qkv=1x2048x4"
+        "p:trig=plain.early+attn.late:qkv=1x2048x4,n:onorm=1"
     )
     assert [(v.splits, b1.MERGES[v.merge]) for v in variants] == [
         (0, None),
         (16, True),
         (8, False),
         (0, None),
+        (0, None),
     ]
-    assert [v.separate_norm for v in variants] == [False, False, True, False]
+    assert [v.separate_norm for v in variants] == [False, False, True, False, False]
+    assert [v.norm_out for v in variants] == [False] * 4 + [True]
     assert variants[0].config("gu", 1, b1.INTER, b1.H, gated=True) is None
     # COLUMNSxWARPS keeps launch_config's K tile; COLUMNSxBLOCK_KxWARPS sets it.
     assert tuple(variants[1].config("gu", 1, b1.INTER, b1.H, gated=True))[:3] == (2, 1024, 4)
@@ -302,7 +304,7 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
     assert variants[3].trigger == "plain=early,attn=late"
     for bad in (
         "x:1", "x:splits=a", "x:merge=both", "x:gu=2", "x:gu=0x2", "x:o=2x4x4x1",
-        "x:trig=plain.soon", "x:trig=", ":splits=2",
+        "x:trig=plain.soon", "x:trig=", ":splits=2", "x:onorm=2", "x:gu=sep:onorm=1",
     ):  # fmt: skip
         with pytest.raises(SystemExit, match="--variants"):
             b1.parse_variants(bad)
@@ -316,6 +318,9 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
     torch.manual_seed(0)
     apart = b1.step_calls(layers, variants[2], 40, 64, torch.device("cpu"))[0]()
     torch.testing.assert_close(apart, fused, rtol=0.02, atol=0.02)
+    torch.manual_seed(0)  # o_proj writing gate_up's norm: the same ops, in the same order
+    by_o_proj = b1.step_calls(layers, variants[4], 40, 64, torch.device("cpu"))[0]()
+    assert torch.equal(by_o_proj, fused)
 
 
 def test_mixed_attention_batches_give_each_sequence_its_own_cache_blocks() -> None:

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from mmkernels.activation import silu_and_mul_torch
-from mmkernels.gemv import MAX_ROWS, GemvConfig, gemv, gemv_torch, launch_config
+from mmkernels.gemv import (
+    MAX_ROWS,
+    GemvConfig,
+    NormOut,
+    gemv,
+    gemv_norm_out,
+    gemv_torch,
+    launch_config,
+)
 from mmkernels.rms_norm import rms_norm_torch
 
 torch.set_num_threads(1)
@@ -175,3 +183,85 @@ def test_tensor_core_config_with_narrow_tiles_is_refused() -> None:
     x, w, *_ = _case(2, 16, 64, torch.float32, gated=False)
     with pytest.raises(ValueError, match="BLOCK_N >= 16"):
         gemv(x, w, use_triton_kernel=True, config=GemvConfig(8, 64, 4, 2, dot=True))
+
+
+@pytest.mark.parametrize(
+    "config", [(8, 64, 4), GemvConfig(16, 64, 4, 2, dot=True)], ids=["row-loop", "dot"]
+)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_norm_out_returns_the_next_norm_of_the_output_and_leaves_the_counter_zero(
+    rows: int,
+    config,  # noqa: ANN001
+) -> None:
+    # o_proj handing gate_up its normalized input: 37 columns over 5 (row loop) or 3 (tiles)
+    # programs; the last to finish normalizes the whole rows. Two launches in a row check
+    # that the counter is put back to zero.
+    x, w, _, r, _ = _case(rows, 37, 200, torch.float32, gated=False, seed=5)
+    nw = (1 + 0.2 * torch.randn(37, generator=torch.Generator().manual_seed(1))).float()
+    counter = torch.zeros(1, dtype=torch.int32)
+    norm = NormOut(nw, EPS, counter)
+    for _ in range(2):
+        out, normed = gemv_norm_out(
+            x, w, residual=r, norm_out=norm, use_triton_kernel=True, config=config
+        )
+        ref = gemv_torch(x, w, residual=r)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(normed, rms_norm_torch(ref, nw, EPS), atol=2e-5, rtol=2e-5)
+        assert counter.item() == 0
+    ref_out, ref_normed = gemv_norm_out(x, w, residual=r, norm_out=norm, use_triton_kernel=False)
+    assert torch.equal(ref_normed, rms_norm_torch(ref_out, nw, EPS))
+
+
+def test_norm_out_with_a_wrong_weight_or_counter_raises() -> None:
+    x, w, _, r, _ = _case(1, 37, 64, torch.float32, gated=False)
+    good = torch.zeros(1, dtype=torch.int32)
+    for norm in (NormOut(torch.ones(36), EPS, good), NormOut(torch.ones(37), EPS, good.long())):
+        with pytest.raises(ValueError, match="norm_out needs"):
+            gemv_norm_out(x, w, residual=r, norm_out=norm, use_triton_kernel=True)
+
+
+def test_norm_out_in_half_precision_rounds_where_hf_rounds() -> None:
+    # HF: weight * (x * rsqrt(mean(x^2) + eps)).to(half), the product rounded again. The
+    # kernel normalizes its own output row, so compare with the reference norm of that
+    # row: only the fp32 sum of squares' order differs (a rare one-ulp flip). fp16: the
+    # interpreter truncates bf16 (and miscomputes bf16 tl.dot); bf16 runs in the GPU test.
+    x, w, _, r, _ = _case(1, 300, 128, torch.float16, gated=False, seed=7)
+    nw = (1 + 0.2 * torch.randn(300, generator=torch.Generator().manual_seed(2))).half()
+    norm = NormOut(nw, EPS, torch.zeros(1, dtype=torch.int32))
+    out, normed = gemv_norm_out(x, w, residual=r, norm_out=norm, use_triton_kernel=True)
+    ref = rms_norm_torch(out, nw, EPS)
+    ulp = torch.finfo(torch.float16).eps
+    assert ((normed.float() - ref.float()).abs() <= ulp * ref.float().abs() + 1e-6).all()
+    assert (normed == ref).float().mean() > 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gpu_norm_out_on_o_proj_shapes_in_graph_replays(rows: int) -> None:
+    # Qwen2.5-3B's o_proj (2048 -> 2048, + residual) handing gate_up the post-attention
+    # norm: eager, then three replays of a CUDA graph (the counter must return to zero).
+    x, w, _, r, _ = (t.cuda() for t in _case(rows, 2048, 2048, torch.bfloat16, gated=False))
+    nw = (1 + 0.2 * torch.randn(2048, generator=torch.Generator().manual_seed(3))).bfloat16()
+    norm = NormOut(nw.cuda(), EPS, torch.zeros(1, dtype=torch.int32, device="cuda"))
+    ulp = torch.finfo(torch.bfloat16).eps
+
+    def check(out: torch.Tensor, normed: torch.Tensor) -> None:
+        ref = gemv_torch(x, w, residual=r)
+        assert ((out.float() - ref.float()).abs() <= 4 * ulp * (ref.float().abs() + 1)).all()
+        ref_norm = rms_norm_torch(out, norm.weight, EPS)
+        assert (
+            (normed.float() - ref_norm.float()).abs() <= ulp * ref_norm.float().abs() + 1e-6
+        ).all()
+        assert (normed == ref_norm).float().mean() > 0.98
+        assert norm.counter.item() == 0
+
+    check(*gemv_norm_out(x, w, residual=r, norm_out=norm))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, normed = gemv_norm_out(x, w, residual=r, norm_out=norm)
+    for _ in range(3):
+        normed.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, normed)

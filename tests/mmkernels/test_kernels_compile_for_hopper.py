@@ -57,7 +57,10 @@ GEMV_CHILD = textwrap.dedent(
     from mmkernels.gemv import _gemv_kernel, launch_config
 
     target = GPUTarget("cuda", 90, 32)
-    POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "cos_sin_ptr": "*fp32"}
+    POINTERS = {
+        "positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "cos_sin_ptr": "*fp32",
+        "counter_ptr": "*i32",
+    }
     flags = list(itertools.product([False, True], repeat=4))  # norm, bias, gated, residual
     cases = [(rows, *f, False) for rows, f in itertools.product([1, 2, 8], flags)]
     cases += [(rows, norm, True, False, False, True) for rows in (1, 2, 8) for norm in (0, 1)]
@@ -65,8 +68,10 @@ GEMV_CHILD = textwrap.dedent(
     whole = {(1, 1, True, False, False, True), (1, 1, False, True, False, False)}
     cases += [c + (True,) for c in whole]
     cases = [c if len(c) == 7 else c + (False,) for c in cases]
-    for rows, norm, bias, gated, res, rope, one_tile in cases:
-        k = 11008 if res else 2048
+    # o_proj (+ residual) writing the next RMSNorm of its rows (gemv_norm_out).
+    cases = [c + (False,) for c in cases] + [(r, 0, False, False, True, False, False, True) for r in (1, 4)]
+    for rows, norm, bias, gated, res, rope, one_tile, norm_out in cases:
+        k = 11008 if res and not norm_out else 2048
         if rope:  # Qwen2.5-3B's QKV: 1280 rotation pairs
             cfg = launch_config(rows, 1280, 2048, rope=True)
         else:
@@ -83,6 +88,7 @@ GEMV_CHILD = textwrap.dedent(
             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
             "NORM_BLOCK_K": max(cfg.block_k, min(cfg.norm_block_k, 2048)) if cfg.dot else cfg.block_k,
             "ONE_TILE": not cfg.dot and k <= cfg.block_k,
+            "NORM_OUT": norm_out, "NORM_OUT_N": 2048 if norm_out else 1,
         }
         sig = {}
         for name in _gemv_kernel.arg_names:
@@ -91,7 +97,7 @@ GEMV_CHILD = textwrap.dedent(
             elif name.endswith("_ptr"):
                 sig[name] = POINTERS.get(name, "*bf16")
             else:
-                sig[name] = "fp32" if name == "eps" else "i32"
+                sig[name] = "fp32" if name in ("eps", "eps_out") else "i32"
         compiled = triton.compile(
             ASTSource(_gemv_kernel, sig, constexprs=consts), target=target,
             options={"num_warps": cfg.num_warps},
