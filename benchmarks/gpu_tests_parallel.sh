@@ -16,11 +16,12 @@ groups=(
   "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_with_compile_and_graphs tests/test_gpu_engine.py::test_nothing_compiles_after_start_up"
   "tests/test_gpu_engine.py::test_cuda_graphs_and_eager_give_the_same_tokens tests/test_gpu_engine.py::test_mixed_step_graphs_replay_prompt_steps_and_give_the_eager_tokens"
   "tests/test_gpu_engine.py::test_bf16_logprobs_close_to_hf_bf16"
-  "tests/mmkernels tests/encoders/test_gpu.py"
+  "tests/mmkernels tests/encoders/test_gpu.py tests/processors/test_preprocess_gpu.py"
   "tests/test_gpu_mm.py::test_mm_bf16_prompt_logprobs_close_to_hf"
   "tests/test_gpu_mm.py::test_mm_fp32_greedy_identical_to_hf_on_gpu"
   "tests/test_gpu_mm.py::test_engine_steps_never_make_the_host_wait_for_the_gpu tests/test_gpu_mm.py::test_no_image_size_compiles_anything_after_start_up"
   "tests/test_gpu_mm.py::test_vision_steps_replay_mixed_graphs_and_keep_hf_tokens"
+  "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_with_norm_in_o_proj_and_early_pdl_triggers"
 )
 pids=()
 for i in "${!groups[@]}"; do

@@ -69,6 +69,13 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
         "GPU, with gemv_max_tokens > 0: rotary and the K/V-cache write run in the QKV "
         "projection's launch",
     ),
+    "gemv_norm_out": ExtraOption(
+        bool,
+        False,
+        "GPU, with gemv_max_tokens > 0: o_proj's launch also writes gate_up's RMSNorm input "
+        "(its last program normalizes the rows), so gate_up runs without a fused norm "
+        "(A/B option; not yet timed in the engine)",
+    ),
     "kernel_warmup": ExtraOption(
         bool,
         True,

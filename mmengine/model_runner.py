@@ -142,16 +142,18 @@ class ModelRunner:
             self.gemv_max_tokens,
             gemv_rope,
             norm_triton_op=config.extra_option("norm_triton_op"),
+            gemv_norm_out=config.extra_option("gemv_norm_out"),
         )
         if self.gemv_max_tokens:
             pdl = pdl_supported(next(self.model.parameters()))
             rope_state = "off" if not gemv_rope else "off (q/k norms)" if spec.qk_norm else "on"
             logger.info(
                 "steps of <= %d token(s): each decoder layer as fused GEMV launches around "
-                "attention (rotary + KV write in the QKV one: %s; programmatic dependent "
-                "launch: %s)",
+                "attention (rotary + KV write in the QKV one: %s; post-attention norm in "
+                "o_proj's: %s; programmatic dependent launch: %s)",
                 self.gemv_max_tokens,
                 rope_state,
+                "on" if config.extra_option("gemv_norm_out") else "off",
                 "on" if pdl else "off",
             )
         if self.compiled:

@@ -418,3 +418,34 @@ def test_step_host_times_vision_steps_of_fresh_images(qwen2_vl_ckpt: Path) -> No
         assert not core.has_unfinished() and core.stats().kv_blocks_used == 0
     finally:
         llm.shutdown()
+
+
+def test_every_gpu_test_runs_in_a_group_of_the_parallel_gpu_script() -> None:
+    # benchmarks/gpu_tests_parallel.sh is how a device call runs the GPU suite: a GPU test
+    # in no group of it would never run.
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "benchmarks" / "gpu_tests_parallel.sh").read_text()
+    block = script[script.index("groups=(") : script.index("\n)", script.index("groups=("))]
+    targets = [t for group in re.findall(r'"([^"]+)"', block) for t in group.split()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+         "-p", "no:cacheprovider", "tests"],
+        cwd=root, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert ids, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    def covered(node: str) -> bool:
+        path, name = node.split("::", 1)
+        base = name.split("[", 1)[0]
+        return any(
+            t in (path, f"{path}::{base}") or path.startswith(t.rstrip("/") + "/")
+            for t in targets
+        )
+
+    missing = sorted({n.split("[", 1)[0] for n in ids if not covered(n)})
+    assert not missing, f"GPU tests in no group of gpu_tests_parallel.sh: {missing}"

@@ -101,3 +101,22 @@ def test_norm_triton_op_switch_reaches_the_norms_only_when_compiled() -> None:
     ref_out, ref_residual = norms[1](x, residual)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(new_residual, ref_residual)
+
+
+def test_gemv_norm_out_op_passes_opcheck_and_equals_the_two_step_form() -> None:
+    # o_proj + residual with the post-attention norm of its output (extra gemv_norm_out):
+    # the op torch.compile sees, checked for schema, fake tensor and autograd registration,
+    # and equal to o_proj + residual then the norm (CPU: the torch reference).
+    from mmengine.models import custom_ops  # noqa: F401  (registers the op)
+    from mmkernels.gemv import gemv_torch
+    from mmkernels.rms_norm import rms_norm_torch
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 24, generator=gen), torch.randn(16, 24, generator=gen)
+    residual, nw = torch.randn(1, 16, generator=gen), torch.rand(16, generator=gen) + 0.5
+    args = (x, w, residual, nw, 1e-6, torch.zeros(1, dtype=torch.int32))
+    torch.library.opcheck(torch.ops.mmengine.gemv_norm_out.default, args)
+    out, normed = torch.ops.mmengine.gemv_norm_out(*args)
+    expected = gemv_torch(x, w, residual=residual)
+    assert torch.equal(out, expected)
+    assert torch.equal(normed, rms_norm_torch(expected, nw, 1e-6))

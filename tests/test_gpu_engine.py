@@ -65,6 +65,20 @@ def test_fp32_greedy_identical_to_hf_with_compile_and_graphs(qwen2_ckpt: Path) -
     assert [o.outputs[0].token_ids for o in outs] == refs
 
 
+def test_fp32_greedy_identical_to_hf_with_norm_in_o_proj_and_early_pdl_triggers(
+    qwen2_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batch-1 A/B options on: o_proj's last program writes gate_up's normalized input
+    # (an atomic counter per layer, replayed in CUDA graphs), and every GEMV and attention
+    # launch lets its successor launch before its own wait. Compile + graphs.
+    monkeypatch.setenv("MMENGINE_PDL_TRIGGER", "plain=early,gated=early,attn=early")
+    prompts = make_prompts()
+    refs = hf_greedy(qwen2_ckpt, prompts)
+    p = SamplingParams(temperature=0, max_tokens=12)
+    outs = _gen(qwen2_ckpt, prompts, p, dtype="float32", extra={"gemv_norm_out": True})
+    assert [o.outputs[0].token_ids for o in outs] == refs
+
+
 def test_cuda_graphs_and_eager_give_the_same_tokens(qwen2_ckpt: Path) -> None:
     # float32: in bf16 a graph replays a decode batch padded to its bucket size, and cuBLAS
     # may pick another GEMM kernel for the padded M than eager does for the true M; the

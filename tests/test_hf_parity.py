@@ -125,17 +125,33 @@ def test_greedy_tokens_identical_to_hf(text_ckpt: Path, mode: str, async_schedul
         assert stats["num_preemptions"] > 0
 
 
-@pytest.mark.parametrize("gemv_rope", [1, 0], ids=["rope_in_qkv", "rope_kernel"])
+@pytest.mark.parametrize(
+    ("gemv_rope", "norm_out"),
+    [(1, 0), (0, 0), (1, 1)],
+    ids=["rope_in_qkv", "rope_kernel", "norm_in_o_proj"],
+)
 def test_few_token_layer_path_greedy_tokens_identical_to_hf(
-    text_ckpt: Path, gemv_rope: int, caplog: pytest.LogCaptureFixture
+    text_ckpt: Path,
+    gemv_rope: int,
+    norm_out: int,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Decode steps of <= 8 tokens through DecoderLayer._forward_few_tokens (norms and
-    # residual adds moved into the projections, rotary + KV write into the QKV one or not;
-    # the GPU default): on CPU its torch reference, which must not change a single token.
+    # residual adds moved into the projections, rotary + KV write into the QKV one or not,
+    # the post-attention norm in o_proj's launch or gate_up's; the GPU default): on CPU its
+    # torch reference, which must not change a single token.
+    from mmengine.models import decoder
+
+    calls = []
+    real = decoder.fused_linear_norm_out
+    monkeypatch.setattr(
+        decoder, "fused_linear_norm_out", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     prompts = make_prompts(12)
     refs = hf_greedy(text_ckpt, prompts)
     kwargs = dict(dtype="float32", device="cpu", max_model_len=256, multiprocess=False)
-    extra = {"gemv_max_tokens": 8, "gemv_rope": gemv_rope}
+    extra = {"gemv_max_tokens": 8, "gemv_rope": gemv_rope, "gemv_norm_out": norm_out}
     with (
         caplog.at_level(logging.INFO, logger="mmengine.model_runner"),
         LLM(str(text_ckpt), max_num_seqs=4, extra=extra, **kwargs) as llm,
@@ -147,8 +163,10 @@ def test_few_token_layer_path_greedy_tokens_identical_to_hf(
         assert "steps of <= 8 token(s)" in caplog.text
         fused = gemv_rope and model.layers[0].q_norm is None  # Qwen3's q/k norms: unfused
         assert f"in the QKV one: {'on' if fused else 'off'}" in caplog.text
+        assert f"norm in o_proj's: {'on' if norm_out else 'off'}" in caplog.text
         got = engine_greedy(llm, prompts)
     assert got == refs
+    assert bool(calls) == bool(norm_out)  # the o_proj + norm launch ran only when asked
 
 
 @pytest.mark.parametrize("multiprocess", [False, True], ids=["in_process", "multiprocess"])

@@ -4,6 +4,8 @@
   through `mmkernels/gemv.py`, with the RMSNorms, the SiLU-and-mul and the residual adds
   fused into the projections around them (four launches around attention instead of
   ~nine). The compiler must not look inside, or it would re-split the fused kernel.
+- `mmengine::gemv_norm_out` (`extra={"gemv_norm_out": 1}`): o_proj's GEMV that also
+  writes the post-attention RMSNorm of its output, so gate_up runs without a norm.
 - `mmengine::add_rms_norm`: the residual add + RMSNorm between projections. As torch ops
   the compiler fuses `o_proj(x) + residual` into `addmm(residual, x, W, out=buf)`, and
   ATen's addmm with a separate `out` first copies the residual into it: one extra
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from mmkernels.gemv import gemv
+from mmkernels.gemv import NormOut, gemv, gemv_norm_out
 from mmkernels.rms_norm import _rms_norm_kernel, rms_norm
 
 
@@ -43,6 +45,42 @@ def gemv_op(
 def _gemv_fake(x, weight, bias, residual, norm_weight, eps, gated):  # noqa: ANN001, ANN202
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     return x.new_empty((x.shape[0], n))
+
+
+# The counter is mutated only while the kernel runs (0 before and after), so the op is
+# declared pure: a declared mutation would make the compiler copy it around every call.
+@torch.library.custom_op("mmengine::gemv_norm_out", mutates_args=())
+def gemv_norm_out_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    counter: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gemv_norm_out(x, weight, residual=residual, norm_out=NormOut(norm_weight, eps, counter))
+
+
+@gemv_norm_out_op.register_fake
+def _gemv_norm_out_fake(x, weight, residual, norm_weight, eps, counter):  # noqa: ANN001, ANN202
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    return out, torch.empty_like(out)
+
+
+def fused_linear_norm_out(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    counter: torch.Tensor,
+    as_custom_op: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gemv_norm_out` (o_proj + residual, and the RMSNorm of the result for gate_up),
+    called directly (eager) or through the custom op (under torch.compile)."""
+    if as_custom_op:
+        return torch.ops.mmengine.gemv_norm_out(x, weight, residual, norm_weight, eps, counter)
+    return gemv_norm_out(x, weight, residual=residual, norm_out=NormOut(norm_weight, eps, counter))
 
 
 def fused_linear(

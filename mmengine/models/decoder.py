@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmengine.config import ModelSpec
-from mmengine.models.custom_ops import fused_linear
+from mmengine.models.custom_ops import fused_linear, fused_linear_norm_out
 from mmengine.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
@@ -25,6 +25,10 @@ class DecoderLayer(nn.Module):
     gemv_max_tokens = 0
     gemv_rope = True  # few-token path: rotary + KV write in the QKV projection's epilogue
     gemv_as_custom_op = False
+    # Few-token path: o_proj's launch writes gate_up's normalized input (its int32 counter
+    # is set with the mode, on the layer's device: `set_kernel_mode`).
+    gemv_norm_out = False
+    norm_out_counter: torch.Tensor | None = None
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -75,8 +79,9 @@ class DecoderLayer(nn.Module):
         """The same layer in four launches around attention, for steps of a few tokens:
         each norm is fused into the projection after it, each residual add into the
         projection before it, SiLU-and-mul into gate_up, and (`gemv_rope`, no q/k norms)
-        rotary and the KV-cache write into the QKV projection. Returns the residual stream
-        whole (residual None)."""
+        rotary and the KV-cache write into the QKV projection. With `gemv_norm_out` the
+        post-attention norm moves from gate_up's launch to o_proj's (its last program).
+        Returns the residual stream whole (residual None)."""
         stream = hidden if residual is None else residual + hidden
         op = self.gemv_as_custom_op
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
@@ -90,11 +95,18 @@ class DecoderLayer(nn.Module):
                 norm_weight=ln1.weight, eps=ln1.eps, as_custom_op=op,
             )  # fmt: skip
             attn = self._attention(qkv, positions, kv_cache)
-        stream = fused_linear(attn, self.o_proj.weight, residual=stream, as_custom_op=op)
-        act = fused_linear(
-            stream, self.gate_up_proj.weight,
-            norm_weight=ln2.weight, eps=ln2.eps, gated=True, as_custom_op=op,
-        )  # fmt: skip
+        if self.gemv_norm_out and self.norm_out_counter is not None:
+            stream, normed = fused_linear_norm_out(
+                attn, self.o_proj.weight, stream, ln2.weight, ln2.eps, self.norm_out_counter,
+                as_custom_op=op,
+            )  # fmt: skip
+            act = fused_linear(normed, self.gate_up_proj.weight, gated=True, as_custom_op=op)
+        else:
+            stream = fused_linear(attn, self.o_proj.weight, residual=stream, as_custom_op=op)
+            act = fused_linear(
+                stream, self.gate_up_proj.weight,
+                norm_weight=ln2.weight, eps=ln2.eps, gated=True, as_custom_op=op,
+            )  # fmt: skip
         return fused_linear(act, self.down_proj.weight, residual=stream, as_custom_op=op), None
 
     def _attention(

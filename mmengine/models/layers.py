@@ -196,17 +196,23 @@ def set_kernel_mode(
     gemv_max_tokens: int = 0,
     gemv_rope: bool = True,
     norm_triton_op: bool = False,
+    gemv_norm_out: bool = False,
 ) -> None:
     """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses;
     attention, the residual add + norm and the few-token projections as custom ops (the
     add + norm as a triton_op when `norm_triton_op`). Steps of at most `gemv_max_tokens`
     tokens run the decoder layers' few-token path (0: off), with rotary and the KV write in
-    the QKV projection's epilogue when `gemv_rope`."""
+    the QKV projection's epilogue when `gemv_rope` and the post-attention norm in o_proj's
+    launch when `gemv_norm_out` (each layer gets its int32 counter)."""
     for m in model.modules():
         if hasattr(m, "gemv_max_tokens"):
             m.gemv_max_tokens = gemv_max_tokens
             m.gemv_rope = gemv_rope
             m.gemv_as_custom_op = compiled
+            m.gemv_norm_out = gemv_norm_out
+            if gemv_norm_out and m.norm_out_counter is None:
+                device = next(m.parameters()).device
+                m.norm_out_counter = torch.zeros(1, dtype=torch.int32, device=device)
         if isinstance(m, RMSNorm):
             m.residual_as_custom_op = compiled
             m.residual_as_triton_op = compiled and norm_triton_op
