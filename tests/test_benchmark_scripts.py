@@ -443,8 +443,7 @@ def test_every_gpu_test_runs_in_a_group_of_the_parallel_gpu_script() -> None:
         path, name = node.split("::", 1)
         base = name.split("[", 1)[0]
         return any(
-            t in (path, f"{path}::{base}") or path.startswith(t.rstrip("/") + "/")
-            for t in targets
+            t in (path, f"{path}::{base}") or path.startswith(t.rstrip("/") + "/") for t in targets
         )
 
     missing = sorted({n.split("[", 1)[0] for n in ids if not covered(n)})
