@@ -61,7 +61,11 @@ DEFAULT_VARIANTS = (
     "wholeearly:" + WHOLE + ":trig=plain.early+gated.early,"
     "wholeallearly:" + WHOLE + ":trig=plain.early+gated.early+attn.early,"
     "onorm:onorm=1,onormearly:onorm=1:trig=plain.early+gated.early,"
-    "onormgu2x4:onorm=1:gu=2x4,onormwhole:onorm=1:" + WHOLE + ":trig=plain.early+gated.early"
+    "onormgu2x4:onorm=1:gu=2x4,onormwhole:onorm=1:" + WHOLE + ":trig=plain.early+gated.early,"
+    "ropestart:trig=plain.early+gated.early+attn.early+rope.start,"
+    "ropeearly:trig=plain.early+gated.early+attn.early+rope.early,"
+    "down1x2048:down=1x2048x1:trig=plain.early+gated.early,"
+    "down2x2:down=2x1024x2:trig=plain.early+gated.early"
 )
 MERGES = {"auto": None, "fused": True, "two": False}
 

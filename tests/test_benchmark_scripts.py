@@ -302,6 +302,8 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
     assert tuple(variants[1].config("gu", 1, b1.INTER, b1.H, gated=True))[:3] == (2, 1024, 4)
     assert tuple(variants[1].config("o", 1, b1.H, b1.H))[:3] == (2, 2048, 4)
     assert variants[3].trigger == "plain=early,attn=late"
+    defaults = b1.parse_variants(b1.DEFAULT_VARIANTS)  # the GPU run's list parses
+    assert defaults[0].name == "engine" and len({v.name for v in defaults}) == len(defaults)
     for bad in (
         "x:1", "x:splits=a", "x:merge=both", "x:gu=2", "x:gu=0x2", "x:o=2x4x4x1",
         "x:trig=plain.soon", "x:trig=", ":splits=2", "x:onorm=2", "x:gu=sep:onorm=1",
