@@ -65,7 +65,9 @@ DEFAULT_VARIANTS = (
     "ropestart:trig=plain.early+gated.early+attn.early+rope.start,"
     "ropeearly:trig=plain.early+gated.early+attn.early+rope.early,"
     "down1x2048:down=1x2048x1:trig=plain.early+gated.early,"
-    "down2x2:down=2x1024x2:trig=plain.early+gated.early"
+    "down2x2:down=2x1024x2:trig=plain.early+gated.early,"
+    "s16early:splits=16:trig=plain.early+gated.early+attn.early,"
+    "s8early:splits=8:trig=plain.early+gated.early+attn.early"
 )
 MERGES = {"auto": None, "fused": True, "two": False}
 
