@@ -20,7 +20,9 @@ A variant is `NAME[:KEY=VALUE]...`:
   runs gate_up's RMSNorm as a launch of its own (o_proj without its residual, then
   `rms_norm` with the residual add, then gate_up without a norm); `onorm=1` has o_proj's
   last program write that norm (`gemv_norm_out`) and gate_up read it, with no norm of
-  its own;
+  its own; `mlp=flow` runs o_proj, gate_up and down as one `mmkernels/mlp_flow.py`
+  launch of tasks that wait only for what they read (`flownt`: task numbers from the
+  program id, not an atomic ticket);
 - `trig=KIND.PLACE+...`: where launches let their PDL successor launch
   (`mmkernels/_dispatch.pdl_trigger`; kinds rope, plain, gated, attn; places early =
   before its own wait, so e.g. gate_up launches and fetches weights while attention still
@@ -67,7 +69,8 @@ DEFAULT_VARIANTS = (
     "down1x2048:down=1x2048x1:trig=plain.early+gated.early,"
     "down2x2:down=2x1024x2:trig=plain.early+gated.early,"
     "s16early:splits=16:trig=plain.early+gated.early+attn.early,"
-    "s8early:splits=8:trig=plain.early+gated.early+attn.early"
+    "s8early:splits=8:trig=plain.early+gated.early+attn.early,"
+    "flow:mlp=flow,flownt:mlp=flownt,flowearly:mlp=flow:trig=attn.early"
 )
 MERGES = {"auto": None, "fused": True, "two": False}
 
@@ -81,6 +84,7 @@ class Variant:
     separate_norm: bool = False  # gate_up's RMSNorm (+ the residual add) as its own launch
     trigger: str = ""  # MMENGINE_PDL_TRIGGER while this variant launches ("": defaults)
     norm_out: bool = False  # o_proj's last program writes gate_up's normalized input
+    mlp: str = ""  # "flow" / "flownt": o_proj, gate_up and down as one mlp_flow launch
 
     def config(self, projection: str, rows: int, n: int, k: int, **kw: bool):  # noqa: ANN201
         """The projection's GemvConfig: this variant's override, else None (the default)."""
@@ -114,6 +118,8 @@ def parse_variants(text: str) -> list[Variant]:
                 kw["separate_norm"] = True
             elif key == "onorm" and value in ("0", "1"):
                 kw["norm_out"] = value == "1"
+            elif key == "mlp" and value in ("flow", "flownt"):
+                kw["mlp"] = value
             elif (
                 key in PROJECTIONS
                 and len(nums) in (2, 3)
@@ -126,6 +132,7 @@ def parse_variants(text: str) -> list[Variant]:
                 raise SystemExit(
                     f"--variants: expected NAME[:KEY=VALUE]... with splits=N, "
                     f"merge=auto|fused|two, qkv|o|gu|down=CxW or CxKxW, gu=sep, onorm=0|1, "
+                    f"mlp=flow|flownt, "
                     f"trig=KIND.PLACE+...; got {field!r} in {item!r}"
                 )
         if not name:
@@ -169,6 +176,8 @@ def _launches(v: Variant) -> str:
         parts.append("gate_up norm apart")
     if v.norm_out:
         parts.append("norm by o_proj")
+    if v.mlp:
+        parts.append(f"MLP half as one launch ({v.mlp})")
     return " ".join(parts) or "default"
 
 
@@ -198,6 +207,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     the engine's few-token path does), as a one-call list for the graph to capture. Each
     layer has its own KV-cache blocks."""
     from mmkernels.gemv import NormOut, gemv, gemv_norm_out, gemv_qkv_rope
+    from mmkernels.mlp_flow import MlpFlowConfig, MlpFlowScratch, mlp_flow
     from mmkernels.paged_attention import choose_num_kv_splits, paged_attention
     from mmkernels.rms_norm import rms_norm
     from mmkernels.rotary import build_cos_sin_cache
@@ -224,12 +234,14 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     o_cfg = v.config("o", 1, H, HQ * D)
     gu_cfg = v.config("gu", 1, INTER, H, gated=True, norm=not (v.separate_norm or v.norm_out))
     down_cfg = v.config("down", 1, H, INTER)
+    flow_cfg = MlpFlowConfig(ticket=v.mlp == "flow")
     per_layer = []
     for i, layer in enumerate(layers):
         table = (torch.arange(nb, device=dev, dtype=torch.int32) + 1 + i * nb).view(1, nb)
         slots = (table[0, -1:].long() * BLOCK + (ctx - 1) % BLOCK).contiguous()
         counter = torch.zeros(1, device=dev, dtype=torch.int32)
-        per_layer.append((layer, table, slots, NormOut(layer["ln2"], 1e-6, counter)))
+        flow = MlpFlowScratch.create(H, INTER, dt, dev, flow_cfg) if v.mlp else None
+        per_layer.append((layer, table, slots, NormOut(layer["ln2"], 1e-6, counter), flow))
 
     def step() -> torch.Tensor:
         with _trigger_env(v.trigger):  # the trigger places are constexprs, set per launch
@@ -237,7 +249,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
 
     def layers_step() -> torch.Tensor:
         stream = x0
-        for layer, table, slots, norm_out in per_layer:
+        for layer, table, slots, norm_out, flow_scratch in per_layer:
             q = gemv_qkv_rope(
                 stream, layer["qkv"], layer["bias"], norm_weight=layer["ln1"], eps=1e-6,
                 positions=positions, cos_sin_cache=cos_sin, key_cache=kc, value_cache=vc,
@@ -247,6 +259,12 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
                 q, kc, vc, table, qsl, seq_lens, scale=D**-0.5, max_query_len=1,
                 max_seq_len=max_seq_len, num_kv_splits=splits, fused_merge=MERGES[v.merge],
             ).view(1, HQ * D)  # fmt: skip
+            if v.mlp:
+                stream = mlp_flow(
+                    a, layer["o"], stream, layer["ln2"], 1e-6, layer["gate_up"], layer["down"],
+                    flow_scratch, flow_cfg,
+                )  # fmt: skip
+                continue
             if v.norm_out:
                 s, normed = gemv_norm_out(
                     a, layer["o"], residual=stream, norm_out=norm_out, config=o_cfg

@@ -17,7 +17,10 @@ program owning a few output columns for all rows of x (at one row a loop on CUDA
 - for a QKV projection (`gemv_qkv_rope`): rotary on q and k and the KV-cache write, in
   place of `mmkernels/rotary_kv.py`'s launch. A program owns pairs of weight rows, element i
   and i + head_size / 2 of a head (the two halves rotate_half mixes), the way `gated`
-  pairs gate and up rows.
+  pairs gate and up rows;
+- for the projection before a norm (`gemv_norm_out`, o_proj): the launch's last program
+  to finish reads the output rows back and writes their RMSNorm, so the next projection
+  (gate_up) reads a normalized input instead of normalizing in each of its programs.
 
 Roundings fall where HF's decoder layer puts them (norm output, matmul output, silu, the
 product, the residual sum each rounded to the activation dtype), so the result equals the

@@ -286,7 +286,7 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
 
     variants = b1.parse_variants(
         "e,g:splits=16:merge=fused:gu=2x4:o=2x2048x4,t:splits=8:merge=two:gu=sep,"
-        "p:trig=plain.early+attn.late:qkv=1x2048x4,n:onorm=1"
+        "p:trig=plain.early+attn.late:qkv=1x2048x4,n:onorm=1,f:mlp=flow"
     )
     assert [(v.splits, b1.MERGES[v.merge]) for v in variants] == [
         (0, None),
@@ -294,9 +294,11 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
         (8, False),
         (0, None),
         (0, None),
+        (0, None),
     ]
-    assert [v.separate_norm for v in variants] == [False, False, True, False, False]
-    assert [v.norm_out for v in variants] == [False] * 4 + [True]
+    assert [v.separate_norm for v in variants] == [False, False, True, False, False, False]
+    assert [v.norm_out for v in variants] == [False] * 4 + [True, False]
+    assert [v.mlp for v in variants] == [""] * 5 + ["flow"]
     assert variants[0].config("gu", 1, b1.INTER, b1.H, gated=True) is None
     # COLUMNSxWARPS keeps launch_config's K tile; COLUMNSxBLOCK_KxWARPS sets it.
     assert tuple(variants[1].config("gu", 1, b1.INTER, b1.H, gated=True))[:3] == (2, 1024, 4)
@@ -306,7 +308,7 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
     assert defaults[0].name == "engine" and len({v.name for v in defaults}) == len(defaults)
     for bad in (
         "x:1", "x:splits=a", "x:merge=both", "x:gu=2", "x:gu=0x2", "x:o=2x4x4x1",
-        "x:trig=plain.soon", "x:trig=", ":splits=2", "x:onorm=2", "x:gu=sep:onorm=1",
+        "x:trig=plain.soon", "x:trig=", ":splits=2", "x:onorm=2", "x:gu=sep:onorm=1", "x:mlp=fast",
     ):  # fmt: skip
         with pytest.raises(SystemExit, match="--variants"):
             b1.parse_variants(bad)
@@ -323,6 +325,9 @@ def test_b1_layers_variants_parse_and_one_layer_steps_on_cpu() -> None:
     torch.manual_seed(0)  # o_proj writing gate_up's norm: the same ops, in the same order
     by_o_proj = b1.step_calls(layers, variants[4], 40, 64, torch.device("cpu"))[0]()
     assert torch.equal(by_o_proj, fused)
+    torch.manual_seed(0)  # the one-launch MLP half: its torch reference, the same ops
+    flow = b1.step_calls(layers, variants[5], 40, 64, torch.device("cpu"))[0]()
+    assert torch.equal(flow, fused)
 
 
 def test_mixed_attention_batches_give_each_sequence_its_own_cache_blocks() -> None:

@@ -134,3 +134,44 @@ def test_sampling_kernel_compiles_for_sm90() -> None:
 
 def test_gemv_kernel_compiles_for_sm90() -> None:
     _compile_in_child(GEMV_CHILD)
+
+
+MLP_FLOW_CHILD = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from mmkernels.mlp_flow import _mlp_flow_kernel
+
+    target = GPUTarget("cuda", 90, 32)
+    for ticket in (True, False):
+        consts = {
+            "O_BN": 2, "KIN_PAD": 2048, "H_PAD": 2048, "GU_BN": 2, "D_BN": 4, "CHUNK": 1024,
+            "TICKET": ticket, "USE_PDL": True, "ASM": True,
+        }
+        sig = {}
+        for name in _mlp_flow_kernel.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name == "sync_ptr":
+                sig[name] = "*i32"
+            elif name == "part_ptr":
+                sig[name] = "*fp32"
+            elif name.endswith("_ptr"):
+                sig[name] = "*bf16"
+            else:
+                sig[name] = "fp32" if name == "eps" else "i32"
+        compiled = triton.compile(
+            ASTSource(_mlp_flow_kernel, sig, constexprs=consts), target=target,
+            options={"num_warps": 4},
+        )
+        ptx = compiled.asm["ptx"]
+        # The spin waits poll with acquire loads; the PDL wait and trigger are in.
+        assert "ld.global.acquire.gpu.b32" in ptx and "griddepcontrol.wait" in ptx, ticket
+    print("compiled")
+    """
+)
+
+
+def test_mlp_flow_kernel_compiles_for_sm90() -> None:
+    _compile_in_child(MLP_FLOW_CHILD)
