@@ -207,7 +207,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
     the engine's few-token path does), as a one-call list for the graph to capture. Each
     layer has its own KV-cache blocks."""
     from mmkernels.gemv import NormOut, gemv, gemv_norm_out, gemv_qkv_rope
-    from mmkernels.mlp_flow import MlpFlowConfig, MlpFlowScratch, mlp_flow
+    from mmkernels.mlp_flow import MlpFlowConfig, mlp_flow, mlp_flow_counters
     from mmkernels.paged_attention import choose_num_kv_splits, paged_attention
     from mmkernels.rms_norm import rms_norm
     from mmkernels.rotary import build_cos_sin_cache
@@ -240,7 +240,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
         table = (torch.arange(nb, device=dev, dtype=torch.int32) + 1 + i * nb).view(1, nb)
         slots = (table[0, -1:].long() * BLOCK + (ctx - 1) % BLOCK).contiguous()
         counter = torch.zeros(1, device=dev, dtype=torch.int32)
-        flow = MlpFlowScratch.create(H, INTER, dt, dev, flow_cfg) if v.mlp else None
+        flow = mlp_flow_counters(H, INTER, dev, flow_cfg) if v.mlp else None
         per_layer.append((layer, table, slots, NormOut(layer["ln2"], 1e-6, counter), flow))
 
     def step() -> torch.Tensor:
@@ -249,7 +249,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
 
     def layers_step() -> torch.Tensor:
         stream = x0
-        for layer, table, slots, norm_out, flow_scratch in per_layer:
+        for layer, table, slots, norm_out, flow_counters in per_layer:
             q = gemv_qkv_rope(
                 stream, layer["qkv"], layer["bias"], norm_weight=layer["ln1"], eps=1e-6,
                 positions=positions, cos_sin_cache=cos_sin, key_cache=kc, value_cache=vc,
@@ -262,7 +262,7 @@ def step_calls(layers: list[dict], v: Variant, ctx: int, max_seq_len: int, dev: 
             if v.mlp:
                 stream = mlp_flow(
                     a, layer["o"], stream, layer["ln2"], 1e-6, layer["gate_up"], layer["down"],
-                    flow_scratch, flow_cfg,
+                    flow_counters, flow_cfg,
                 )  # fmt: skip
                 continue
             if v.norm_out:

@@ -21,7 +21,7 @@ groups=(
   "tests/test_gpu_mm.py::test_mm_fp32_greedy_identical_to_hf_on_gpu"
   "tests/test_gpu_mm.py::test_engine_steps_never_make_the_host_wait_for_the_gpu tests/test_gpu_mm.py::test_no_image_size_compiles_anything_after_start_up"
   "tests/test_gpu_mm.py::test_vision_steps_replay_mixed_graphs_and_keep_hf_tokens"
-  "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_with_norm_in_o_proj_and_early_pdl_triggers"
+  "tests/test_gpu_engine.py::test_fp32_greedy_identical_to_hf_with_batch1_options_and_early_pdl_triggers"
 )
 pids=()
 for i in "${!groups[@]}"; do

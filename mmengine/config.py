@@ -76,6 +76,13 @@ EXTRA_OPTIONS: dict[str, ExtraOption] = {
         "(its last program normalizes the rows), so gate_up runs without a fused norm "
         "(A/B option; not yet timed in the engine)",
     ),
+    "mlp_flow": ExtraOption(
+        bool,
+        False,
+        "GPU, one-token steps on the gemv path: o_proj, the post-attention norm, gate_up "
+        "and down as one dataflow launch (mmkernels/mlp_flow.py; experimental, not yet "
+        "timed in the engine)",
+    ),
     "kernel_warmup": ExtraOption(
         bool,
         True,

@@ -143,6 +143,7 @@ class ModelRunner:
             gemv_rope,
             norm_triton_op=config.extra_option("norm_triton_op"),
             gemv_norm_out=config.extra_option("gemv_norm_out"),
+            mlp_flow=config.extra_option("mlp_flow"),
         )
         if self.gemv_max_tokens:
             pdl = pdl_supported(next(self.model.parameters()))
@@ -150,10 +151,12 @@ class ModelRunner:
             logger.info(
                 "steps of <= %d token(s): each decoder layer as fused GEMV launches around "
                 "attention (rotary + KV write in the QKV one: %s; post-attention norm in "
-                "o_proj's: %s; programmatic dependent launch: %s)",
+                "o_proj's: %s; o_proj..down as one dataflow launch: %s; programmatic "
+                "dependent launch: %s)",
                 self.gemv_max_tokens,
                 rope_state,
                 "on" if config.extra_option("gemv_norm_out") else "off",
+                "on" if config.extra_option("mlp_flow") else "off",
                 "on" if pdl else "off",
             )
         if self.compiled:

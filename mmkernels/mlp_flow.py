@@ -25,7 +25,6 @@ three launches in `benchmarks/bench_b1_layers.py` (variant `mlp=flow`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -53,36 +52,16 @@ class MlpFlowConfig(NamedTuple):
 DEFAULT_CONFIG = MlpFlowConfig()
 
 
-@dataclass(frozen=True)
-class MlpFlowScratch:
-    """Buffers of one `mlp_flow` launch site. Give each layer its own: under early PDL
-    triggers the next layer's launch may start while this one still runs, and two
-    launches on one set of counters would read each other's."""
-
-    sync: torch.Tensor  # int32 [4 + chunks + column groups], zero between launches
-    s: torch.Tensor  # [1, H] the residual stream after o_proj
-    h: torch.Tensor  # [1, H] its RMSNorm
-    act: torch.Tensor  # [1, I] silu(gate) * up
-    part: torch.Tensor  # fp32 [chunks, H] down's partial sums
-
-    @classmethod
-    def create(
-        cls,
-        hidden: int,
-        inter: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        config: MlpFlowConfig = DEFAULT_CONFIG,
-    ) -> MlpFlowScratch:
-        chunks = triton.cdiv(inter, config.chunk)
-        groups = triton.cdiv(hidden, config.down_cols)
-        return cls(
-            sync=torch.zeros(_FIXED + chunks + groups, dtype=torch.int32, device=device),
-            s=torch.empty(1, hidden, dtype=dtype, device=device),
-            h=torch.empty(1, hidden, dtype=dtype, device=device),
-            act=torch.empty(1, inter, dtype=dtype, device=device),
-            part=torch.empty(chunks, hidden, dtype=torch.float32, device=device),
-        )
+def mlp_flow_counters(
+    hidden: int, inter: int, device: torch.device | str, config: MlpFlowConfig = DEFAULT_CONFIG
+) -> torch.Tensor:
+    """The int32 counters of one `mlp_flow` launch site, zero (and zero again after each
+    launch): ticket, o_proj arrivals, norm flag, groups done, one per K chunk of down, one
+    per column group. Give each layer its own: under early PDL triggers the next layer's
+    launch may start while this one still runs."""
+    chunks = triton.cdiv(inter, config.chunk)
+    groups = triton.cdiv(hidden, config.down_cols)
+    return torch.zeros(_FIXED + chunks + groups, dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -280,7 +259,7 @@ def mlp_flow(
     eps: float,
     gate_up_weight: torch.Tensor,
     down_weight: torch.Tensor,
-    scratch: MlpFlowScratch,
+    counters: torch.Tensor,
     config: MlpFlowConfig = DEFAULT_CONFIG,
     *,
     use_triton_kernel: bool | None = None,
@@ -293,7 +272,7 @@ def mlp_flow(
         attn: [1, KIN] attention output; residual: [1, H] the residual stream.
         o_weight: [H, KIN]; gate_up_weight: [2I, H] (gate rows, then up); down_weight:
             [H, I]; norm_weight: [H] with `eps`: the post-attention RMSNorm.
-        scratch: `MlpFlowScratch.create(H, I, dtype, device, config)`.
+        counters: `mlp_flow_counters(H, I, device, config)`, this launch site's.
         config: task sizes.
         pdl: launch as a programmatic dependent of the kernel before (None: on sm_90+).
 
@@ -316,17 +295,21 @@ def mlp_flow(
     if any(next_power_of_2(v) != v for v in sizes) or cfg.chunk % cfg.gu_cols:
         raise ValueError(f"mlp_flow task sizes must be powers of two, chunk % gu_cols == 0: {cfg}")
     chunks, groups = triton.cdiv(inter, cfg.chunk), triton.cdiv(h, cfg.down_cols)
-    if scratch.part.shape != (chunks, h) or scratch.sync.numel() != _FIXED + chunks + groups:
-        raise ValueError("scratch does not fit these shapes and this config")
+    if counters.dtype != torch.int32 or counters.numel() != _FIXED + chunks + groups:
+        raise ValueError("counters do not fit these shapes and this config")
     tensors = (attn, o_weight, residual, norm_weight, gate_up_weight, down_weight)
     if not all(t.is_contiguous() for t in tensors):
         raise ValueError("mlp_flow takes contiguous tensors")
     use_pdl = pdl_supported(attn) if pdl is None else pdl
     out = torch.empty_like(residual)
+    dt, dev = residual.dtype, residual.device
+    s_buf, h_buf = torch.empty_like(residual), torch.empty_like(residual)
+    act = torch.empty(1, inter, dtype=dt, device=dev)
+    part = torch.empty(chunks, h, dtype=torch.float32, device=dev)
     n_o, n_gu = triton.cdiv(h, cfg.o_cols), triton.cdiv(inter, cfg.gu_cols)
     _mlp_flow_kernel[(n_o + n_gu + groups * chunks,)](
-        out, scratch.s, scratch.h, scratch.act, scratch.part,
-        attn, o_weight, residual, norm_weight, gate_up_weight, down_weight, scratch.sync,
+        out, s_buf, h_buf, act, part,
+        attn, o_weight, residual, norm_weight, gate_up_weight, down_weight, counters,
         eps, h, kin, inter, n_o, n_gu, groups, chunks,
         O_BN=cfg.o_cols, KIN_PAD=next_power_of_2(kin), H_PAD=next_power_of_2(h),
         GU_BN=cfg.gu_cols, D_BN=cfg.down_cols, CHUNK=cfg.chunk, TICKET=cfg.ticket,

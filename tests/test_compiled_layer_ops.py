@@ -120,3 +120,22 @@ def test_gemv_norm_out_op_passes_opcheck_and_equals_the_two_step_form() -> None:
     expected = gemv_torch(x, w, residual=residual)
     assert torch.equal(out, expected)
     assert torch.equal(normed, rms_norm_torch(expected, nw, 1e-6))
+
+
+def test_mlp_flow_op_passes_opcheck_and_equals_the_three_projections() -> None:
+    # o_proj -> norm -> gate_up -> down of a one-token step as one op (extra mlp_flow):
+    # schema, fake tensor and registration checks; CPU runs its torch reference.
+    from mmengine.models import custom_ops  # noqa: F401  (registers the op)
+    from mmkernels.gemv import gemv_torch
+    from mmkernels.mlp_flow import mlp_flow_counters
+    from mmkernels.rms_norm import rms_norm_torch
+
+    gen = torch.Generator().manual_seed(0)
+    x, wo = torch.randn(1, 24, generator=gen), torch.randn(16, 24, generator=gen)
+    residual, nw = torch.randn(1, 16, generator=gen), torch.rand(16, generator=gen) + 0.5
+    wgu, wd = torch.randn(40, 16, generator=gen), torch.randn(16, 20, generator=gen)
+    args = (x, wo, residual, nw, 1e-6, wgu, wd, mlp_flow_counters(16, 20, "cpu"))
+    torch.library.opcheck(torch.ops.mmengine.mlp_flow.default, args)
+    s = gemv_torch(x, wo, residual=residual)
+    act = gemv_torch(rms_norm_torch(s, nw, 1e-6), wgu, gated=True)
+    assert torch.equal(torch.ops.mmengine.mlp_flow(*args), gemv_torch(act, wd, residual=s))

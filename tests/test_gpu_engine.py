@@ -65,18 +65,27 @@ def test_fp32_greedy_identical_to_hf_with_compile_and_graphs(qwen2_ckpt: Path) -
     assert [o.outputs[0].token_ids for o in outs] == refs
 
 
-def test_fp32_greedy_identical_to_hf_with_norm_in_o_proj_and_early_pdl_triggers(
-    qwen2_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("option", ["gemv_norm_out", "mlp_flow"])
+def test_fp32_greedy_identical_to_hf_with_batch1_options_and_early_pdl_triggers(
+    qwen2_ckpt: Path, option: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The batch-1 A/B options on: o_proj's last program writes gate_up's normalized input
-    # (an atomic counter per layer, replayed in CUDA graphs), and every GEMV and attention
-    # launch lets its successor launch before its own wait. Compile + graphs.
+    # The batch-1 A/B options, each with every GEMV and attention launch letting its
+    # successor launch before its own wait; compile + graphs. gemv_norm_out: o_proj's last
+    # program writes gate_up's normalized input (a counter per layer). mlp_flow: o_proj ->
+    # norm -> gate_up -> down as one dataflow launch (one prompt alone as well, so its
+    # one-token steps run it).
     monkeypatch.setenv("MMENGINE_PDL_TRIGGER", "plain=early,gated=early,attn=early")
     prompts = make_prompts()
     refs = hf_greedy(qwen2_ckpt, prompts)
     p = SamplingParams(temperature=0, max_tokens=12)
-    outs = _gen(qwen2_ckpt, prompts, p, dtype="float32", extra={"gemv_norm_out": True})
+    with LLM(
+        str(qwen2_ckpt), device="cuda", max_model_len=256, max_num_seqs=32,
+        num_kv_blocks=1024, dtype="float32", extra={option: True},
+    ) as llm:  # fmt: skip
+        outs = llm.generate(prompts, p, use_tqdm=False)
+        alone = llm.generate(prompts[:1], p, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == refs
+    assert alone[0].outputs[0].token_ids == refs[0]
 
 
 def test_cuda_graphs_and_eager_give_the_same_tokens(qwen2_ckpt: Path) -> None:

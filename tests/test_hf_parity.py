@@ -126,32 +126,35 @@ def test_greedy_tokens_identical_to_hf(text_ckpt: Path, mode: str, async_schedul
 
 
 @pytest.mark.parametrize(
-    ("gemv_rope", "norm_out"),
-    [(1, 0), (0, 0), (1, 1)],
-    ids=["rope_in_qkv", "rope_kernel", "norm_in_o_proj"],
+    ("gemv_rope", "norm_out", "flow"),
+    [(1, 0, 0), (0, 0, 0), (1, 1, 0), (1, 0, 1)],
+    ids=["rope_in_qkv", "rope_kernel", "norm_in_o_proj", "mlp_flow"],
 )
 def test_few_token_layer_path_greedy_tokens_identical_to_hf(
     text_ckpt: Path,
     gemv_rope: int,
     norm_out: int,
+    flow: int,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Decode steps of <= 8 tokens through DecoderLayer._forward_few_tokens (norms and
     # residual adds moved into the projections, rotary + KV write into the QKV one or not,
-    # the post-attention norm in o_proj's launch or gate_up's; the GPU default): on CPU its
-    # torch reference, which must not change a single token.
+    # the post-attention norm in o_proj's launch or gate_up's, or o_proj..down as one
+    # dataflow launch at one token; the GPU default): on CPU its torch reference, which
+    # must not change a single token.
     from mmengine.models import decoder
 
-    calls = []
-    real = decoder.fused_linear_norm_out
-    monkeypatch.setattr(
-        decoder, "fused_linear_norm_out", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    calls: dict[str, int] = {}
+    for name in ("fused_linear_norm_out", "fused_mlp_flow"):
+        real = getattr(decoder, name)
+        counted = lambda *a, _n=name, _f=real, **k: calls.update({_n: 1}) or _f(*a, **k)  # noqa: E731
+        monkeypatch.setattr(decoder, name, counted)
     prompts = make_prompts(12)
     refs = hf_greedy(text_ckpt, prompts)
     kwargs = dict(dtype="float32", device="cpu", max_model_len=256, multiprocess=False)
     extra = {"gemv_max_tokens": 8, "gemv_rope": gemv_rope, "gemv_norm_out": norm_out}
+    extra["mlp_flow"] = flow
     with (
         caplog.at_level(logging.INFO, logger="mmengine.model_runner"),
         LLM(str(text_ckpt), max_num_seqs=4, extra=extra, **kwargs) as llm,
@@ -164,9 +167,13 @@ def test_few_token_layer_path_greedy_tokens_identical_to_hf(
         fused = gemv_rope and model.layers[0].q_norm is None  # Qwen3's q/k norms: unfused
         assert f"in the QKV one: {'on' if fused else 'off'}" in caplog.text
         assert f"norm in o_proj's: {'on' if norm_out else 'off'}" in caplog.text
+        assert f"as one dataflow launch: {'on' if flow else 'off'}" in caplog.text
         got = engine_greedy(llm, prompts)
-    assert got == refs
-    assert bool(calls) == bool(norm_out)  # the o_proj + norm launch ran only when asked
+        alone = engine_greedy(llm, prompts[:1])  # one sequence: one-token decode steps
+    assert got == refs and alone == refs[:1]
+    # Each fused launch ran only when asked for (mlp_flow: the one-token steps).
+    assert ("fused_linear_norm_out" in calls) == bool(norm_out)
+    assert ("fused_mlp_flow" in calls) == bool(flow)
 
 
 @pytest.mark.parametrize("multiprocess", [False, True], ids=["in_process", "multiprocess"])

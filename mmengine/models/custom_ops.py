@@ -6,6 +6,8 @@
   ~nine). The compiler must not look inside, or it would re-split the fused kernel.
 - `mmengine::gemv_norm_out` (`extra={"gemv_norm_out": 1}`): o_proj's GEMV that also
   writes the post-attention RMSNorm of its output, so gate_up runs without a norm.
+- `mmengine::mlp_flow` (`extra={"mlp_flow": 1}`): o_proj -> norm -> gate_up -> down of a
+  one-token step as one dataflow launch (`mmkernels/mlp_flow.py`).
 - `mmengine::add_rms_norm`: the residual add + RMSNorm between projections. As torch ops
   the compiler fuses `o_proj(x) + residual` into `addmm(residual, x, W, out=buf)`, and
   ATen's addmm with a separate `out` first copies the residual into it: one extra
@@ -25,6 +27,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from mmkernels.gemv import NormOut, gemv, gemv_norm_out
+from mmkernels.mlp_flow import mlp_flow
 from mmkernels.rms_norm import _rms_norm_kernel, rms_norm
 
 
@@ -83,6 +86,26 @@ def fused_linear_norm_out(
     return gemv_norm_out(x, weight, residual=residual, norm_out=NormOut(norm_weight, eps, counter))
 
 
+# As gemv_norm_out: the counters are 0 before and after, so the op is declared pure.
+@torch.library.custom_op("mmengine::mlp_flow", mutates_args=())
+def mlp_flow_op(
+    x: torch.Tensor,
+    o_weight: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    counters: torch.Tensor,
+) -> torch.Tensor:
+    return mlp_flow(x, o_weight, residual, norm_weight, eps, gate_up_weight, down_weight, counters)
+
+
+@mlp_flow_op.register_fake
+def _mlp_flow_fake(x, o_weight, residual, *args):  # noqa: ANN001, ANN002, ANN202
+    return torch.empty_like(residual)
+
+
 def fused_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -133,3 +156,21 @@ def add_rms_norm_triton_op(
         x, weight, eps, residual, use_triton_kernel=True, launcher=_RMS_NORM_LAUNCHER
     )
     return out, new_residual
+
+
+def fused_mlp_flow(
+    x: torch.Tensor,
+    o_weight: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    counters: torch.Tensor,
+    as_custom_op: bool = False,
+) -> torch.Tensor:
+    """`mlp_flow` called directly (eager) or through the custom op (under torch.compile)."""
+    args = (x, o_weight, residual, norm_weight, eps, gate_up_weight, down_weight, counters)
+    if as_custom_op:
+        return torch.ops.mmengine.mlp_flow(*args)
+    return mlp_flow(*args)

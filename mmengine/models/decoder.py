@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmengine.config import ModelSpec
-from mmengine.models.custom_ops import fused_linear, fused_linear_norm_out
+from mmengine.models.custom_ops import fused_linear, fused_linear_norm_out, fused_mlp_flow
 from mmengine.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
@@ -29,6 +29,9 @@ class DecoderLayer(nn.Module):
     # is set with the mode, on the layer's device: `set_kernel_mode`).
     gemv_norm_out = False
     norm_out_counter: torch.Tensor | None = None
+    # One-token steps: o_proj -> norm -> gate_up -> down as one launch (its counters too).
+    mlp_flow = False
+    mlp_flow_counters: torch.Tensor | None = None
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -80,7 +83,8 @@ class DecoderLayer(nn.Module):
         each norm is fused into the projection after it, each residual add into the
         projection before it, SiLU-and-mul into gate_up, and (`gemv_rope`, no q/k norms)
         rotary and the KV-cache write into the QKV projection. With `gemv_norm_out` the
-        post-attention norm moves from gate_up's launch to o_proj's (its last program).
+        post-attention norm moves from gate_up's launch to o_proj's (its last program); with
+        `mlp_flow` a one-token step runs o_proj -> norm -> gate_up -> down as one launch.
         Returns the residual stream whole (residual None)."""
         stream = hidden if residual is None else residual + hidden
         op = self.gemv_as_custom_op
@@ -95,6 +99,10 @@ class DecoderLayer(nn.Module):
                 norm_weight=ln1.weight, eps=ln1.eps, as_custom_op=op,
             )  # fmt: skip
             attn = self._attention(qkv, positions, kv_cache)
+        if self.mlp_flow and self.mlp_flow_counters is not None and stream.shape[0] == 1:
+            args = (attn, self.o_proj.weight, stream, ln2.weight, ln2.eps)
+            args += (self.gate_up_proj.weight, self.down_proj.weight, self.mlp_flow_counters)
+            return fused_mlp_flow(*args, as_custom_op=op), None
         if self.gemv_norm_out and self.norm_out_counter is not None:
             stream, normed = fused_linear_norm_out(
                 attn, self.o_proj.weight, stream, ln2.weight, ln2.eps, self.norm_out_counter,

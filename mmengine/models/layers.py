@@ -21,6 +21,7 @@ from mmengine.attention import (
 )
 from mmengine.models import custom_ops  # noqa: F401  (registers mmengine::add_rms_norm)
 from mmkernels.activation import silu_and_mul
+from mmkernels.mlp_flow import mlp_flow_counters
 from mmkernels.rms_norm import rms_norm
 from mmkernels.rotary import apply_rotary
 
@@ -197,22 +198,28 @@ def set_kernel_mode(
     gemv_rope: bool = True,
     norm_triton_op: bool = False,
     gemv_norm_out: bool = False,
+    mlp_flow: bool = False,
 ) -> None:
     """Eager: Triton kernels for every layer. Compiled: torch forms the compiler fuses;
     attention, the residual add + norm and the few-token projections as custom ops (the
     add + norm as a triton_op when `norm_triton_op`). Steps of at most `gemv_max_tokens`
     tokens run the decoder layers' few-token path (0: off), with rotary and the KV write in
     the QKV projection's epilogue when `gemv_rope` and the post-attention norm in o_proj's
-    launch when `gemv_norm_out` (each layer gets its int32 counter)."""
+    launch when `gemv_norm_out` (each layer gets its int32 counter), and one-token steps
+    run o_proj -> norm -> gate_up -> down as one launch when `mlp_flow` (counters too)."""
     for m in model.modules():
         if hasattr(m, "gemv_max_tokens"):
             m.gemv_max_tokens = gemv_max_tokens
             m.gemv_rope = gemv_rope
             m.gemv_as_custom_op = compiled
             m.gemv_norm_out = gemv_norm_out
+            device = next(m.parameters()).device
             if gemv_norm_out and m.norm_out_counter is None:
-                device = next(m.parameters()).device
                 m.norm_out_counter = torch.zeros(1, dtype=torch.int32, device=device)
+            m.mlp_flow = mlp_flow
+            if mlp_flow and m.mlp_flow_counters is None:
+                hidden, inter = m.down_proj.weight.shape
+                m.mlp_flow_counters = mlp_flow_counters(hidden, inter, device)
         if isinstance(m, RMSNorm):
             m.residual_as_custom_op = compiled
             m.residual_as_triton_op = compiled and norm_triton_op
