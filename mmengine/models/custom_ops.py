@@ -158,19 +158,9 @@ def add_rms_norm_triton_op(
     return out, new_residual
 
 
-def fused_mlp_flow(
-    x: torch.Tensor,
-    o_weight: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    gate_up_weight: torch.Tensor,
-    down_weight: torch.Tensor,
-    counters: torch.Tensor,
-    as_custom_op: bool = False,
-) -> torch.Tensor:
-    """`mlp_flow` called directly (eager) or through the custom op (under torch.compile)."""
-    args = (x, o_weight, residual, norm_weight, eps, gate_up_weight, down_weight, counters)
+def fused_mlp_flow(*args: torch.Tensor | float, as_custom_op: bool = False) -> torch.Tensor:
+    """`mlp_flow(x, o_weight, residual, norm_weight, eps, gate_up_weight, down_weight,
+    counters)` called directly (eager) or through the custom op (under torch.compile)."""
     if as_custom_op:
         return torch.ops.mmengine.mlp_flow(*args)
     return mlp_flow(*args)
