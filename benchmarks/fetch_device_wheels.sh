@@ -15,7 +15,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_26_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
   -d .whl \
-  msgspec==0.22.0 pyzmq==27.3.0 blake3==1.0.11 av==19.0.2 \
+  msgspec==0.22.0 pyzmq==27.3.0 blake3==1.0.11 pybase64==1.5.1 av==19.0.2 \
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 click==8.5.1 h11==0.16.0 \
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
   typing-extensions==4.16.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2 \

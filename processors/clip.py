@@ -152,7 +152,7 @@ class ClipPreprocessor:
         s = self.settings
         pixels = image_to_tensor(image)  # [3, H, W] uint8
         if self.device is not None:
-            pixels = pixels.to(self.device)
+            pixels = pixels.to(self.device).contiguous()
         height, width = pixels.shape[-2:]
         if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
             raise MediaError(f"Image aspect ratio must be at most {MAX_ASPECT_RATIO}:1.")
@@ -178,7 +178,7 @@ class ClipPreprocessor:
         return MultiModalItem(
             modality="image",
             content_hash=content_hash("image", data, self.hash_params(), uuid=uuid),
-            pixel_values=x[0],  # [3, crop_h, crop_w]
+            pixel_values=x[0].contiguous(),  # [3, crop_h, crop_w]
             num_tokens=num_tokens,
             pixel_norm=norm,
         )

@@ -49,7 +49,8 @@ def fetch_media(
     """
     if not isinstance(url, str) or not url:
         raise MediaFetchError("Media URL must be a non-empty string.")
-    scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
+    colon = url.find(":")  # not split(): a data: URL is megabytes, copied for nothing
+    scheme = url[:colon].strip().lower() if colon >= 0 else ""
     if scheme == "data":
         return read_data_url(url, config, modality)
     if scheme == "file":

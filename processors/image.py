@@ -104,7 +104,10 @@ def image_to_tensor(image: ImageLike, config: MediaConfig | None = None) -> torc
         config: When given, the pixel limit is enforced.
 
     Returns:
-        torch.Tensor [3, H, W] uint8 on CPU (a tensor input keeps its device).
+        torch.Tensor [3, H, W] uint8 on CPU (a tensor input keeps its device). From a PIL
+        image it is a view of the decoded [H, W, 3] memory (channels-last strides): the
+        CPU antialiased uint8 resize takes that layout natively, ~3x faster for a 720p
+        image than from contiguous CHW, which it repacks (same result, bit for bit).
 
     Raises:
         MediaDecodeError: unsupported type, dtype or channel count.
@@ -115,7 +118,7 @@ def image_to_tensor(image: ImageLike, config: MediaConfig | None = None) -> torc
         if config is not None:
             check_image_size(image.width, image.height, config)
         array = np.asarray(to_rgb_pil(image, on_white))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # [3, H, W]
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [3, H, W], HWC memory
     if isinstance(image, np.ndarray):
         if image.ndim == 3:
             image = np.moveaxis(image, -1, 0)  # HWC -> CHW

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 import stat
+
+import pybase64
 
 from processors.config import MediaConfig
 from processors.errors import MediaDecodeError, MediaFetchError, MediaLimitError
@@ -43,9 +44,12 @@ def read_data_url(url: str, config: MediaConfig, modality: str | None) -> bytes:
         MediaLimitError: (413) the payload decodes to more than the cap.
         MediaDecodeError: (400) the payload is not valid base64.
     """
-    header, sep, payload = url[len("data:") :].partition(",")
-    if not sep:
+    # Index, not partition(): the payload is megabytes and is sliced out once, below.
+    start = len("data:")
+    comma = url.find(",", start)
+    if comma < 0:
         raise MediaFetchError("Malformed data: URL (expected data:<type>;base64,<data>).")
+    header = url[start:comma]
     params = [p.strip().lower() for p in header.split(";")]
     mime, flags = params[0], params[1:]
     if "base64" not in flags:
@@ -54,10 +58,10 @@ def read_data_url(url: str, config: MediaConfig, modality: str | None) -> bytes:
         raise MediaFetchError(f"data: URL type is not an accepted {modality or 'media'} type.")
     cap = config.max_bytes(modality)
     # Refuse before decoding: 4 base64 characters carry 3 bytes.
-    if len(payload) > (cap // 3 + 1) * 4:
+    if len(url) - comma - 1 > (cap // 3 + 1) * 4:
         raise too_large(cap)
-    try:
-        data = base64.b64decode(payload, validate=True)
+    try:  # SIMD decode, as strict as the standard library's validate=True
+        data = pybase64.b64decode(url[comma + 1 :], validate=True)
     except (binascii.Error, ValueError):
         raise MediaDecodeError("data: URL payload is not valid base64.") from None
     if len(data) > cap:

@@ -455,3 +455,16 @@ def test_every_gpu_test_runs_in_a_group_of_the_parallel_gpu_script() -> None:
 
     missing = sorted({n.split("[", 1)[0] for n in ids if not covered(n)})
     assert not missing, f"GPU tests in no group of gpu_tests_parallel.sh: {missing}"
+
+
+def test_media_cpu_benchmark_times_each_stage_of_one_image(tmp_path, monkeypatch) -> None:
+    import json
+
+    from benchmarks import bench_media_cpu
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    bench_media_cpu.main(["--sizes", "64x48,56x56", "--reps", "1"])
+    rows = json.loads((tmp_path / "media_cpu.json").read_text())
+    assert [r["size"] for r in rows] == ["64x48", "56x56"]
+    assert all(r["total_ms"] > 0 and r["patches"][1] == 1176 for r in rows)
+    assert "| 64x48 |" in (tmp_path / "media_cpu.md").read_text()

@@ -394,6 +394,8 @@ def test_data_url_decodes_within_limits():
     [
         ("data:image/png;base64,@@@not-base64@@@", MediaDecodeError, 400),
         ("data:image/png;base64,AAA", MediaDecodeError, 400),
+        ("data:image/png;base64,QUJD\nREVG", MediaDecodeError, 400),  # no line breaks
+        ("data:image/png;base64,QUJD\u00e9", MediaDecodeError, 400),  # non-ASCII
         ("data:image/png,rawbytes", MediaFetchError, 400),
         ("data:text/html;base64,PGh0bWw+", MediaFetchError, 400),
         ("data:;base64,AAAA", MediaFetchError, 400),
@@ -412,7 +414,7 @@ def test_bad_or_oversized_data_urls_are_refused(url, error, status):
 def test_data_url_size_is_checked_before_base64_decoding(monkeypatch):
     import processors.sources as sources
 
-    monkeypatch.setattr(sources.base64, "b64decode", lambda *a, **k: pytest.fail("decoded"))
+    monkeypatch.setattr(sources.pybase64, "b64decode", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(MediaLimitError):
         fetch_media(
             "data:image/png;base64," + "A" * 4000,

@@ -233,3 +233,33 @@ def test_content_hash_uses_source_bytes_when_given_else_pixels(ours):
     by_bytes = ours.preprocess_image(image, source_bytes=b"encoded").content_hash
     assert by_bytes != by_pixels
     assert ours.preprocess_image(image, uuid="u1").content_hash.startswith("uuid-")
+
+
+@pytest.mark.parametrize(("height", "width"), [(28, 28), (56, 84), (336, 504)])
+def test_image_patches_gathered_once_equal_the_patches_of_the_two_frame_clip(height, width):
+    # An image is a clip of temporal_patch_size copies of one frame; _patchify_image builds
+    # its rows without the clip. Pinned against the clip's patches, row for row.
+    from processors.qwen2_vl import _patchify, _patchify_image
+
+    s = Qwen2VLPreprocessor.from_config(IMAGE_CFG).image
+    frame = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8)
+    clip = frame.expand(s.temporal_patch_size, -1, -1, -1)
+    rows, grid = _patchify_image(frame, s)
+    expected_rows, expected_grid = _patchify(clip, s)
+    assert grid == expected_grid and torch.equal(rows, expected_rows)
+
+
+@pytest.mark.parametrize("resample", [2, 3])  # bilinear, bicubic
+def test_resize_of_the_decoded_hwc_view_equals_resize_of_contiguous_chw(resample):
+    # image_to_tensor hands a PIL image on as a view of its [H, W, 3] memory, which the
+    # CPU uint8 resize takes ~3x faster than contiguous CHW; the result must not change.
+    from processors.image import image_to_tensor
+    from processors.transforms import resize
+
+    image = Image.fromarray(random_rgb(333, 500))
+    view = image_to_tensor(image)
+    assert not view.is_contiguous() and view.shape == (3, 333, 500)
+    for size in [(224, 224), (476, 644), (728, 1288)]:
+        fast = resize(view.unsqueeze(0), *size, resample)
+        expected = resize(view.contiguous().unsqueeze(0), *size, resample)
+        assert torch.equal(fast, expected), size
