@@ -267,7 +267,7 @@ class Qwen2VLPreprocessor:
         s = self.video
         pixels = frames_to_tensor(frames)  # [T, 3, H, W] uint8
         if self.device is not None:
-            pixels = pixels.to(self.device)
+            pixels = pixels.to(self.device).contiguous()
         num_frames = int(pixels.shape[0])
         video = self._resize(pixels, s, self._video_max_pixels(num_frames))  # [T, 3, h, w]
         video, norm = self._normalize(video, s)
@@ -336,7 +336,9 @@ def _patchify(
     t, c, h, w = frames.shape
     p, m, tp = s.patch_size, s.merge_size, s.temporal_patch_size
     gt, gh, gw = t // tp, h // p, w // p
-    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    # From [T, H, W, C] memory (the resize's output for a decoded clip) this 9-d gather is
+    # ~1.6x slower than a plain copy to contiguous first (16 frames, 644 x 364, one thread).
+    x = frames.contiguous().reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
     # -> [gt, gh/m, gw/m, m, m, c, tp, p, p]: merge groups contiguous, (c, t, y, x) per row.
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)

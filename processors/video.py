@@ -214,7 +214,9 @@ def _decode_container(
     reformatter = VideoReformatter()
     # The frames go straight into their place in the clip: no list of frames to stack and
     # then transpose (each a second and third copy of up to video_max_total_pixels * 3 B).
-    video = torch.empty((len(indices), 3, height, width), dtype=torch.uint8)
+    # The clip is [T, 3, H, W] over [T, H, W, 3] memory: each frame is a plain copy, and
+    # the CPU resize takes that layout natively (see image_to_tensor).
+    video = torch.empty((len(indices), height, width, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     kept: list[int] = []
     for index, frame in enumerate(container.decode(stream)):
         if time.monotonic() > deadline:
@@ -293,7 +295,11 @@ def frames_to_tensor(frames: VideoFrames, config: MediaConfig | None = None) -> 
         _check_count(int(tensor.shape[0]), config)
         _check_frame_size(int(tensor.shape[3]), int(tensor.shape[2]), config)
     on_white = config.composite_alpha_on_white if config is not None else True
-    return rgb_from_channels(tensor, on_white).contiguous()
+    rgb = rgb_from_channels(tensor, on_white)
+    # Dense either way is fine (a decoded clip is [T, H, W, 3] memory); gray's broadcast
+    # channel or a sliced alpha is made dense.
+    dense = rgb.is_contiguous() or rgb.is_contiguous(memory_format=torch.channels_last)
+    return rgb if dense else rgb.contiguous()
 
 
 def _check_count(count: int, config: MediaConfig) -> None:

@@ -463,8 +463,8 @@ def test_media_cpu_benchmark_times_each_stage_of_one_image(tmp_path, monkeypatch
     from benchmarks import bench_media_cpu
 
     monkeypatch.setenv("OUT", str(tmp_path))
-    bench_media_cpu.main(["--sizes", "64x48,56x56", "--reps", "1"])
+    bench_media_cpu.main(["--sizes", "64x48,56x56", "--reps", "1", "--video-frames", "8"])
     rows = json.loads((tmp_path / "media_cpu.json").read_text())
-    assert [r["size"] for r in rows] == ["64x48", "56x56"]
+    assert [r["size"] for r in rows] == ["64x48", "56x56", "8 x 640x360 @ 8 fps"]
     assert all(r["total_ms"] > 0 and r["patches"][1] == 1176 for r in rows)
     assert "| 64x48 |" in (tmp_path / "media_cpu.md").read_text()
