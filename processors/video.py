@@ -264,12 +264,14 @@ def frames_to_tensor(frames: VideoFrames, config: MediaConfig | None = None) -> 
         config: When given, frame count (video_max_frames) and frame size caps apply.
 
     Returns:
-        torch.Tensor [T, 3, H, W] uint8.
+        torch.Tensor [T, 3, H, W] uint8, dense: arrays and PIL frames as a view of their
+        [T, H, W, 3] memory (the CPU resize's native layout), tensors as given.
     """
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4:
             raise MediaDecodeError("Video arrays must be [T, H, W, C].")
-        tensor = torch.from_numpy(np.ascontiguousarray(np.moveaxis(frames, -1, 1)))
+        # A [T, C, H, W] view of the [T, H, W, C] memory: the resize's fast layout.
+        tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     elif isinstance(frames, torch.Tensor):
         tensor = frames
     elif (
@@ -282,7 +284,7 @@ def frames_to_tensor(frames: VideoFrames, config: MediaConfig | None = None) -> 
             _check_frame_size(frames[0].width, frames[0].height, config)
         on_white = config.composite_alpha_on_white if config is not None else True
         arrays = [np.asarray(to_rgb_pil(f, on_white)) for f in frames]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # HWC memory
     else:
         raise MediaDecodeError(
             "Video input must be bytes, a frame array/tensor or a list of images."
